@@ -1,0 +1,43 @@
+"""Celery configuration for memq workers, read from the same `memq.config.Settings` as everything else.
+
+Queues by kind of work (`memq.config.Queues`): ``memq.light`` (job start-up), ``memq.llm`` (caption,
+extract, decide: the stages that call a model) and ``memq.write`` (store writes, finalize). A worker
+consumes all three unless started with ``-Q``.
+"""
+
+from kombu import Queue
+
+from memq.config import Queues, load_settings
+
+_settings = load_settings()
+
+broker_url = _settings.redis.url
+result_backend = _settings.redis.backend_url
+broker_connection_retry_on_startup = True
+broker_transport_options = {"visibility_timeout": 3600}  # s; longer than the longest stage with retries
+result_expires = 24 * 3600  # s
+
+task_serializer = "json"
+result_serializer = "json"
+accept_content = ["json"]
+timezone = "UTC"
+enable_utc = True
+
+task_acks_late = True
+task_reject_on_worker_lost = True
+worker_prefetch_multiplier = 1
+task_track_started = False
+worker_send_task_events = True  # Flower
+task_send_sent_event = True
+
+task_default_queue = Queues.LIGHT
+task_queues = [Queue(name) for name in Queues.ALL]
+task_routes = {
+    "memq.start": {"queue": Queues.LIGHT},
+    "memq.caption": {"queue": Queues.LLM},
+    "memq.extract": {"queue": Queues.LLM},
+    "memq.decide": {"queue": Queues.LLM},
+    "memq.write_vectors": {"queue": Queues.WRITE},
+    "memq.write_graph": {"queue": Queues.WRITE},
+    "memq.finalize": {"queue": Queues.WRITE},
+}

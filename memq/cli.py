@@ -1,0 +1,172 @@
+"""The ``memq`` command line: worker, backfill, search, status, history, demo.
+
+Commands import the layers they need when they run, so ``memq --help`` stays fast and light.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from memq.config import Queues, load_settings
+from memq.errors import MemqError
+
+app = typer.Typer(help="memq: long-term memory for AI assistants, as a Celery pipeline.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+console = Console()
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console)
+
+
+@app.command()
+def worker(
+    queues: Annotated[str, typer.Option(help="Comma-separated queues to consume.")] = ",".join(Queues.ALL),
+    concurrency: Annotated[int, typer.Option(help="Worker threads or processes.")] = 2,
+    pool: Annotated[str, typer.Option(help="threads, solo or prefork (prefork needs a Qdrant server).")] = "threads",
+    loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
+) -> None:
+    """Start a Celery worker for the pipeline (replaces this process).
+
+    In embedded mode (no MEMQ_QDRANT__URL) the worker process owns the local Qdrant folder, so it runs
+    one process with a thread pool.
+    """
+    settings = load_settings()
+    if settings.embedded_qdrant and pool == "prefork":
+        console.print("[red]prefork needs a Qdrant server (MEMQ_QDRANT__URL): local mode allows one process.[/]")
+        raise typer.Exit(2)
+    argv = [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", queues, "-P", pool,
+            "-c", str(concurrency), "--loglevel", loglevel, "-E"]
+    os.execv(sys.executable, argv)
+
+
+@app.command()
+def backfill(
+    path: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="LoCoMo JSON or JSONL chat log.")],
+    fmt: Annotated[str, typer.Option("--format", help="auto, locomo or jsonl.")] = "auto",
+    conversation: Annotated[list[str] | None, typer.Option(help="Only these conversations (repeatable).")] = None,
+    source_id: Annotated[str | None, typer.Option(help="Idempotency source (default: the file name).")] = None,
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Follow the jobs to the end.")] = False,
+    timeout_s: Annotated[float, typer.Option("--timeout", help="Seconds to wait with --wait.")] = 3600.0,
+    batch: Annotated[int, typer.Option(help="Requests per add_many round trip.")] = 100,
+) -> None:
+    """Enqueue a chat log, one add per session in chronological order; re-runs enqueue nothing twice."""
+    from producer import Producer
+    from producer.backfill import read_backfill
+
+    try:
+        items = read_backfill(path, fmt=fmt, conversations=conversation, source=source_id)
+        producer = Producer()
+        receipts = []
+        with _progress() as progress:
+            task = progress.add_task("enqueue", total=len(items))
+            for i in range(0, len(items), batch):
+                chunk = items[i:i + batch]
+                receipts += producer.add_many([item.request for item in chunk])
+                progress.advance(task, len(chunk))
+        fresh = sum(not r.duplicate for r in receipts)
+        console.print(f"{len(receipts)} sessions: {fresh} enqueued, {len(receipts) - fresh} already enqueued before")
+        if wait:
+            _follow(producer, [r.job_id for r in receipts], timeout_s)
+    except MemqError as exc:
+        console.print(f"[red]{type(exc).__name__}: {exc}[/]")
+        raise typer.Exit(1) from exc
+
+
+def _follow(producer: object, job_ids: list[str], timeout_s: float) -> None:
+    from producer import Producer
+
+    assert isinstance(producer, Producer)
+    with _progress() as progress:
+        task = progress.add_task("jobs done", total=len(job_ids))
+        statuses = producer.wait(job_ids, timeout_s=timeout_s,
+                                 on_progress=lambda done, total: progress.update(task, completed=done))
+    by_state: dict[str, int] = {}
+    events: dict[str, int] = {}
+    for s in statuses:
+        by_state[s.status.value] = by_state.get(s.status.value, 0) + 1
+        for event, n in s.counts.items():
+            events[event] = events.get(event, 0) + n
+    console.print("jobs: " + ", ".join(f"{k} {v}" for k, v in sorted(by_state.items())))
+    console.print("events: " + ", ".join(f"{k} {v}" for k, v in events.items()))
+    failed = [s for s in statuses if s.status.value == "failed"]
+    for s in failed[:10]:
+        console.print(f"[red]failed {s.job_id}: {s.error_type}: {s.error}[/]")
+    if failed or by_state.get("succeeded", 0) != len(job_ids):
+        raise typer.Exit(1)
+
+
+@app.command()
+def search(
+    query: Annotated[str, typer.Argument(help="What to look for.")],
+    user_id: Annotated[str | None, typer.Option(help="Scope: user id.")] = None,
+    agent_id: Annotated[str | None, typer.Option(help="Scope: agent id.")] = None,
+    run_id: Annotated[str | None, typer.Option(help="Scope: run id.")] = None,
+    limit: Annotated[int, typer.Option(help="At most this many results.")] = 10,
+    as_json: Annotated[bool, typer.Option("--json", help="Print Mem0's JSON shape.")] = False,
+) -> None:
+    """Search memories of a scope by meaning (in embedded mode, while no worker runs)."""
+    from pipeline.search import MemorySearch
+
+    try:
+        found = MemorySearch.from_settings().search(query, user_id=user_id, agent_id=agent_id, run_id=run_id,
+                                                    limit=limit)
+    except MemqError as exc:
+        console.print(f"[red]{type(exc).__name__}: {exc}[/]")
+        raise typer.Exit(1) from exc
+    if as_json:
+        print(json.dumps(found, indent=1))
+        return
+    for hit in found["results"]:
+        console.print(f"{hit['score']:.3f}  {hit['memory']}  [dim]{','.join(hit['source_message_ids'])}[/]")
+
+
+@app.command()
+def status(job_id: Annotated[str, typer.Argument(help="The job id from add's receipt.")]) -> None:
+    """Print a job's status and events as JSON."""
+    from producer import Producer
+
+    try:
+        print(Producer().status(job_id).model_dump_json(indent=1))
+    except MemqError as exc:
+        console.print(f"[red]{type(exc).__name__}: {exc!s}[/]")
+        raise typer.Exit(1) from exc
+
+
+@app.command()
+def history(memory_id: Annotated[str, typer.Argument(help="A memory id.")]) -> None:
+    """Print a memory's history rows as JSON."""
+    from pipeline.search import MemorySearch
+
+    print(json.dumps(MemorySearch.from_settings().history(memory_id), indent=1))
+
+
+@app.command()
+def demo(
+    data: Annotated[Path, typer.Option(help="LoCoMo file.")] = Path("../shared/data/locomo10.json"),
+    conversation: Annotated[str, typer.Option(help="LoCoMo conversation to backfill.")] = "conv-26",
+    questions: Annotated[int, typer.Option(help="QA questions to show.")] = 5,
+    workdir: Annotated[Path, typer.Option(help="Scratch folder (wiped first).")] = Path(".memq/demo"),
+) -> None:
+    """The main job, embedded: local Redis + worker, backfill a LoCoMo conversation, wait, search."""
+    from memq.demo import run_demo
+
+    raise typer.Exit(run_demo(data, conversation, questions, workdir, console))
+
+
+def main() -> None:
+    """Entry point of the ``memq`` script."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""memq settings: one frozen pydantic-settings model read from ``MEMQ_*`` environment variables.
+
+Nested groups use ``__`` as the delimiter, e.g. ``MEMQ_REDIS__URL``, ``MEMQ_QDRANT__PATH``,
+``MEMQ_LLM__MODEL``. Build it once per process with :func:`load_settings` and pass it down.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+OFFLINE_MODEL = "memq-offline/heuristic-v1"
+DEFAULT_EMBEDDER = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+class _Group(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class RedisSettings(_Group):
+    """Broker and result backend (Redis); job records live here too."""
+
+    url: str = "redis://127.0.0.1:6379/0"
+    result_url: str | None = Field(default=None, description="Result backend URL; defaults to `url`.")
+    socket_timeout_s: float = 5.0
+
+    @property
+    def backend_url(self) -> str:
+        """The Celery result backend URL (`result_url`, else `url`)."""
+        return self.result_url or self.url
+
+
+class QdrantSettings(_Group):
+    """Vector store: a Qdrant server `url`, else local mode on `path` (one process per path)."""
+
+    url: str | None = None
+    api_key: SecretStr | None = None
+    path: Path | None = Field(default=None, description="Local-mode folder; defaults to DATA_DIR/qdrant.")
+    collection: str = "memq"
+    timeout_s: float = 10.0
+
+
+class Neo4jSettings(_Group):
+    """Graph store; graph memory is on only when `uri` is set (issue: graph memory)."""
+
+    uri: str | None = None
+    user: str = "neo4j"
+    password: SecretStr | None = None
+
+
+class HistorySettings(_Group):
+    """SQL audit trail of memory events; any SQLAlchemy URL, SQLite file by default."""
+
+    url: str | None = Field(default=None, description="Defaults to sqlite:///DATA_DIR/history.db.")
+
+
+class LLMSettings(_Group):
+    """The model behind extraction and decisions, called through litellm.
+
+    `model` is any litellm model string (``openai/gpt-4o-mini``, ``anthropic/...``); the default is the
+    built-in offline heuristic baseline, which is not an LLM.
+    """
+
+    model: str = OFFLINE_MODEL
+    api_base: str | None = None
+    api_key: SecretStr | None = None
+    temperature: float = 0.0
+    timeout_s: float = 60.0
+    max_tokens: int = 2000
+
+
+class EmbedderSettings(_Group):
+    """Embedding model: sentence-transformers all-MiniLM-L6-v2 offline by default, or a litellm model."""
+
+    model: str = DEFAULT_EMBEDDER
+    dims: int = 384
+    api_base: str | None = None
+    api_key: SecretStr | None = None
+    batch_size: int = 64
+    threads: int | None = Field(default=None, description="torch threads for the offline model (None: default).")
+
+
+class LimitsSettings(_Group):
+    """Producer-side validation limits."""
+
+    max_message_chars: int = Field(default=20_000, gt=0)
+    max_messages: int = Field(default=500, gt=0)
+    max_scope_id_chars: int = Field(default=128, gt=0)
+    max_metadata_bytes: int = Field(default=16_384, gt=0)
+
+
+class JobSettings(_Group):
+    """Job records and search defaults."""
+
+    ttl_s: int = Field(default=7 * 24 * 3600, gt=0, description="How long job records stay in Redis.")
+    neighbours_top_k: int = Field(default=5, gt=0, description="Existing memories shown to the decider per fact.")
+
+
+class Settings(BaseSettings):
+    """All memq settings. Read from ``MEMQ_*`` variables (and a ``.env`` file if present)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="MEMQ_", env_nested_delimiter="__", extra="forbid", frozen=True, env_file=".env"
+    )
+
+    data_dir: Path = Path(".memq")
+    redis: RedisSettings = RedisSettings()
+    qdrant: QdrantSettings = QdrantSettings()
+    neo4j: Neo4jSettings = Neo4jSettings()
+    history: HistorySettings = HistorySettings()
+    llm: LLMSettings = LLMSettings()
+    embedder: EmbedderSettings = EmbedderSettings()
+    limits: LimitsSettings = LimitsSettings()
+    jobs: JobSettings = JobSettings()
+
+    @model_validator(mode="after")
+    def _fill_paths(self) -> Settings:
+        if self.qdrant.url is None and self.qdrant.path is None:
+            object.__setattr__(self, "qdrant", self.qdrant.model_copy(update={"path": self.data_dir / "qdrant"}))
+        if self.history.url is None:
+            url = f"sqlite:///{(self.data_dir / 'history.db').as_posix()}"
+            object.__setattr__(self, "history", self.history.model_copy(update={"url": url}))
+        return self
+
+    @property
+    def embedded_qdrant(self) -> bool:
+        """True when Qdrant runs in local mode inside the worker process (no server URL)."""
+        return self.qdrant.url is None
+
+
+@lru_cache(maxsize=1)
+def load_settings() -> Settings:
+    """Build the process-wide settings once from the environment.
+
+    Returns:
+        The frozen `Settings`.
+
+    Raises:
+        pydantic.ValidationError: a ``MEMQ_*`` variable has a bad value or an unknown name.
+    """
+    return Settings()
+
+
+class Queues:
+    """Celery queue names by kind of work (routes live in `celeryconfig.py`)."""
+
+    LIGHT = "memq.light"
+    """Job start-up and other light bookkeeping."""
+    LLM = "memq.llm"
+    """Stages that call a model: caption, extract, decide."""
+    WRITE = "memq.write"
+    """Store writes and finalize."""
+
+    ALL = (LIGHT, LLM, WRITE)

@@ -1,0 +1,127 @@
+"""memq's error classes, in one tree.
+
+::
+
+    MemqError
+    ├── InvalidRequest (ValueError)   a bad add/search request, raised before anything is enqueued
+    │   ├── MissingScope              no user_id / agent_id / run_id
+    │   ├── InvalidScope              a scope id that is empty, too long or not a string
+    │   ├── EmptyMessages             no message, or only empty text
+    │   ├── InvalidMessage            unknown role, non-text content, malformed message
+    │   ├── MessageTooLarge           a message over `limits.max_message_chars`
+    │   └── InvalidMetadata           metadata that is not a JSON object or is too large
+    ├── JobNotFound (KeyError)        no record for that job id
+    ├── BrokerUnavailable             Redis refused or timed out while enqueuing; nothing was enqueued
+    └── PipelineError                 raised inside workers; the job records it
+        ├── InvalidJob                the stored job fails validation; never retried
+        ├── LLMOutputError            the model's reply does not fit the response model
+        ├── StoreError                permanent store failure (vector size mismatch, constraint)
+        └── TransientError            retried with backoff
+            ├── LLMUnavailable        rate-limited, timed out, refused, 5xx
+            └── StoreUnavailable      Redis, Qdrant, Neo4j or SQL refused or timed out
+
+Third-party errors are translated where the client is called (`pipeline/llm.py`, `stores/*.py`) and
+chained with ``raise ... from exc``. Retry by class, never by message text.
+"""
+
+from __future__ import annotations
+
+
+class MemqError(Exception):
+    """Base class of every error memq raises on purpose."""
+
+
+class InvalidRequest(MemqError, ValueError):
+    """A request memq refuses before enqueuing anything.
+
+    Attributes:
+        field: the request field at fault (``"messages[2].role"``, ``"user_id"``), when known.
+    """
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class MissingScope(InvalidRequest):
+    """None of user_id, agent_id, run_id was given."""
+
+
+class InvalidScope(InvalidRequest):
+    """A scope id is empty, too long, or not a string."""
+
+
+class EmptyMessages(InvalidRequest):
+    """No message, or no message with any text or image."""
+
+
+class InvalidMessage(InvalidRequest):
+    """A message has an unknown role, non-text content, or an unknown shape."""
+
+
+class MessageTooLarge(InvalidRequest):
+    """A message is longer than the configured limit (characters)."""
+
+
+class InvalidMetadata(InvalidRequest):
+    """Metadata is not a JSON object of JSON values, or is too large."""
+
+
+class JobNotFound(MemqError, KeyError):
+    """No job record exists for the id (never enqueued, or expired)."""
+
+
+class BrokerUnavailable(MemqError):
+    """Redis refused or timed out; the request was not enqueued."""
+
+
+class PipelineError(MemqError):
+    """Base of the errors raised while a job runs in a worker.
+
+    Attributes:
+        job_id: the job, when known.
+    """
+
+    def __init__(self, message: str, *, job_id: str | None = None) -> None:
+        super().__init__(message)
+        self.job_id = job_id
+
+
+class InvalidJob(PipelineError):
+    """The stored job does not validate (or is missing); never retried."""
+
+
+class LLMOutputError(PipelineError):
+    """The model's reply does not fit the response model, even after one JSON repair.
+
+    Attributes:
+        reply: the raw reply text (user data: never log it above DEBUG).
+    """
+
+    def __init__(self, message: str, *, reply: str = "", job_id: str | None = None) -> None:
+        super().__init__(message, job_id=job_id)
+        self.reply = reply
+
+
+class StoreError(PipelineError):
+    """A permanent store failure (vector size mismatch, constraint violation)."""
+
+
+class TransientError(PipelineError):
+    """A failure worth retrying with backoff."""
+
+
+class LLMUnavailable(TransientError):
+    """The model provider rate-limited, timed out, refused the connection or answered 5xx.
+
+    Attributes:
+        retry_after_s: the provider's ``Retry-After`` in seconds, when it sent one.
+    """
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None, job_id: str | None = None) -> None:
+        super().__init__(message, job_id=job_id)
+        self.retry_after_s = retry_after_s
+
+
+class StoreUnavailable(TransientError):
+    """Redis, Qdrant, Neo4j or the SQL database refused or timed out."""

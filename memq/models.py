@@ -1,0 +1,215 @@
+"""Pydantic models that cross module and process boundaries: jobs, messages, events, results.
+
+Field names follow Mem0 (``memory``, ``event``, ``previous_memory``, ``user_id``/``agent_id``/``run_id``)
+so Mem0 users read memq results without a mapping.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, JsonValue, model_validator
+
+
+def utcnow() -> datetime:
+    """Current time, timezone-aware UTC."""
+    return datetime.now(timezone.utc)
+
+
+class Role(StrEnum):
+    """OpenAI-style message roles memq accepts."""
+
+    SYSTEM = "system"
+    USER = "user"
+    ASSISTANT = "assistant"
+
+
+class MemoryEvent(StrEnum):
+    """What a decision does to memory (Mem0's events)."""
+
+    ADD = "ADD"
+    UPDATE = "UPDATE"
+    DELETE = "DELETE"
+    NONE = "NONE"
+
+
+class JobState(StrEnum):
+    """Life cycle of a job. `partial`: one store failed and is being retried."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    PARTIAL = "partial"
+    FAILED = "failed"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ImageURL(_Frozen):
+    """An image reference: an http(s) URL or a ``data:`` URL."""
+
+    url: str = Field(min_length=1)
+    detail: str | None = None
+
+
+class TextPart(_Frozen):
+    """A text content part."""
+
+    type: Literal["text"] = "text"
+    text: str
+
+
+class ImagePart(_Frozen):
+    """An image content part (captioned by the vision stage)."""
+
+    type: Literal["image_url"] = "image_url"
+    image_url: ImageURL
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
+class Message(_Frozen):
+    """One chat message.
+
+    `message_id` is the caller's id for provenance (e.g. LoCoMo's ``dia_id``); when absent the
+    message's position (``"0"``, ``"1"``, ...) is used. `name` is the speaker (Mem0's ``actor_id``).
+    """
+
+    role: Role
+    content: str | list[ContentPart]
+    name: str | None = None
+    message_id: str | None = Field(default=None, validation_alias=AliasChoices("message_id", "id"))
+
+    @property
+    def text(self) -> str:
+        """The message's text parts joined with a space (images excluded)."""
+        if isinstance(self.content, str):
+            return self.content
+        return " ".join(p.text for p in self.content if isinstance(p, TextPart))
+
+    @property
+    def images(self) -> list[str]:
+        """URLs of the message's image parts."""
+        if isinstance(self.content, str):
+            return []
+        return [p.image_url.url for p in self.content if isinstance(p, ImagePart)]
+
+
+class Scope(_Frozen):
+    """Who a memory belongs to: at least one of user_id, agent_id, run_id."""
+
+    user_id: str | None = None
+    agent_id: str | None = None
+    run_id: str | None = None
+
+    @model_validator(mode="after")
+    def _one_id(self) -> Scope:
+        if not (self.user_id or self.agent_id or self.run_id):
+            raise ValueError("a scope needs at least one of user_id, agent_id, run_id")
+        return self
+
+    def as_filter(self) -> dict[str, str]:
+        """The scope ids that are set, as ``{"user_id": ...}``."""
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+    def key(self) -> str:
+        """A stable string for the scope, e.g. ``"u=alice|a=|r="`` (for locks and logs)."""
+        return f"u={self.user_id or ''}|a={self.agent_id or ''}|r={self.run_id or ''}"
+
+
+class AddJob(_Frozen):
+    """A validated add request, stored in Redis under its `job_id` (tasks carry only the id)."""
+
+    job_id: str
+    scope: Scope
+    messages: list[Message] = Field(min_length=1)
+    metadata: dict[str, JsonValue] = Field(default_factory=dict)
+    infer: bool = True
+    memory_type: Literal["procedural_memory"] | None = None
+    prompt: str | None = None
+    timestamp: datetime | None = Field(default=None, description="Backdates created_at (backfills).")
+    idempotency_key: str | None = None
+    enqueued_at: datetime = Field(default_factory=utcnow)
+
+
+class Receipt(_Frozen):
+    """What `producer.add` returns at once. `duplicate`: an earlier add had the same idempotency key."""
+
+    job_id: str
+    status: JobState = JobState.QUEUED
+    duplicate: bool = False
+
+
+class MemoryResult(_Frozen):
+    """One memory event of a finished job, in Mem0's result shape."""
+
+    id: str
+    memory: str
+    event: MemoryEvent
+    previous_memory: str | None = None
+
+
+class JobStatus(_Frozen):
+    """A job's record: state, error, and once done its events (Mem0's ``results`` shape)."""
+
+    job_id: str
+    status: JobState
+    stage: str | None = None
+    error: str | None = None
+    error_type: str | None = None
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+    results: list[MemoryResult] = Field(default_factory=list)
+    relations: list[dict[str, JsonValue]] = Field(default_factory=list)
+    counts: dict[str, int] = Field(default_factory=dict, description="Events per kind, NONE included.")
+
+    @property
+    def done(self) -> bool:
+        """True once the job will not change state by itself (succeeded or failed)."""
+        return self.status in (JobState.SUCCEEDED, JobState.FAILED)
+
+
+class MemoryItem(BaseModel):
+    """A stored memory as search/get/get_all return it (Mem0's item shape plus provenance)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    memory: str
+    hash: str
+    metadata: dict[str, JsonValue] = Field(default_factory=dict)
+    score: float | None = None
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+    user_id: str | None = None
+    agent_id: str | None = None
+    run_id: str | None = None
+    actor_id: str | None = None
+    role: str | None = None
+    source_message_ids: list[str] = Field(default_factory=list)
+
+
+class HistoryItem(BaseModel):
+    """One row of a memory's audit trail (Mem0's history columns plus job and scope)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    memory_id: str
+    old_memory: str | None
+    new_memory: str | None
+    event: MemoryEvent
+    created_at: datetime
+    updated_at: datetime | None
+    is_deleted: bool
+    actor_id: str | None
+    role: str | None
+    job_id: str
+    user_id: str | None
+    agent_id: str | None
+    run_id: str | None

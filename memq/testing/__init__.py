@@ -1,0 +1,1 @@
+"""Test rigs that start real services for memq's tests and benchmarks."""

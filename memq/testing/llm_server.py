@@ -1,0 +1,162 @@
+"""A local OpenAI-compatible HTTP server with scripted answers: the LLM seam of memq's tests.
+
+litellm reaches it over HTTP as ``openai/<any-name>`` with ``api_base`` = `LLMTestServer.url`, so every
+call takes the real client path. Replies are scripted per test (FIFO) as `Reply` objects: content,
+HTTP status (429 with ``Retry-After``, 5xx), latency, or a raw broken body. With no script left, the
+`default` responder answers (e.g. memq's offline heuristic), so a test only scripts what it checks.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import TracebackType
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One scripted answer.
+
+    Attributes:
+        content: the assistant message text (a JSON string for memq's prompts).
+        status: HTTP status; non-200 sends an OpenAI-style error body.
+        headers: extra response headers (e.g. ``{"Retry-After": "2"}``).
+        delay_s: seconds to wait before answering (latency, or a timeout).
+        raw_body: send these bytes as the body instead of a completion (broken responses).
+    """
+
+    content: str = ""
+    status: int = 200
+    headers: dict[str, str] = field(default_factory=dict)
+    delay_s: float = 0.0
+    raw_body: bytes | None = None
+
+
+def _completion(content: str, model: str, prompt_chars: int) -> dict[str, Any]:
+    prompt_tokens, completion_tokens = prompt_chars // 4, len(content) // 4
+    return {
+        "id": f"chatcmpl-test-{time.monotonic_ns()}", "object": "chat.completion", "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": content}}],
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                  "total_tokens": prompt_tokens + completion_tokens},
+    }
+
+
+class LLMTestServer:
+    """OpenAI-compatible ``/v1/chat/completions`` on 127.0.0.1 with scripted replies.
+
+    Args:
+        default: called with the last user message's text when no scripted reply is left; returns
+            the reply content. None answers ``{}``.
+        latency_s: delay added to every answer (seconds).
+
+    Attributes:
+        requests: every request body received (parsed JSON), in order.
+    """
+
+    def __init__(self, default: Callable[[str], str] | None = None, *, latency_s: float = 0.0) -> None:
+        self.default = default
+        self.latency_s = latency_s
+        self.requests: list[dict[str, Any]] = []
+        self._script: deque[Reply] = deque()
+        self._lock = threading.Lock()
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._httpd.daemon_threads = True
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        """The API base, ``http://127.0.0.1:PORT/v1``."""
+        return f"http://127.0.0.1:{self._httpd.server_address[1]}/v1"
+
+    @property
+    def calls(self) -> int:
+        """Number of chat completion requests received."""
+        with self._lock:
+            return len(self.requests)
+
+    def script(self, *replies: Reply | str) -> None:
+        """Queue replies for the next calls (a str is a 200 reply with that content)."""
+        with self._lock:
+            self._script.extend(Reply(content=r) if isinstance(r, str) else r for r in replies)
+
+    def reset(self) -> None:
+        """Drop the remaining script and the recorded requests."""
+        with self._lock:
+            self._script.clear()
+            self.requests.clear()
+
+    def _next(self, body: dict[str, Any]) -> Reply:
+        with self._lock:
+            self.requests.append(body)
+            if self._script:
+                return self._script.popleft()
+        user = next((m.get("content", "") for m in reversed(body.get("messages", [])) if m.get("role") == "user"), "")
+        return Reply(content=self.default(str(user)) if self.default else "{}")
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+                return
+
+            def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self) -> None:  # noqa: N802
+                self._send(200, json.dumps({"object": "list", "data": [{"id": "test-model", "object": "model"}]})
+                           .encode())
+
+            def do_POST(self) -> None:  # noqa: N802
+                length = int(self.headers.get("Content-Length", "0"))
+                body = json.loads(self.rfile.read(length) or b"{}")
+                if not self.path.endswith("/chat/completions"):
+                    self._send(404, b'{"error": {"message": "not found"}}')
+                    return
+                reply = server._next(body)
+                time.sleep(server.latency_s + reply.delay_s)
+                if reply.raw_body is not None:
+                    self._send(reply.status, reply.raw_body, reply.headers)
+                elif reply.status != 200:
+                    error = {"error": {"message": f"scripted {reply.status}", "type": "test", "code": reply.status}}
+                    self._send(reply.status, json.dumps(error).encode(), reply.headers)
+                else:
+                    chars = sum(len(str(m.get("content", ""))) for m in body.get("messages", []))
+                    payload = _completion(reply.content, str(body.get("model", "test-model")), chars)
+                    self._send(200, json.dumps(payload).encode(), reply.headers)
+
+        return Handler
+
+    def start(self) -> LLMTestServer:
+        """Serve in a daemon thread."""
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="llm-test-server", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving and close the socket."""
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+    def __enter__(self) -> LLMTestServer:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()

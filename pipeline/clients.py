@@ -1,0 +1,68 @@
+"""The clients a worker or a search helper needs, built once per process as a small frozen bundle."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+from memq.config import Settings
+from memq.errors import StoreUnavailable
+from memq.jobstore import JobStore
+from pipeline.llm import LLM
+from stores.embedder import Embedder, get_embedder
+from stores.history import HistoryStore, open_history_store
+from stores.qdrant import VectorStore, open_vector_store
+
+
+@dataclass(frozen=True)
+class Clients:
+    """Everything a stage may use.
+
+    Attributes:
+        settings: the process's settings.
+        embedder: the embedder (model loaded once per process).
+        vectors: the Qdrant collection.
+        history: the SQL history store.
+        llm: the model behind extraction and decisions.
+        jobs: job records in Redis (raises `StoreUnavailable` when Redis is down).
+    """
+
+    settings: Settings
+    embedder: Embedder
+    vectors: VectorStore
+    history: HistoryStore
+    llm: LLM
+    jobs: JobStore
+
+
+_clients: dict[Settings, Clients] = {}
+_lock = threading.Lock()
+
+
+def build_clients(settings: Settings) -> Clients:
+    """The process-wide `Clients` for `settings` (built on first call).
+
+    Args:
+        settings: memq settings.
+
+    Raises:
+        StoreUnavailable: the Qdrant folder is held by another process, or a store is unreachable.
+        StoreError: the collection's vector size differs from the embedder's.
+    """
+    with _lock:
+        clients = _clients.get(settings)
+        if clients is None:
+            embedder = get_embedder(settings.embedder)
+            assert settings.history.url is not None
+            clients = Clients(
+                settings=settings,
+                embedder=embedder,
+                vectors=open_vector_store(settings.qdrant, embedder.dims),
+                history=open_history_store(settings.history.url),
+                llm=LLM(settings.llm, embedder=embedder),
+                jobs=JobStore.from_url(settings.redis.url, ttl_s=settings.jobs.ttl_s,
+                                       socket_timeout_s=settings.redis.socket_timeout_s,
+                                       unavailable=StoreUnavailable),
+            )
+            _clients[settings] = clients
+        return clients

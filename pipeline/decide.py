@@ -1,0 +1,196 @@
+"""Decide stage: compare new facts with similar existing memories and choose ADD / UPDATE / DELETE / NONE.
+
+Semantics are Mem0's memory update step: ADD new information, UPDATE a memory when a fact refines or
+changes it (keeping its id), DELETE a memory a fact contradicts, NONE when it is already known. As in
+Mem0 the prompt shows existing memories under small integer ids ("0", "1", ...) rather than UUIDs;
+ids are mapped back afterwards and any id the model invents is dropped. The prompt text is memq's own.
+With no existing neighbour there is nothing to compare, so every fact is an ADD without a model call.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+
+from pydantic import BaseModel, Field
+
+from memq.models import AddJob, MemoryEvent, MemoryItem
+from pipeline.llm import LLM
+from pipeline.retrieve import Neighbourhood
+from pipeline.types import Action, ExtractedFacts, Fact, Plan
+from stores.embedder import Embedder
+
+logger = logging.getLogger(__name__)
+
+MEMORY_ID_NAMESPACE = uuid.UUID("0c3f5b8e-9d7a-4f21-b6c4-51e2a8d9f034")
+"""uuid5 namespace of memory ids: ``uuid5(NS, f"{job_id}:{position}")``, the same on every retry."""
+
+INSTRUCTIONS = """You maintain an assistant's long-term memory. You get the existing memories that are \
+close to some new facts, and the new facts. For every new fact, and for every existing memory it \
+touches, choose one event:
+- ADD: the fact is new information. Give it a new id (any string) and its text.
+- UPDATE: the fact refines or changes an existing memory about the same thing. Keep the existing id, \
+give the new text (merge both when they complement each other) and the old text in old_memory.
+- DELETE: the fact contradicts an existing memory, which is no longer true. Keep the existing id.
+- NONE: the fact is already known. Keep the existing id.
+Use only the ids shown for existing memories. Do not repeat an existing memory unless you change it."""
+
+REPLY_FORMAT = """Reply with a JSON object only, in this form:
+{"memory": [{"id": "<id>", "text": "<memory text>", "event": "ADD|UPDATE|DELETE|NONE", \
+"old_memory": "<previous text, for UPDATE>"}]}"""
+
+
+class Decision(BaseModel):
+    """One event in the model's reply."""
+
+    id: str = Field(description="An existing memory's id, or any new id for ADD.")
+    text: str = Field(default="", description="The memory text after the event.")
+    event: MemoryEvent = Field(description="ADD, UPDATE, DELETE or NONE.")
+    old_memory: str | None = Field(default=None, description="The previous text, for UPDATE.")
+
+
+class DecisionsReply(BaseModel):
+    """The model's reply to the decision prompt."""
+
+    memory: list[Decision] = Field(description="The events, one per fact or touched memory.")
+
+
+def memory_id(job_id: str, position: int) -> str:
+    """Deterministic id of the memory a job adds at `position` of its plan."""
+    return str(uuid.uuid5(MEMORY_ID_NAMESPACE, f"{job_id}:{position}"))
+
+
+def build_user_prompt(existing: Sequence[MemoryItem], facts: Sequence[Fact]) -> str:
+    """The user prompt: existing memories under ids "0".."n-1" and the new facts, as JSON."""
+    payload = {"task": "decide_memory_events",
+               "existing_memories": [{"id": str(i), "text": m.memory} for i, m in enumerate(existing)],
+               "new_facts": [f.text for f in facts]}
+    return "Input:\n" + json.dumps(payload, ensure_ascii=False, indent=1)
+
+
+def _cosine(a: Sequence[float], b: Sequence[float]) -> float:
+    dot = sum(x * y for x, y in zip(a, b))
+    norm = math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b))
+    return dot / norm if norm else 0.0
+
+
+class _Planner:
+    """Turns decisions into actions with ids, vectors, timestamps and provenance."""
+
+    def __init__(self, job: AddJob, facts: list[Fact], fact_vectors: list[list[float]], embedder: Embedder) -> None:
+        self.job = job
+        self.facts = facts
+        self.fact_vectors = fact_vectors
+        self.embedder = embedder
+        self.when: datetime = job.timestamp or job.enqueued_at
+        self.metadata = dict(job.metadata)
+        if job.memory_type:
+            self.metadata["memory_type"] = job.memory_type
+
+    def vectors_for(self, texts: list[str]) -> list[list[float]]:
+        """Reuse a fact's vector when the text is the fact; embed the rest in one batch."""
+        by_text = {f.text.strip().lower(): v for f, v in zip(self.facts, self.fact_vectors)}
+        missing = sorted({t for t in texts if t.strip().lower() not in by_text})
+        if missing:
+            by_text.update({t.strip().lower(): v for t, v in zip(missing, self.embedder.embed(missing))})
+        return [by_text[t.strip().lower()] for t in texts]
+
+    def source_of(self, vector: list[float]) -> Fact:
+        """The fact nearest to a decided text (its provenance)."""
+        scores = [_cosine(vector, fv) for fv in self.fact_vectors]
+        return self.facts[max(range(len(scores)), key=scores.__getitem__)]
+
+    def add(self, position: int, text: str, vector: list[float]) -> Action:
+        fact = self.source_of(vector)
+        return Action(event=MemoryEvent.ADD, memory_id=memory_id(self.job.job_id, position), memory=text,
+                      vector=vector, created_at=self.when, metadata=self.metadata, source_ids=fact.source_ids,
+                      actor_id=fact.actor_id, role=fact.role)
+
+    def update(self, old: MemoryItem, text: str, vector: list[float]) -> Action:
+        fact = self.source_of(vector)
+        sources = list(dict.fromkeys([*old.source_message_ids, *fact.source_ids]))
+        return Action(event=MemoryEvent.UPDATE, memory_id=old.id, memory=text, previous_memory=old.memory,
+                      vector=vector, created_at=old.created_at or self.when,
+                      metadata={**old.metadata, **self.metadata}, source_ids=sources,
+                      actor_id=fact.actor_id, role=fact.role)
+
+    def keep(self, old: MemoryItem, event: MemoryEvent) -> Action:
+        return Action(event=event, memory_id=old.id, memory=old.memory, previous_memory=old.memory,
+                      created_at=old.created_at or self.when, metadata=old.metadata,
+                      source_ids=old.source_message_ids, actor_id=old.actor_id, role=old.role)
+
+
+def decide(job: AddJob, extracted: ExtractedFacts, neighbourhood: Neighbourhood, llm: LLM,
+           embedder: Embedder) -> Plan:
+    """Decide what the job's facts do to memory.
+
+    Args:
+        job: the add job.
+        extracted: its facts.
+        neighbourhood: fact vectors and existing neighbours (from `find_neighbours`).
+        llm: the model (not called when there is no neighbour, for ``infer=False``, or procedural memory).
+        embedder: embeds decided texts that are not a fact verbatim (one batch).
+
+    Returns:
+        The `Plan`: actions in order, usage (0 or 1 model call), and the number of neighbours shown.
+
+    Raises:
+        LLMUnavailable: the model or a remote embedder is unavailable (retryable).
+        LLMOutputError: the reply does not fit `DecisionsReply`.
+    """
+    facts = extracted.facts
+    planner = _Planner(job, facts, neighbourhood.fact_vectors, embedder)
+    existing = neighbourhood.memories
+    if not facts:
+        return Plan(actions=[])
+    if not existing or not job.infer or job.memory_type:
+        texts = list(dict.fromkeys(f.text for f in facts)) if job.infer else [f.text for f in facts]
+        vectors = planner.vectors_for(texts)
+        return Plan(actions=[planner.add(i, t, v) for i, (t, v) in enumerate(zip(texts, vectors))])
+    system = INSTRUCTIONS + "\n\n" + REPLY_FORMAT
+    reply, usage = llm.complete_json(system, build_user_prompt(existing, facts), DecisionsReply)
+    return Plan(actions=_actions(reply.memory, existing, planner), usage=usage, neighbours=len(existing))
+
+
+def _actions(decisions: list[Decision], existing: list[MemoryItem], planner: _Planner) -> list[Action]:
+    by_small_id = {str(i): m for i, m in enumerate(existing)}
+    kept: list[tuple[MemoryEvent, str, MemoryItem | None]] = []
+    touched: set[str] = set()
+    added: set[str] = set()
+    invented = 0
+    for d in decisions:
+        if d.event is MemoryEvent.ADD:
+            if d.text.strip() and d.text.strip().lower() not in added:
+                added.add(d.text.strip().lower())
+                kept.append((d.event, d.text.strip(), None))
+            continue
+        old = by_small_id.get(d.id.strip())
+        if old is None:
+            invented += 1
+            continue
+        if old.id in touched or (d.event is MemoryEvent.UPDATE and not d.text.strip()):
+            continue
+        touched.add(old.id)
+        kept.append((d.event, d.text.strip(), old))
+    if invented:
+        logger.warning("dropped %d decisions with ids the model invented (job %s)", invented, planner.job.job_id)
+    texts = [text for event, text, _ in kept if event in (MemoryEvent.ADD, MemoryEvent.UPDATE)]
+    vectors = iter(planner.vectors_for(texts))
+    actions: list[Action] = []
+    for position, (event, text, old) in enumerate(kept):
+        if event is MemoryEvent.ADD:
+            actions.append(planner.add(position, text, next(vectors)))
+        elif event is MemoryEvent.UPDATE and old is not None:
+            if text == old.memory:
+                actions.append(planner.keep(old, MemoryEvent.NONE))
+                next(vectors)
+            else:
+                actions.append(planner.update(old, text, next(vectors)))
+        elif old is not None:
+            actions.append(planner.keep(old, event))
+    return actions
+

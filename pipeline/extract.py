@@ -1,0 +1,135 @@
+"""Extract stage: messages -> facts, in one model call.
+
+Semantics follow Mem0's fact extraction (personal details, preferences, plans, relationships, events
+worth remembering; nothing from small talk), with one addition: each fact names the messages it came
+from, by their position in the prompt, so memories keep their provenance. The prompt text is memq's own.
+A custom ``prompt`` on the job replaces the instructions; the reply format is always appended.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+
+from pydantic import BaseModel, Field, field_validator
+
+from memq.models import AddJob, Message, Role
+from pipeline.llm import LLM
+from pipeline.types import CaptionedMessages, ExtractedFacts, Fact
+
+INSTRUCTIONS = """You keep long-term memory for an assistant. Read the conversation and write down the \
+facts worth remembering about the people in it: personal details, preferences and dislikes, plans and \
+goals, relationships, jobs, health, events with their dates, and anything they asked to be remembered.
+Rules:
+- Each fact is one short, self-contained sentence that names who it is about (use the speaker's name \
+when given, never "I" or "me").
+- Resolve relative dates ("yesterday", "last week") against the conversation date when one is given.
+- Skip greetings, small talk, questions without an answer, and anything the assistant merely suggested.
+- Write facts in the language of the conversation.
+- If nothing is worth remembering, return an empty list."""
+
+REPLY_FORMAT = """Reply with a JSON object only, in this form:
+{"facts": [{"text": "<fact>", "sources": [<index of each message the fact comes from>]}]}"""
+
+PROCEDURAL_INSTRUCTIONS = """Summarize what the agent did in this conversation as a procedure another \
+agent could follow: the task, each step taken with its key inputs and results, and the outcome. Keep \
+names, numbers and errors verbatim."""
+
+PROCEDURAL_FORMAT = """Reply with a JSON object only: {"summary": "<the procedure>"}"""
+
+
+class ExtractedFact(BaseModel):
+    """One fact in the model's reply."""
+
+    text: str = Field(min_length=1, description="The fact, one self-contained sentence.")
+    sources: list[int] = Field(default_factory=list, description="Indexes of the messages it comes from.")
+
+
+class FactsReply(BaseModel):
+    """The model's reply to the extraction prompt. Plain strings are accepted as facts without sources."""
+
+    facts: list[ExtractedFact] = Field(description="Facts worth remembering; may be empty.")
+
+    @field_validator("facts", mode="before")
+    @classmethod
+    def _strings_are_facts(cls, value: object) -> object:
+        if isinstance(value, list):
+            return [{"text": v} if isinstance(v, str) else v for v in value]
+        return value
+
+
+class ProceduralReply(BaseModel):
+    """The model's reply to the procedural-summary prompt."""
+
+    summary: str = Field(min_length=1, description="The procedure, as text.")
+
+
+def message_ids(messages: list[Message]) -> list[str]:
+    """Provenance id of each message: the caller's `message_id`, else its position."""
+    return [m.message_id or str(i) for i, m in enumerate(messages)]
+
+
+def _prompt_messages(messages: list[Message]) -> list[dict[str, object]]:
+    return [{"index": i, "role": m.role.value, **({"name": m.name} if m.name else {}), "text": m.text}
+            for i, m in enumerate(messages) if m.text.strip()]
+
+
+def build_user_prompt(task: str, messages: list[Message], when: datetime | None) -> str:
+    """The user prompt: the task name, the conversation date and the numbered messages, as JSON."""
+    payload = {"task": task, "conversation_date": when.date().isoformat() if when else None,
+               "messages": _prompt_messages(messages)}
+    return "Input:\n" + json.dumps(payload, ensure_ascii=False, indent=1)
+
+
+def _speaker(messages: list[Message], indexes: list[int]) -> tuple[str | None, str | None]:
+    names = {messages[i].name for i in indexes}
+    roles = {messages[i].role.value for i in indexes}
+    return (names.pop() if len(names) == 1 else None), (roles.pop() if len(roles) == 1 else None)
+
+
+def verbatim_facts(messages: list[Message]) -> ExtractedFacts:
+    """``infer=False``: every non-system message with text becomes a fact as written, no model call."""
+    ids = message_ids(messages)
+    facts = [Fact(text=m.text.strip(), source_ids=[ids[i]], actor_id=m.name, role=m.role.value)
+             for i, m in enumerate(messages) if m.role is not Role.SYSTEM and m.text.strip()]
+    return ExtractedFacts(facts=facts)
+
+
+def extract_facts(job: AddJob, captioned: CaptionedMessages, llm: LLM) -> ExtractedFacts:
+    """Turn a job's messages into facts.
+
+    Args:
+        job: the add job (`infer`, `prompt`, `memory_type`, `timestamp` are honoured).
+        captioned: the messages after the caption stage.
+        llm: the model.
+
+    Returns:
+        Facts with their source message ids and the stage's usage (0 or 1 model call).
+
+    Raises:
+        LLMUnavailable: the model is unavailable (retryable).
+        LLMOutputError: the reply does not fit `FactsReply`.
+    """
+    messages = captioned.messages
+    if not job.infer:
+        return verbatim_facts(messages)
+    ids = message_ids(messages)
+    when = job.timestamp or job.enqueued_at
+    if job.memory_type == "procedural_memory":
+        reply, usage = llm.complete_json(PROCEDURAL_INSTRUCTIONS + "\n\n" + PROCEDURAL_FORMAT,
+                                         build_user_prompt("procedural_summary", messages, when), ProceduralReply)
+        return ExtractedFacts(facts=[Fact(text=reply.summary.strip(), source_ids=ids, role="assistant")],
+                              usage=usage)
+    system = (job.prompt or INSTRUCTIONS) + "\n\n" + REPLY_FORMAT
+    facts_reply, usage = llm.complete_json(system, build_user_prompt("extract_facts", messages, when), FactsReply)
+    facts: list[Fact] = []
+    seen: set[str] = set()
+    for f in facts_reply.facts:
+        text = f.text.strip()
+        if not text or text.lower() in seen:
+            continue
+        seen.add(text.lower())
+        indexes = sorted({i for i in f.sources if 0 <= i < len(messages)}) or list(range(len(messages)))
+        actor_id, role = _speaker(messages, indexes)
+        facts.append(Fact(text=text, source_ids=[ids[i] for i in indexes], actor_id=actor_id, role=role))
+    return ExtractedFacts(facts=facts, usage=usage)

@@ -1,0 +1,110 @@
+"""The one seam to language models: litellm with JSON replies parsed into pydantic models.
+
+Every call makes one attempt (``max_retries=0``): memq's own retries decide what happens next. A reply
+that does not fit the response model gets one repair (the ``json-repair`` library) and then raises
+`LLMOutputError`; it is never read as "no facts".
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from memq.config import OFFLINE_MODEL, LLMSettings
+from memq.errors import LLMOutputError
+from pipeline import offline_model
+from pipeline.types import LLMUsage
+from stores.embedder import Embedder
+from stores.provider import import_litellm, mapped_provider_errors
+
+logger = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=BaseModel)
+
+OFFLINE_PROVIDER = OFFLINE_MODEL.split("/", 1)[0]
+_registered = threading.Lock()
+
+
+def _register_offline_provider(embedder: Embedder | None) -> None:
+    litellm = import_litellm()
+    with _registered:
+        if embedder is not None:
+            offline_model.use_embedder(embedder)
+        if any(p.get("provider") == OFFLINE_PROVIDER for p in litellm.custom_provider_map):
+            return
+        litellm.custom_provider_map = [*litellm.custom_provider_map, {
+            "provider": OFFLINE_PROVIDER, "custom_handler": offline_model.OfflineHeuristicModel()}]
+
+
+def parse_reply(text: str, model: type[M]) -> M:
+    """Parse a model reply into `model`, repairing broken JSON once.
+
+    Raises:
+        LLMOutputError: the reply does not fit `model` even after repair.
+    """
+    try:
+        return model.model_validate_json(text)
+    except ValidationError:
+        pass
+    import json_repair
+
+    repaired = json_repair.repair_json(text, return_objects=False, skip_json_loads=False)
+    try:
+        return model.model_validate_json(repaired if isinstance(repaired, str) else "")
+    except ValidationError as exc:
+        raise LLMOutputError(f"reply does not fit {model.__name__}: {exc.error_count()} errors", reply=text) from exc
+
+
+class LLM:
+    """A JSON-mode chat model behind litellm.
+
+    Args:
+        settings: model string (any litellm model, or the offline default), API base/key, timeout (s).
+        embedder: the embedder the offline model's decider uses (the worker's); None loads the default.
+    """
+
+    def __init__(self, settings: LLMSettings, *, embedder: Embedder | None = None) -> None:
+        self.settings = settings
+        self._litellm = import_litellm()
+        if settings.model.startswith(OFFLINE_PROVIDER + "/"):
+            _register_offline_provider(embedder)
+
+    def complete_json(self, system: str, user: str, response_model: type[M]) -> tuple[M, LLMUsage]:
+        """One chat completion in JSON mode, parsed into `response_model`.
+
+        Args:
+            system: system prompt.
+            user: user prompt.
+            response_model: the pydantic model the reply must fit.
+
+        Returns:
+            The parsed reply and the call's usage (1 call, tokens as reported).
+
+        Raises:
+            LLMUnavailable: rate-limited (with ``retry_after_s``), timed out, refused, 5xx (retryable).
+            InvalidJob: the provider refused the request (4xx other than 408/409/429).
+            LLMOutputError: the reply does not fit `response_model` after one repair.
+        """
+        s = self.settings
+        with mapped_provider_errors(f"completion {s.model}"):
+            response = self._litellm.completion(
+                model=s.model,
+                messages=[{"role": "system", "content": system}, {"role": "user", "content": user}],
+                response_format={"type": "json_object"},
+                temperature=s.temperature,
+                max_tokens=s.max_tokens,
+                timeout=s.timeout_s,
+                api_base=s.api_base,
+                api_key=s.api_key.get_secret_value() if s.api_key else None,
+                max_retries=0,
+                drop_params=True,
+            )
+        text = response.choices[0].message.content or ""
+        usage = getattr(response, "usage", None)
+        spent = LLMUsage(calls=1, prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
+                         completion_tokens=getattr(usage, "completion_tokens", 0) or 0)
+        logger.debug("model reply (%s): %s", response_model.__name__, text)
+        return parse_reply(text, response_model), spent

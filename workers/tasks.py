@@ -1,0 +1,143 @@
+"""Thin Celery tasks, one per stage: read the job and the previous stage's output from Redis, call the
+pipeline, store the output. Tasks carry only the job id (message text never travels in task arguments).
+
+A stage whose output is already stored is not computed again, so a retried or redelivered task reuses
+the earlier model answer. Transient errors retry with exponential backoff and jitter; any other error,
+or the last retry, marks the job ``failed`` with its error.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from celery import Task, chain, chord
+from pydantic import BaseModel
+
+from memq.errors import TransientError
+from memq.models import AddJob, JobState, utcnow
+from pipeline import apply, caption, decide, extract, finalize, retrieve
+from pipeline.types import CaptionedMessages, ExtractedFacts, Plan, WriteResult
+from workers.app import app, clients
+
+logger = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class StageTask(Task):  # type: ignore[misc]
+    """Base of memq's tasks: late acks, retries for `TransientError`, and failure recorded on the job."""
+
+    autoretry_for = (TransientError,)
+    retry_backoff = 2
+    retry_backoff_max = 300
+    retry_jitter = True
+    max_retries = 5
+    acks_late = True
+
+    def on_failure(self, exc: BaseException, task_id: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+                   einfo: Any) -> None:
+        """Mark the job failed (after the last retry, or at once for a permanent error)."""
+        job_id = args[0] if args else kwargs.get("job_id")
+        if job_id:
+            try:
+                clients().jobs.set_state(job_id, JobState.FAILED, stage=self.name, error=exc)
+            except TransientError:
+                logger.exception("could not record the failure of job %s", job_id)
+            logger.warning("job %s failed in %s: %s", job_id, self.name, type(exc).__name__)
+
+
+def _stage(job_id: str, name: str, model: type[M], compute: Callable[[AddJob], M]) -> M:
+    jobs = clients().jobs
+    done = jobs.load_stage(job_id, name, model)
+    if done is not None:
+        return done
+    output = compute(jobs.load_job(job_id))
+    jobs.save_stage(job_id, name, output)
+    return output
+
+
+def _load(job_id: str, name: str, model: type[M]) -> M:
+    output = clients().jobs.load_stage(job_id, name, model)
+    if output is None:
+        raise RuntimeError(f"job {job_id}: stage {name!r} has no stored output")
+    return output
+
+
+@app.task(name="memq.start", base=StageTask, bind=True)
+def start(self: Task, job_id: str) -> str:
+    """Expand a job into its chain: caption -> extract -> decide -> (vectors | graph) -> finalize."""
+    clients().jobs.load_job(job_id)  # InvalidJob if the request is gone: never retried
+    chain(
+        caption_task.si(job_id),
+        extract_task.si(job_id),
+        decide_task.si(job_id),
+        chord([write_vectors_task.si(job_id), write_graph_task.si(job_id)], finalize_task.si(job_id)),
+    ).apply_async()
+    return job_id
+
+
+@app.task(name="memq.caption", base=StageTask, bind=True)
+def caption_task(self: Task, job_id: str) -> int:
+    """Caption stage; marks the job running. Returns the number of messages."""
+    clients().jobs.set_state(job_id, JobState.RUNNING, stage="caption")
+    return len(_stage(job_id, "caption", CaptionedMessages, caption.caption).messages)
+
+
+@app.task(name="memq.extract", base=StageTask, bind=True)
+def extract_task(self: Task, job_id: str) -> int:
+    """Extract stage. Returns the number of facts."""
+    c = clients()
+    c.jobs.set_state(job_id, JobState.RUNNING, stage="extract")
+    captioned = _load(job_id, "caption", CaptionedMessages)
+    out = _stage(job_id, "extract", ExtractedFacts, lambda job: extract.extract_facts(job, captioned, c.llm))
+    return len(out.facts)
+
+
+@app.task(name="memq.decide", base=StageTask, bind=True)
+def decide_task(self: Task, job_id: str) -> int:
+    """Retrieve neighbours and decide events. Returns the number of actions."""
+    c = clients()
+    c.jobs.set_state(job_id, JobState.RUNNING, stage="decide")
+    facts = _load(job_id, "extract", ExtractedFacts)
+
+    def compute(job: AddJob) -> Plan:
+        near = retrieve.find_neighbours(facts.facts, job.scope, c.embedder, c.vectors,
+                                        top_k=c.settings.jobs.neighbours_top_k)
+        return decide.decide(job, facts, near, c.llm, c.embedder)
+
+    return len(_stage(job_id, "decide", Plan, compute).actions)
+
+
+@app.task(name="memq.write_vectors", base=StageTask, bind=True)
+def write_vectors_task(self: Task, job_id: str) -> dict[str, Any]:
+    """Apply the plan to Qdrant (idempotent). Returns counts."""
+    c = clients()
+    result = apply.write_vectors(c.jobs.load_job(job_id), _load(job_id, "decide", Plan), c.vectors)
+    c.jobs.save_stage(job_id, "write_vectors", result)
+    return result.model_dump()
+
+
+@app.task(name="memq.write_graph", base=StageTask, bind=True)
+def write_graph_task(self: Task, job_id: str) -> dict[str, Any]:
+    """The graph write's slot (skips while graph memory is off). Returns counts."""
+    c = clients()
+    result: WriteResult = apply.write_graph(c.jobs.load_job(job_id), _load(job_id, "decide", Plan))
+    return result.model_dump()
+
+
+@app.task(name="memq.finalize", base=StageTask, bind=True)
+def finalize_task(self: Task, job_id: str) -> dict[str, int]:
+    """History rows, job result and status ``succeeded``; one INFO line per job. Returns event counts."""
+    c = clients()
+    job = c.jobs.load_job(job_id)
+    plan = _load(job_id, "decide", Plan)
+    results = finalize.finalize(job, plan, c.history)
+    counts = finalize.event_counts(plan)
+    c.jobs.set_results(job_id, JobState.SUCCEEDED, results, counts)
+    extract_usage = _load(job_id, "extract", ExtractedFacts).usage
+    logger.info("job %s succeeded scope=%s events=%s llm_calls=%d duration_ms=%.0f", job_id, job.scope.key(), counts,
+                extract_usage.calls + plan.usage.calls, (utcnow() - job.enqueued_at).total_seconds() * 1000)
+    return counts
+
