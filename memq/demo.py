@@ -74,6 +74,7 @@ def run_demo(data: Path, conversation: str, questions: int, workdir: Path, conso
     from pipeline.search import MemorySearch
     from producer import Producer
     from producer.backfill import read_locomo
+    from stores.qdrant import close_vector_stores
 
     if workdir.exists():
         shutil.rmtree(workdir)
@@ -122,7 +123,7 @@ def run_demo(data: Path, conversation: str, questions: int, workdir: Path, conso
         qa = _questions(data, conversation)
         hits, latencies, embed_ms = 0, [], []
         shown: list[tuple[dict[str, Any], list[dict[str, Any]], bool]] = []
-        clients.embedder.embed(["warm-up"])
+        searcher.search("warm-up", user_id=user_id, limit=10)
         for q in qa:
             t = time.perf_counter()
             found = searcher.search(q["question"], user_id=user_id, limit=10)["results"]
@@ -156,6 +157,7 @@ def run_demo(data: Path, conversation: str, questions: int, workdir: Path, conso
         }
         console.print_json(json.dumps(summary))
         (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
+        close_vector_stores()
         return 0 if ok == len(statuses) and memories > 0 else 1
 
 

@@ -57,6 +57,8 @@ def mapped_provider_errors(what: str) -> Iterator[None]:
         InvalidJob: another 4xx (bad request, auth, not found): retrying would not help.
     """
     litellm = import_litellm()
+    import openai
+
     try:
         yield
     except (litellm.RateLimitError, litellm.Timeout, litellm.APIConnectionError,
@@ -67,7 +69,7 @@ def mapped_provider_errors(what: str) -> Iterator[None]:
         if status is None or status >= 500 or status in _TRANSIENT_STATUS:
             raise LLMUnavailable(f"{what}: {type(exc).__name__} {status}", retry_after_s=_retry_after_s(exc)) from exc
         raise InvalidJob(f"{what}: provider refused the request ({status} {type(exc).__name__})") from exc
-    except litellm.exceptions.OpenAIError as exc:  # 4xx classes: BadRequest, Authentication, NotFound ...
+    except openai.OpenAIError as exc:  # 4xx classes: BadRequest, Authentication, NotFound ...
         status = getattr(exc, "status_code", None)
         if status in _TRANSIENT_STATUS:
             raise LLMUnavailable(f"{what}: {type(exc).__name__}", retry_after_s=_retry_after_s(exc)) from exc

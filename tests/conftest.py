@@ -1,0 +1,125 @@
+"""Session fixtures that start real services: redis-server, an OpenAI-compatible LLM test server, and a
+real Celery worker (thread pool, in this process) consuming from that Redis.
+
+The worker's model is ``openai/test-model`` at the LLM test server, reached by litellm over HTTP; with
+no scripted reply the server answers with memq's offline heuristic, so tests script only what they check.
+A missing ``redis-server`` skips on a laptop and fails in CI (``CI`` set).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from memq.config import Settings, load_settings
+from memq.testing.llm_server import LLMTestServer
+from memq.testing.redis_server import RedisServer
+
+LOCOMO = Path(__file__).resolve().parents[2] / "shared" / "data" / "locomo10.json"
+
+
+def _need(binary: str) -> None:
+    if shutil.which(binary) is None:
+        message = f"{binary} is not installed"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """A redis-server process for the whole session (broker, results, job records)."""
+    _need("redis-server")
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def llm_server() -> Iterator[LLMTestServer]:
+    """The scripted OpenAI-compatible server; unscripted calls get the offline heuristic's answer."""
+    from pipeline.offline_model import answer
+
+    with LLMTestServer(default=lambda prompt: json.dumps(answer(prompt))) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def settings(redis_server: RedisServer, llm_server: LLMTestServer,
+             tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    """Settings of the session worker, exported as MEMQ_* so `celeryconfig` reads the same."""
+    data_dir = tmp_path_factory.mktemp("memq-data")
+    env = {
+        "MEMQ_DATA_DIR": str(data_dir),
+        "MEMQ_REDIS__URL": redis_server.url,
+        "MEMQ_LLM__MODEL": "openai/test-model",
+        "MEMQ_LLM__API_BASE": llm_server.url,
+        "MEMQ_LLM__API_KEY": "test-key",
+        "MEMQ_LLM__TIMEOUT_S": "20",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    load_settings.cache_clear()
+    yield load_settings()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    load_settings.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def worker(settings: Settings) -> Iterator[Any]:
+    """A real Celery worker (thread pool) in this process, consuming every memq queue."""
+    from celery._state import _set_task_join_will_block
+    from celery.contrib.testing.worker import start_worker
+
+    from workers.app import app, clients
+
+    assert app.conf.broker_url == settings.redis.url
+    clients()
+    _set_task_join_will_block(True)
+    with start_worker(app, pool="threads", concurrency=2, perform_ping_check=False, loglevel="WARNING",
+                      shutdown_timeout=30) as w:
+        yield w
+
+
+@pytest.fixture()
+def producer(settings: Settings) -> Iterator[Any]:
+    """A producer on the session Redis."""
+    from producer import Producer
+
+    p = Producer(settings)
+    yield p
+    p.close()
+
+
+@pytest.fixture()
+def memories(settings: Settings, worker: Any) -> Any:
+    """The synchronous read helpers, sharing the worker's stores (same process)."""
+    from pipeline.clients import build_clients
+    from pipeline.search import MemorySearch
+
+    return MemorySearch(build_clients(settings))
+
+
+@pytest.fixture()
+def user_id() -> str:
+    """A fresh user scope per test."""
+    return f"user-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_script(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Each test starts with an empty LLM script (when it uses the LLM server)."""
+    if "llm_server" in request.fixturenames:
+        server: LLMTestServer = request.getfixturevalue("llm_server")
+        server.reset()
+    yield

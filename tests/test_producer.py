@@ -1,0 +1,137 @@
+"""The producer: light import, validation at the edge, idempotency, one round trip per batch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from memq.config import LimitsSettings, RedisSettings, Settings
+from memq.errors import (
+    BrokerUnavailable,
+    EmptyMessages,
+    InvalidMessage,
+    InvalidMetadata,
+    InvalidRequest,
+    InvalidScope,
+    MessageTooLarge,
+    MissingScope,
+)
+from memq.testing.redis_server import RedisServer
+from producer import Producer
+
+HEAVY = ("litellm", "qdrant_client", "neo4j", "torch", "sentence_transformers", "sqlmodel", "workers", "pipeline")
+
+
+@pytest.fixture()
+def quiet_db(redis_server: RedisServer, settings: Settings) -> Iterator[tuple[Producer, redis.Redis]]:
+    """A producer on Redis database 3, which no worker reads, and a client to inspect it."""
+    url = redis_server.url.rsplit("/", 1)[0] + "/3"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    p = Producer(settings.model_copy(update={"redis": RedisSettings(url=url),
+                                             "limits": LimitsSettings(max_message_chars=200)}))
+    yield p, client
+    p.close()
+    client.flushdb()
+    client.close()
+
+
+def test_importing_the_producer_loads_no_model_vector_or_graph_library() -> None:
+    # Given a fresh interpreter, When it imports producer, Then none of the heavy libraries is loaded
+    code = f"import sys, producer; print([m for m in {HEAVY!r} if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"
+
+
+BAD_REQUESTS: list[tuple[str, Any, dict[str, Any], type[InvalidRequest]]] = [
+    ("no scope id", "I like tea", {}, MissingScope),
+    ("empty scope id", "I like tea", {"user_id": "  "}, InvalidScope),
+    ("too long scope id", "I like tea", {"user_id": "u" * 129}, InvalidScope),
+    ("non-string scope id", "I like tea", {"user_id": 42}, InvalidScope),
+    ("empty message list", [], {"user_id": "u"}, EmptyMessages),
+    ("only blank text", [{"role": "user", "content": "   "}], {"user_id": "u"}, EmptyMessages),
+    ("unknown role", [{"role": "tool", "content": "x"}], {"user_id": "u"}, InvalidMessage),
+    ("non-text content", [{"role": "user", "content": {"audio": b"x"}}], {"user_id": "u"}, InvalidMessage),
+    ("non-text part", [{"role": "user", "content": [{"type": "input_audio", "data": "x"}]}], {"user_id": "u"},
+     InvalidMessage),
+    ("unknown message key", [{"role": "user", "content": "x", "tool_calls": []}], {"user_id": "u"}, InvalidMessage),
+    ("message over the size limit", "x" * 201, {"user_id": "u"}, MessageTooLarge),
+    ("metadata not JSON", "I like tea", {"user_id": "u", "metadata": {"when": object()}}, InvalidMetadata),
+    ("metadata not a dict", "I like tea", {"user_id": "u", "metadata": ["a"]}, InvalidMetadata),
+    ("metadata forging a scope", "I like tea", {"user_id": "u", "metadata": {"user_id": "other"}}, InvalidMetadata),
+    ("metadata with NaN", "I like tea", {"user_id": "u", "metadata": {"x": float("nan")}}, InvalidMetadata),
+    ("bad timestamp", "I like tea", {"user_id": "u", "timestamp": "yesterday"}, InvalidRequest),
+    ("procedural memory without agent", "I like tea", {"user_id": "u", "memory_type": "procedural_memory"},
+     MissingScope),
+]
+
+
+@pytest.mark.parametrize(("case", "messages", "kwargs", "error"), BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS])
+def test_a_bad_request_raises_a_named_error_and_enqueues_nothing(
+    quiet_db: tuple[Producer, redis.Redis], case: str, messages: Any, kwargs: dict[str, Any],
+    error: type[InvalidRequest],
+) -> None:
+    producer, client = quiet_db
+    # When the bad request is added
+    with pytest.raises(error) as raised:
+        producer.add(messages, **kwargs)
+    # Then the error says what is wrong, and Redis holds nothing at all
+    assert str(raised.value)
+    assert client.dbsize() == 0
+
+
+def test_a_batch_with_one_bad_request_enqueues_none_of_it(quiet_db: tuple[Producer, redis.Redis]) -> None:
+    producer, client = quiet_db
+    with pytest.raises(MissingScope, match=r"requests\[1\]"):
+        producer.add_many([{"messages": "ok", "user_id": "u"}, {"messages": "no scope"}])
+    assert client.dbsize() == 0
+
+
+def test_the_same_idempotency_key_returns_the_same_job(quiet_db: tuple[Producer, redis.Redis]) -> None:
+    producer, client = quiet_db
+    # Given one add with a key
+    first = producer.add("I like tea", user_id="u", idempotency_key="k-1")
+    # When the same key is added again (even with other text)
+    second = producer.add("I like coffee", user_id="u", idempotency_key="k-1")
+    # Then the job is the same and only one start message is queued
+    assert second.job_id == first.job_id and second.duplicate and not first.duplicate
+    assert client.llen("memq.light") == 1
+    assert producer.status(first.job_id).status.value == "queued"
+
+
+def test_add_many_enqueues_a_batch_in_one_round_trip(settings: Settings) -> None:
+    # Given a Redis server that only this producer talks to
+    with RedisServer() as server:
+        producer = Producer(settings.model_copy(update={"redis": RedisSettings(url=server.url)}))
+        client = redis.Redis.from_url(server.url)
+        producer.add("warm up the script cache", user_id="u")
+
+        def calls() -> dict[str, int]:
+            return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in client.info("commandstats").items()}
+
+        # When a batch of 50 is enqueued
+        before = calls()
+        receipts = producer.add_many([{"messages": f"fact number {i}", "user_id": f"u{i % 5}"} for i in range(50)])
+        after = calls()
+        # Then the producer sent one command (EVALSHA); the rest ran inside that one script, 4 per job
+        delta = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
+        assert delta == {"evalsha": 1, "set": 50, "hset": 50, "expire": 50, "lpush": 50, "info": 1}
+        assert len({r.job_id for r in receipts}) == 50
+        assert client.llen("memq.light") == 51
+        producer.close()
+        client.close()
+
+
+def test_the_producer_raises_broker_unavailable_when_redis_is_down(settings: Settings) -> None:
+    # Given a Redis that was running and is now stopped
+    server = RedisServer().start()
+    producer = Producer(settings.model_copy(update={"redis": RedisSettings(url=server.url, socket_timeout_s=1)}))
+    server.close()
+    # When an add is attempted, Then it fails loudly
+    with pytest.raises(BrokerUnavailable):
+        producer.add("I like tea", user_id="u")
