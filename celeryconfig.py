@@ -23,6 +23,7 @@ accept_content = ["json"]
 timezone = "UTC"
 enable_utc = True
 
+task_ignore_result = True  # job results live in the job record (memq.jobstore)
 task_acks_late = True
 task_reject_on_worker_lost = True
 worker_prefetch_multiplier = 1
@@ -37,6 +38,7 @@ task_routes = {
     "memq.caption": {"queue": Queues.LLM},
     "memq.extract": {"queue": Queues.LLM},
     "memq.decide": {"queue": Queues.LLM},
+    "memq.dispatch_writes": {"queue": Queues.WRITE},
     "memq.write_vectors": {"queue": Queues.WRITE},
     "memq.write_graph": {"queue": Queues.WRITE},
     "memq.finalize": {"queue": Queues.WRITE},

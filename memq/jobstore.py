@@ -14,10 +14,10 @@ derived from an idempotency key therefore enqueues at most once while its record
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import redis
 from pydantic import BaseModel, ValidationError
@@ -26,6 +26,7 @@ from memq.errors import BrokerUnavailable, InvalidJob, JobNotFound, MemqError
 from memq.models import AddJob, JobState, JobStatus, MemoryResult, utcnow
 
 M = TypeVar("M", bound=BaseModel)
+_Encodable = bytes | bytearray | memoryview | str | int | float  # what redis-py accepts as a hash field
 
 _ENQUEUE_LUA = """
 local ttl = tonumber(ARGV[1])
@@ -62,6 +63,10 @@ class Envelope:
     job: AddJob
     queue: str
     message: bytes
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _key(job_id: str) -> str:
@@ -150,10 +155,26 @@ class JobStore:
             raw = self._r.get(f"{_key(job_id)}:stage:{stage}")
         return None if raw is None else model.model_validate_json(raw)
 
+    def mark_written(self, job_id: str, write: str, *, expected: int) -> bool:
+        """Record that one of a job's parallel writes landed (idempotent).
+
+        Returns:
+            True when, after this call, all `expected` writes have landed: the caller sends finalize.
+            A redelivered last write returns True again (finalize is idempotent).
+        """
+        key = f"{_key(job_id)}:written"
+        with self._mapped():
+            pipe = self._r.pipeline(transaction=True)
+            pipe.sadd(key, write)
+            pipe.expire(key, self._ttl_s)
+            pipe.scard(key)
+            _, _, count = pipe.execute()
+        return int(count) >= expected
+
     def set_state(self, job_id: str, state: JobState, *, stage: str | None = None,
                   error: BaseException | None = None) -> None:
         """Update a job's status (and its current stage or error)."""
-        fields: dict[str, str] = {"status": state.value, "updated_at": utcnow().isoformat()}
+        fields: dict[_Encodable, _Encodable] = {"status": state.value, "updated_at": utcnow().isoformat()}
         if stage is not None:
             fields["stage"] = stage
         if error is not None:
@@ -200,8 +221,8 @@ class JobStore:
         return [_parse_status(job_id, raw) if raw else None for job_id, raw in zip(job_ids, raws)]
 
 
-def _parse_status(job_id: str, raw: dict[bytes, bytes]) -> JobStatus:
-    h = {k.decode(): v.decode() for k, v in raw.items()}
+def _parse_status(job_id: str, raw: Mapping[Any, Any]) -> JobStatus:
+    h = {_text(k): _text(v) for k, v in raw.items()}
     return JobStatus.model_validate({
         "job_id": job_id,
         "status": h["status"],

@@ -33,9 +33,10 @@ def _register_offline_provider(embedder: Embedder | None) -> None:
     with _registered:
         if embedder is not None:
             offline_model.use_embedder(embedder)
-        if any(p.get("provider") == OFFLINE_PROVIDER for p in litellm.custom_provider_map):
+        providers: list[dict[str, object]] = getattr(litellm, "custom_provider_map", [])
+        if any(p.get("provider") == OFFLINE_PROVIDER for p in providers):
             return
-        litellm.custom_provider_map = [*litellm.custom_provider_map, {
+        litellm.custom_provider_map = [*providers, {  # type: ignore[attr-defined]
             "provider": OFFLINE_PROVIDER, "custom_handler": offline_model.OfflineHeuristicModel()}]
 
 

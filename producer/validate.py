@@ -202,8 +202,8 @@ def build_job(
         messages=checked,
         metadata=_check_metadata(metadata, limits.max_metadata_bytes),
         infer=infer,
-        memory_type=memory_type,  # type: ignore[arg-type]
-        prompt=prompt,  # type: ignore[arg-type]
+        memory_type=memory_type,
+        prompt=prompt,
         timestamp=_check_timestamp(timestamp),
-        idempotency_key=idempotency_key,  # type: ignore[arg-type]
+        idempotency_key=idempotency_key,
     )

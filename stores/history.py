@@ -15,7 +15,7 @@ from datetime import datetime
 
 from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
-from sqlmodel import Field, Session, SQLModel, create_engine, select
+from sqlmodel import Field, Session, SQLModel, col, create_engine, select
 
 from memq.errors import StoreError, StoreUnavailable
 from memq.models import HistoryItem, MemoryEvent
@@ -71,7 +71,7 @@ class HistoryStore:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
         with _mapped("create tables"):
-            SQLModel.metadata.create_all(engine, tables=[HistoryRecord.__table__])  # type: ignore[list-item]
+            SQLModel.metadata.create_all(engine, tables=[SQLModel.metadata.tables["history"]])
 
     def add(self, rows: Sequence[HistoryRecord]) -> None:
         """Write rows; a row whose id exists is overwritten with the same values (idempotent)."""
@@ -86,14 +86,14 @@ class HistoryStore:
         """A memory's events, oldest first."""
         with _mapped("read"), Session(self._engine) as session:
             rows = session.exec(select(HistoryRecord).where(HistoryRecord.memory_id == memory_id)
-                                .order_by(HistoryRecord.created_at, HistoryRecord.position)).all()
+                                .order_by(col(HistoryRecord.created_at), col(HistoryRecord.position))).all()
             return [r.item() for r in rows]
 
     def for_job(self, job_id: str) -> list[HistoryItem]:
         """The rows a job wrote, in decision order."""
         with _mapped("read"), Session(self._engine) as session:
             rows = session.exec(select(HistoryRecord).where(HistoryRecord.job_id == job_id)
-                                .order_by(HistoryRecord.position)).all()
+                                .order_by(col(HistoryRecord.position))).all()
             return [r.item() for r in rows]
 
 

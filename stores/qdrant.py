@@ -86,7 +86,7 @@ class MemoryPoint:
         return payload
 
 
-def to_item(point_id: str | int, payload: Mapping[str, Any] | None, score: float | None = None) -> MemoryItem:
+def to_item(point_id: object, payload: Mapping[str, Any] | None, score: float | None = None) -> MemoryItem:
     """Read a point back as a `MemoryItem` (metadata = the payload keys memq does not own)."""
     p = dict(payload or {})
     return MemoryItem(

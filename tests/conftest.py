@@ -92,8 +92,8 @@ def worker(settings: Settings) -> Iterator[Any]:
 
 
 @pytest.fixture()
-def producer(settings: Settings) -> Iterator[Any]:
-    """A producer on the session Redis."""
+def producer(settings: Settings, worker: Any) -> Iterator[Any]:
+    """A producer on the session Redis, with the session worker running."""
     from producer import Producer
 
     p = Producer(settings)

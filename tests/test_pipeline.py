@@ -169,3 +169,40 @@ def test_status_follows_a_job_to_its_result_shape(producer: Any, user_id: str) -
     assert shape["status"] == "succeeded" and shape["relations"] == []
     assert set(shape["results"][0]) == {"id", "memory", "event", "previous_memory"}
     assert shape["counts"]["ADD"] == len(shape["results"])
+
+
+def test_procedural_memory_stores_one_summary_for_the_agent(producer: Any, memories: Any, user_id: str) -> None:
+    messages = [{"role": "user", "content": "Book a table for two at 8pm."},
+                {"role": "assistant", "content": "Searched three restaurants; booked Chez Léa at 20:00."}]
+    status = wait_done(producer, producer.add(messages, agent_id=user_id, memory_type="procedural_memory").job_id)
+    assert [r.event for r in status.results] == [MemoryEvent.ADD]
+    [item] = memories.get_all(agent_id=user_id)["results"]
+    assert item["metadata"] == {"memory_type": "procedural_memory"} and "Chez Léa" in item["memory"]
+
+
+def test_a_job_whose_stored_request_is_invalid_fails_once_and_is_not_retried(settings: Any, worker: Any) -> None:
+    import redis as redis_lib
+
+    from celery import Celery
+
+    from memq.config import Queues
+    from producer.messages import start_message
+
+    # Given a job whose stored request was corrupted after it was accepted
+    client = redis_lib.Redis.from_url(settings.redis.url)
+    job_id = "corrupt-" + user_id_suffix()
+    client.set(f"memq:job:{job_id}:request", b'{"job_id": "x", "messages": "not a list"}')
+    client.hset(f"memq:job:{job_id}", mapping={"status": "queued"})
+    client.lpush(Queues.LIGHT, start_message(Celery(set_as_current=False), job_id, Queues.LIGHT))
+    # When the worker picks it up, Then the job is failed with InvalidJob (no retry loop)
+    from producer import Producer
+
+    status = wait_done(Producer(settings), job_id, timeout_s=30)
+    assert status.status is JobState.FAILED and status.error_type == "InvalidJob"
+    client.close()
+
+
+def user_id_suffix() -> str:
+    import uuid
+
+    return uuid.uuid4().hex[:8]

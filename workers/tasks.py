@@ -1,6 +1,12 @@
 """Thin Celery tasks, one per stage: read the job and the previous stage's output from Redis, call the
 pipeline, store the output. Tasks carry only the job id (message text never travels in task arguments).
 
+Flow: ``memq.start`` applies the Celery chain caption -> extract -> decide -> dispatch_writes; the last
+link sends the store writes (vectors, graph) as separate tasks that run in parallel, and the write that
+completes the set sends ``memq.finalize``. The join is a Redis set per job (`JobStore.mark_written`),
+not a Celery chord: chords need a result backend subscription in the worker, and a failing store must
+not keep the other store's write from landing.
+
 A stage whose output is already stored is not computed again, so a retried or redelivered task reuses
 the earlier model answer. Transient errors retry with exponential backoff and jitter; any other error,
 or the last retry, marks the job ``failed`` with its error.
@@ -12,7 +18,7 @@ import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from celery import Task, chain, chord
+from celery import Task, chain
 from pydantic import BaseModel
 
 from memq.errors import TransientError
@@ -35,6 +41,7 @@ class StageTask(Task):  # type: ignore[misc]
     retry_jitter = True
     max_retries = 5
     acks_late = True
+    ignore_result = True  # results live in the job record, not the Celery result backend
 
     def on_failure(self, exc: BaseException, task_id: str, args: tuple[Any, ...], kwargs: dict[str, Any],
                    einfo: Any) -> None:
@@ -67,14 +74,10 @@ def _load(job_id: str, name: str, model: type[M]) -> M:
 
 @app.task(name="memq.start", base=StageTask, bind=True)
 def start(self: Task, job_id: str) -> str:
-    """Expand a job into its chain: caption -> extract -> decide -> (vectors | graph) -> finalize."""
+    """Expand a job into its chain: caption -> extract -> decide -> dispatch_writes."""
     clients().jobs.load_job(job_id)  # InvalidJob if the request is gone: never retried
-    chain(
-        caption_task.si(job_id),
-        extract_task.si(job_id),
-        decide_task.si(job_id),
-        chord([write_vectors_task.si(job_id), write_graph_task.si(job_id)], finalize_task.si(job_id)),
-    ).apply_async()
+    chain(caption_task.si(job_id), extract_task.si(job_id), decide_task.si(job_id),
+          dispatch_writes_task.si(job_id)).apply_async()
     return job_id
 
 
@@ -110,21 +113,41 @@ def decide_task(self: Task, job_id: str) -> int:
     return len(_stage(job_id, "decide", Plan, compute).actions)
 
 
+WRITES = ("write_vectors", "write_graph")
+"""The store writes that run in parallel; finalize waits for all of them."""
+
+
+@app.task(name="memq.dispatch_writes", base=StageTask, bind=True)
+def dispatch_writes_task(self: Task, job_id: str) -> int:
+    """Send the parallel store writes of a decided job. Returns how many were sent."""
+    clients().jobs.set_state(job_id, JobState.RUNNING, stage="write")
+    write_vectors_task.apply_async((job_id,))
+    write_graph_task.apply_async((job_id,))
+    return len(WRITES)
+
+
+def _written(job_id: str, write: str, result: WriteResult) -> dict[str, Any]:
+    jobs = clients().jobs
+    jobs.save_stage(job_id, write, result)
+    if jobs.mark_written(job_id, write, expected=len(WRITES)):
+        finalize_task.apply_async((job_id,))
+    return result.model_dump()
+
+
 @app.task(name="memq.write_vectors", base=StageTask, bind=True)
 def write_vectors_task(self: Task, job_id: str) -> dict[str, Any]:
-    """Apply the plan to Qdrant (idempotent). Returns counts."""
+    """Apply the plan to Qdrant (idempotent); the last write to land sends finalize. Returns counts."""
     c = clients()
     result = apply.write_vectors(c.jobs.load_job(job_id), _load(job_id, "decide", Plan), c.vectors)
-    c.jobs.save_stage(job_id, "write_vectors", result)
-    return result.model_dump()
+    return _written(job_id, "write_vectors", result)
 
 
 @app.task(name="memq.write_graph", base=StageTask, bind=True)
 def write_graph_task(self: Task, job_id: str) -> dict[str, Any]:
-    """The graph write's slot (skips while graph memory is off). Returns counts."""
+    """The graph write's slot (skips while graph memory is off); the last write sends finalize."""
     c = clients()
-    result: WriteResult = apply.write_graph(c.jobs.load_job(job_id), _load(job_id, "decide", Plan))
-    return result.model_dump()
+    result = apply.write_graph(c.jobs.load_job(job_id), _load(job_id, "decide", Plan))
+    return _written(job_id, "write_graph", result)
 
 
 @app.task(name="memq.finalize", base=StageTask, bind=True)

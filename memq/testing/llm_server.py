@@ -1,5 +1,8 @@
 """A local OpenAI-compatible HTTP server with scripted answers: the LLM seam of memq's tests.
 
+``/v1/embeddings`` answers too, with deterministic hashed bag-of-words vectors (`embedding_dims`
+floats, unit length), so the litellm embedder path can be tested; `embedding_requests` records them.
+
 litellm reaches it over HTTP as ``openai/<any-name>`` with ``api_base`` = `LLMTestServer.url`, so every
 call takes the real client path. Replies are scripted per test (FIFO) as `Reply` objects: content,
 HTTP status (429 with ``Retry-After``, 5xx), latency, or a raw broken body. With no script left, the
@@ -8,7 +11,9 @@ HTTP status (429 with ``Retry-After``, 5xx), latency, or a raw broken body. With
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import threading
 import time
 from collections import deque
@@ -49,6 +54,15 @@ def _completion(content: str, model: str, prompt_chars: int) -> dict[str, Any]:
     }
 
 
+def _hashed_vector(text: str, dims: int) -> list[float]:
+    vector = [0.0] * dims
+    for word in text.lower().split():
+        digest = hashlib.blake2b(word.encode(), digest_size=4).digest()
+        vector[int.from_bytes(digest, "big") % dims] += 1.0
+    norm = math.sqrt(sum(x * x for x in vector)) or 1.0
+    return [x / norm for x in vector]
+
+
 class LLMTestServer:
     """OpenAI-compatible ``/v1/chat/completions`` on 127.0.0.1 with scripted replies.
 
@@ -61,10 +75,13 @@ class LLMTestServer:
         requests: every request body received (parsed JSON), in order.
     """
 
-    def __init__(self, default: Callable[[str], str] | None = None, *, latency_s: float = 0.0) -> None:
+    def __init__(self, default: Callable[[str], str] | None = None, *, latency_s: float = 0.0,
+                 embedding_dims: int = 384) -> None:
         self.default = default
         self.latency_s = latency_s
+        self.embedding_dims = embedding_dims
         self.requests: list[dict[str, Any]] = []
+        self.embedding_requests: list[dict[str, Any]] = []
         self._script: deque[Reply] = deque()
         self._lock = threading.Lock()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -92,6 +109,7 @@ class LLMTestServer:
         with self._lock:
             self._script.clear()
             self.requests.clear()
+            self.embedding_requests.clear()
 
     def _next(self, body: dict[str, Any]) -> Reply:
         with self._lock:
@@ -126,6 +144,17 @@ class LLMTestServer:
             def do_POST(self) -> None:  # noqa: N802
                 length = int(self.headers.get("Content-Length", "0"))
                 body = json.loads(self.rfile.read(length) or b"{}")
+                if self.path.endswith("/embeddings"):
+                    with server._lock:
+                        server.embedding_requests.append(body)
+                    texts = body.get("input", [])
+                    texts = [texts] if isinstance(texts, str) else texts
+                    data = [{"object": "embedding", "index": i, "embedding": _hashed_vector(t, server.embedding_dims)}
+                            for i, t in enumerate(texts)]
+                    usage = {"prompt_tokens": sum(len(t) for t in texts) // 4, "total_tokens": 0}
+                    self._send(200, json.dumps({"object": "list", "data": data, "model": body.get("model"),
+                                                "usage": usage}).encode())
+                    return
                 if not self.path.endswith("/chat/completions"):
                     self._send(404, b'{"error": {"message": "not found"}}')
                     return

@@ -154,9 +154,8 @@ public final class Launcher {
 
         URI bolt;
         try {
-            long tp = System.nanoTime();
+            // The first Cypher statement also warms up the query stack (~2-4 s of the start time).
             setPassword(neo4j, password);
-            System.err.printf("memq-neo4j: DEBUG setPassword %d ms%n", (System.nanoTime() - tp) / 1_000_000);
             bolt = neo4j.boltURI();
         } catch (Throwable e) {
             System.err.println("memq-neo4j: Neo4j started but could not be prepared");
