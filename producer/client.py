@@ -12,7 +12,7 @@ from memq.config import Queues, Settings, load_settings
 from memq.errors import InvalidRequest, JobNotFound
 from memq.jobstore import Envelope, JobStore
 from memq.models import AddJob, JobStatus, Receipt
-from producer.messages import start_message
+from producer.messages import StartMessages
 from producer.validate import build_job
 
 
@@ -31,13 +31,13 @@ class Producer:
         self.settings = settings or load_settings()
         self._jobs = JobStore.from_url(self.settings.redis.url, ttl_s=self.settings.jobs.ttl_s,
                                        socket_timeout_s=self.settings.redis.socket_timeout_s)
-        self._app = Celery("memq-producer", set_as_current=False)
+        self._messages = StartMessages(Celery("memq-producer", set_as_current=False))
 
     def _build(self, messages: object, **kwargs: Any) -> AddJob:
         return build_job(messages, limits=self.settings.limits, **kwargs)
 
     def _enqueue(self, jobs: Sequence[AddJob]) -> list[Receipt]:
-        envelopes = [Envelope(job, Queues.LIGHT, start_message(self._app, job.job_id, Queues.LIGHT)) for job in jobs]
+        envelopes = [Envelope(job, Queues.LIGHT, self._messages.build(job.job_id, Queues.LIGHT)) for job in jobs]
         fresh = self._jobs.enqueue(envelopes)
         return [Receipt(job_id=job.job_id, duplicate=not new) for job, new in zip(jobs, fresh)]
 

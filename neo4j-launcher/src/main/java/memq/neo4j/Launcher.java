@@ -5,12 +5,16 @@ import java.io.InputStream;
 import java.io.PrintStream;
 import java.net.URI;
 import java.nio.charset.StandardCharsets;
+import java.nio.file.FileAlreadyExistsException;
+import java.nio.file.FileSystems;
 import java.nio.file.FileVisitResult;
 import java.nio.file.Files;
 import java.nio.file.Path;
 import java.nio.file.Paths;
 import java.nio.file.SimpleFileVisitor;
 import java.nio.file.attribute.BasicFileAttributes;
+import java.nio.file.attribute.PosixFilePermissions;
+import java.security.SecureRandom;
 import java.time.Duration;
 import java.util.Map;
 import java.util.concurrent.CountDownLatch;
@@ -67,9 +71,17 @@ public final class Launcher {
             }
             String dir = args.length > 1 ? args[1] : envOr("NEO4J_DATA_DIR", "");
             tempDataDir = dir.isEmpty();
-            dataDir = tempDataDir ? Files.createTempDirectory("memq-neo4j-") : Paths.get(dir);
+            dataDir = tempDataDir ? createPrivateDir(Paths.get(System.getProperty("java.io.tmpdir")), "memq-neo4j-")
+                    : Paths.get(dir);
             dataDir = dataDir.toAbsolutePath().normalize();
             Files.createDirectories(dataDir);
+            // Neo4j writes a log4j-<random>.xml per start into java.io.tmpdir and never deletes it, and Netty
+            // unpacks its epoll library there: keep both inside the data dir. Must happen before the JDK's temp
+            // file helpers are first used (they cache the property), hence no Files.createTemp* above.
+            Path jvmTmp = dataDir.resolve("tmp");
+            deleteRecursively(jvmTmp);
+            Files.createDirectories(jvmTmp);
+            System.setProperty("java.io.tmpdir", jvmTmp.toString());
         } catch (NumberFormatException e) {
             System.err.println("memq-neo4j: invalid bolt port: " + e.getMessage());
             System.err.println("usage: Launcher [BOLT_PORT (0 = free port)] [DATA_DIR]");
@@ -235,8 +247,24 @@ public final class Launcher {
     }
 
     private static void cleanup(boolean tempDataDir, Path dataDir) {
-        if (tempDataDir) {
-            deleteRecursively(dataDir);
+        deleteRecursively(tempDataDir ? dataDir : dataDir.resolve("tmp"));
+    }
+
+    /** Like {@code Files.createTempDirectory(parent, prefix)} (mode 700), without touching the JDK's temp helpers. */
+    private static Path createPrivateDir(Path parent, String prefix) throws IOException {
+        SecureRandom random = new SecureRandom();
+        boolean posix = FileSystems.getDefault().supportedFileAttributeViews().contains("posix");
+        for (int attempt = 0; ; attempt++) {
+            Path dir = parent.resolve(prefix + Long.toUnsignedString(random.nextLong()));
+            try {
+                return posix
+                        ? Files.createDirectory(dir, PosixFilePermissions.asFileAttribute(PosixFilePermissions.fromString("rwx------")))
+                        : Files.createDirectory(dir);
+            } catch (FileAlreadyExistsException e) {
+                if (attempt > 100) {
+                    throw e;
+                }
+            }
         }
     }
 
