@@ -49,6 +49,7 @@ class Neo4jSettings(_Group):
     uri: str | None = None
     user: str = "neo4j"
     password: SecretStr | None = None
+    database: str | None = Field(default=None, description="None: the server's default database.")
 
 
 class HistorySettings(_Group):

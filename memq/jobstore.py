@@ -155,12 +155,17 @@ class JobStore:
             raw = self._r.get(f"{_key(job_id)}:stage:{stage}")
         return None if raw is None else model.model_validate_json(raw)
 
-    def mark_written(self, job_id: str, write: str, *, expected: int) -> bool:
+    def mark_written(self, job_id: str, write: str, *, expected: int) -> int:
         """Record that one of a job's parallel writes landed (idempotent).
 
+        Args:
+            job_id: the job.
+            write: the write's name (``"write_vectors"``).
+            expected: how many writes the job has (the count is capped there).
+
         Returns:
-            True when, after this call, all `expected` writes have landed: the caller sends finalize.
-            A redelivered last write returns True again (finalize is idempotent).
+            How many distinct writes have landed after this call; when it equals `expected` the caller
+            sends finalize (a redelivered last write sees it again: finalize is idempotent).
         """
         key = f"{_key(job_id)}:written"
         with self._mapped():
@@ -169,7 +174,12 @@ class JobStore:
             pipe.expire(key, self._ttl_s)
             pipe.scard(key)
             _, _, count = pipe.execute()
-        return int(count) >= expected
+        return min(int(count), expected)
+
+    def written(self, job_id: str) -> set[str]:
+        """Names of the job's writes that have landed."""
+        with self._mapped():
+            return {_text(m) for m in self._r.smembers(f"{_key(job_id)}:written")}
 
     def set_state(self, job_id: str, state: JobState, *, stage: str | None = None,
                   error: BaseException | None = None) -> None:
@@ -187,15 +197,17 @@ class JobStore:
             pipe.execute()
 
     def set_results(self, job_id: str, state: JobState, results: Sequence[MemoryResult],
-                    counts: dict[str, int]) -> None:
-        """Record a finished job's events, counts per event and final state in one write."""
+                    counts: dict[str, int], *, relations: Sequence[Mapping[str, str]] = ()) -> None:
+        """Record a finished (or partial) job's events, relations, counts per event and state in one write."""
         payload = json.dumps([r.model_dump(mode="json") for r in results])
         with self._mapped():
             pipe = self._r.pipeline(transaction=True)
             pipe.hset(_key(job_id), mapping={"status": state.value, "updated_at": utcnow().isoformat(),
                                               "results": payload, "counts": json.dumps(counts),
+                                              "relations": json.dumps(list(relations)),
                                               "stage": "done"})
-            pipe.hdel(_key(job_id), "error", "error_type")
+            if state is JobState.SUCCEEDED:
+                pipe.hdel(_key(job_id), "error", "error_type")
             pipe.expire(_key(job_id), self._ttl_s)
             pipe.execute()
 
@@ -233,4 +245,5 @@ def _parse_status(job_id: str, raw: Mapping[Any, Any]) -> JobStatus:
         "updated_at": h.get("updated_at"),
         "results": json.loads(h.get("results", "[]")),
         "counts": json.loads(h.get("counts", "{}")),
+        "relations": json.loads(h.get("relations", "[]")),
     })

@@ -1,9 +1,11 @@
-"""Write stages: apply a plan to the vector store (the graph write fills its own slot)."""
+"""Write stages: apply a plan to the vector store and to the graph store; they run in parallel."""
 
 from __future__ import annotations
 
 from memq.models import AddJob, MemoryEvent
 from pipeline.types import Plan, WriteResult
+from stores.embedder import Embedder
+from stores.graph import EntityWrite, GraphStore, GraphWrite, RelationWrite, entity_key
 from stores.qdrant import MemoryPoint, VectorStore
 
 
@@ -37,10 +39,38 @@ def write_vectors(job: AddJob, plan: Plan, vectors: VectorStore) -> WriteResult:
     return WriteResult(store="qdrant", upserted=len(points), deleted=len(deleted))
 
 
-def write_graph(job: AddJob, plan: Plan) -> WriteResult:
-    """The graph write's slot in the parallel group; graph memory is not enabled yet, so it skips.
+def write_graph(job: AddJob, plan: Plan, graph: GraphStore | None, embedder: Embedder) -> WriteResult:
+    """Apply the plan's graph change to Neo4j: merge entities (with name embeddings, one batch) and
+    relations, invalidate contradicted relations, and forget memories the job deleted.
+
+    Idempotent: everything is MERGE-keyed, relation ids and timestamps come from the plan.
+
+    Args:
+        job: the job (scope, time).
+        plan: the decided actions and graph change.
+        graph: the graph store, or None when graph memory is off (then nothing is written).
+        embedder: embeds entity names.
 
     Returns:
-        ``WriteResult(store="neo4j", skipped=True)``.
+        Counts (``upserted`` = entities + relations merged, ``deleted`` = relations invalidated), or
+        ``skipped=True`` when graph memory is off.
+
+    Raises:
+        StoreUnavailable: Neo4j is unreachable (retryable).
+        StoreError: a permanent store failure.
     """
-    return WriteResult(store="neo4j", skipped=True)
+    if graph is None or plan.graph is None:
+        return WriteResult(store="neo4j", skipped=True)
+    g = plan.graph
+    names = [e.name for e in g.entities]
+    vectors = embedder.embed(names) if names else []
+    deleted = [a.memory_id for a in plan.actions if a.event is MemoryEvent.DELETE]
+    graph.write(GraphWrite(
+        job_id=job.job_id, scope=job.scope, when=job.timestamp or job.enqueued_at,
+        entities=[EntityWrite(key=entity_key(e.name), name=e.name, entity_type=e.entity_type, embedding=v)
+                  for e, v in zip(g.entities, vectors)],
+        relations=[RelationWrite(rid=r.rid, source=r.source, relationship=r.relationship,
+                                 destination=r.destination, memory_ids=r.memory_ids) for r in g.relations],
+        invalidated=g.invalidated, deleted_memory_ids=deleted,
+    ))
+    return WriteResult(store="neo4j", upserted=len(g.entities) + len(g.relations), deleted=len(g.invalidated))

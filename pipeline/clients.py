@@ -10,6 +10,7 @@ from memq.errors import StoreUnavailable
 from memq.jobstore import JobStore
 from pipeline.llm import LLM
 from stores.embedder import Embedder, get_embedder
+from stores.graph import GraphStore, open_graph_store
 from stores.history import HistoryStore, open_history_store
 from stores.qdrant import VectorStore, open_vector_store
 
@@ -25,6 +26,7 @@ class Clients:
         history: the SQL history store.
         llm: the model behind extraction and decisions.
         jobs: job records in Redis (raises `StoreUnavailable` when Redis is down).
+        graph: the Neo4j graph store, or None when graph memory is off (no ``MEMQ_NEO4J__URI``).
     """
 
     settings: Settings
@@ -33,6 +35,7 @@ class Clients:
     history: HistoryStore
     llm: LLM
     jobs: JobStore
+    graph: GraphStore | None = None
 
 
 _clients: dict[Settings, Clients] = {}
@@ -63,6 +66,7 @@ def build_clients(settings: Settings) -> Clients:
                 jobs=JobStore.from_url(settings.redis.url, ttl_s=settings.jobs.ttl_s,
                                        socket_timeout_s=settings.redis.socket_timeout_s,
                                        unavailable=StoreUnavailable),
+                graph=open_graph_store(settings.neo4j),
             )
             _clients[settings] = clients
         return clients

@@ -21,8 +21,10 @@ from pydantic import BaseModel, Field
 from memq.models import AddJob, MemoryEvent, MemoryItem
 from pipeline.llm import LLM
 from pipeline.retrieve import Neighbourhood
-from pipeline.types import Action, ExtractedFacts, Fact, Plan
+from pipeline.graph_plan import build_graph_plan
+from pipeline.types import Action, ExtractedFacts, Fact, GraphPlan, Plan, Relation
 from stores.embedder import Embedder
+from stores.graph import RelationRecord
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +45,15 @@ REPLY_FORMAT = """Reply with a JSON object only, in this form:
 {"memory": [{"id": "<id>", "text": "<memory text>", "event": "ADD|UPDATE|DELETE|NONE", \
 "old_memory": "<previous text, for UPDATE>"}]}"""
 
+GRAPH_INSTRUCTIONS = """You also get existing relations between entities (ids "0", "1", ...) and the \
+new relations. List in invalidated_relations the ids of existing relations that the new facts show \
+are no longer true (someone moved, changed jobs, ended a relationship). Do not list relations that \
+are merely not mentioned."""
+
+GRAPH_REPLY_FORMAT = """Reply with a JSON object only, in this form:
+{"memory": [{"id": "<id>", "text": "<memory text>", "event": "ADD|UPDATE|DELETE|NONE", \
+"old_memory": "<previous text, for UPDATE>"}], "invalidated_relations": ["<relation id>"]}"""
+
 
 class Decision(BaseModel):
     """One event in the model's reply."""
@@ -56,7 +67,9 @@ class Decision(BaseModel):
 class DecisionsReply(BaseModel):
     """The model's reply to the decision prompt."""
 
-    memory: list[Decision] = Field(description="The events, one per fact or touched memory.")
+    memory: list[Decision] = Field(default_factory=list, description="The events, one per fact or touched memory.")
+    invalidated_relations: list[str] = Field(default_factory=list,
+                                             description="Ids of existing relations the new facts contradict.")
 
 
 def memory_id(job_id: str, position: int) -> str:
@@ -64,11 +77,19 @@ def memory_id(job_id: str, position: int) -> str:
     return str(uuid.uuid5(MEMORY_ID_NAMESPACE, f"{job_id}:{position}"))
 
 
-def build_user_prompt(existing: Sequence[MemoryItem], facts: Sequence[Fact]) -> str:
-    """The user prompt: existing memories under ids "0".."n-1" and the new facts, as JSON."""
-    payload = {"task": "decide_memory_events",
-               "existing_memories": [{"id": str(i), "text": m.memory} for i, m in enumerate(existing)],
-               "new_facts": [f.text for f in facts]}
+def build_user_prompt(existing: Sequence[MemoryItem], facts: Sequence[Fact],
+                      relations: Sequence[RelationRecord] | None = None,
+                      new_relations: Sequence[Relation] = ()) -> str:
+    """The user prompt: existing memories under ids "0".."n-1" and the new facts (and, with graph
+    memory, existing relations under ids "0".."m-1" and the new relations), as JSON."""
+    payload: dict[str, object] = {
+        "task": "decide_memory_events",
+        "existing_memories": [{"id": str(i), "text": m.memory} for i, m in enumerate(existing)],
+        "new_facts": [f.text for f in facts]}
+    if relations is not None:
+        payload["existing_relations"] = [{"id": str(i), "source": r.source, "relationship": r.relationship,
+                                          "destination": r.destination} for i, r in enumerate(relations)]
+        payload["new_relations"] = [r.model_dump() for r in new_relations]
     return "Input:\n" + json.dumps(payload, ensure_ascii=False, indent=1)
 
 
@@ -125,18 +146,21 @@ class _Planner:
 
 
 def decide(job: AddJob, extracted: ExtractedFacts, neighbourhood: Neighbourhood, llm: LLM,
-           embedder: Embedder) -> Plan:
-    """Decide what the job's facts do to memory.
+           embedder: Embedder, *, relations: Sequence[RelationRecord] | None = None) -> Plan:
+    """Decide what the job's facts do to memory (and, with graph memory, which relations they contradict).
 
     Args:
         job: the add job.
-        extracted: its facts.
+        extracted: its facts (and entities and relations).
         neighbourhood: fact vectors and existing neighbours (from `find_neighbours`).
-        llm: the model (not called when there is no neighbour, for ``infer=False``, or procedural memory).
+        llm: the model; not called when there is nothing to compare (no neighbour memory and no
+            existing relation), for ``infer=False``, or for procedural memory.
         embedder: embeds decided texts that are not a fact verbatim (one batch).
+        relations: existing valid relations touching the job's entities; None when graph memory is off.
 
     Returns:
-        The `Plan`: actions in order, usage (0 or 1 model call), and the number of neighbours shown.
+        The `Plan`: actions in order, the graph change (graph on), usage (0 or 1 model call), and how
+        many memories and relations the decider was shown.
 
     Raises:
         LLMUnavailable: the model or a remote embedder is unavailable (retryable).
@@ -145,15 +169,26 @@ def decide(job: AddJob, extracted: ExtractedFacts, neighbourhood: Neighbourhood,
     facts = extracted.facts
     planner = _Planner(job, facts, neighbourhood.fact_vectors, embedder)
     existing = neighbourhood.memories
-    if not facts:
-        return Plan(actions=[])
-    if not existing or not job.infer or job.memory_type:
+    shown = list(relations or [])
+    if not facts and not extracted.relations:
+        return Plan(actions=[], graph=GraphPlan() if relations is not None else None)
+    if (not existing and not shown) or not job.infer or job.memory_type:
         texts = list(dict.fromkeys(f.text for f in facts)) if job.infer else [f.text for f in facts]
         vectors = planner.vectors_for(texts)
-        return Plan(actions=[planner.add(i, t, v) for i, (t, v) in enumerate(zip(texts, vectors))])
-    system = INSTRUCTIONS + "\n\n" + REPLY_FORMAT
-    reply, usage = llm.complete_json(system, build_user_prompt(existing, facts), DecisionsReply)
-    return Plan(actions=_actions(reply.memory, existing, planner), usage=usage, neighbours=len(existing))
+        actions = [planner.add(i, t, v) for i, (t, v) in enumerate(zip(texts, vectors))]
+        graph = build_graph_plan(job.job_id, extracted, actions, [], []) if relations is not None else None
+        return Plan(actions=actions, graph=graph)
+    if relations is None:
+        system = INSTRUCTIONS + "\n\n" + REPLY_FORMAT
+        user = build_user_prompt(existing, facts)
+    else:
+        system = INSTRUCTIONS + "\n\n" + GRAPH_INSTRUCTIONS + "\n\n" + GRAPH_REPLY_FORMAT
+        user = build_user_prompt(existing, facts, shown, extracted.relations)
+    reply, usage = llm.complete_json(system, user, DecisionsReply)
+    actions = _actions(reply.memory, existing, planner)
+    graph = (build_graph_plan(job.job_id, extracted, actions, shown, reply.invalidated_relations)
+             if relations is not None else None)
+    return Plan(actions=actions, graph=graph, usage=usage, neighbours=len(existing), relations_shown=len(shown))
 
 
 def _actions(decisions: list[Decision], existing: list[MemoryItem], planner: _Planner) -> list[Action]:

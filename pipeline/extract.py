@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from memq.models import AddJob, Message, Role
 from pipeline.llm import LLM
-from pipeline.types import CaptionedMessages, ExtractedFacts, Fact
+from pipeline.types import CaptionedMessages, Entity, ExtractedFacts, Fact, Relation
 
 INSTRUCTIONS = """You keep long-term memory for an assistant. Read the conversation and write down the \
 facts worth remembering about the people in it: personal details, preferences and dislikes, plans and \
@@ -31,6 +31,16 @@ when given, never "I" or "me").
 REPLY_FORMAT = """Reply with a JSON object only, in this form:
 {"facts": [{"text": "<fact>", "sources": [<index of each message the fact comes from>]}]}"""
 
+GRAPH_INSTRUCTIONS = """Also list the entities the facts mention (people, places, organisations, \
+pets, things, events; the speaker by name) with a short lower-case type, and the relations between \
+them: source and destination are entity names, relationship is a short verb phrase in UPPER_SNAKE_CASE \
+(WORKS_AT, LIVES_IN, SISTER_OF)."""
+
+GRAPH_REPLY_FORMAT = """Reply with a JSON object only, in this form:
+{"facts": [{"text": "<fact>", "sources": [<index of each message the fact comes from>]}],
+ "entities": [{"name": "<name>", "entity_type": "<type>"}],
+ "relations": [{"source": "<entity name>", "relationship": "<RELATIONSHIP>", "destination": "<entity name>"}]}"""
+
 PROCEDURAL_INSTRUCTIONS = """Summarize what the agent did in this conversation as a procedure another \
 agent could follow: the task, each step taken with its key inputs and results, and the outcome. Keep \
 names, numbers and errors verbatim."""
@@ -45,10 +55,27 @@ class ExtractedFact(BaseModel):
     sources: list[int] = Field(default_factory=list, description="Indexes of the messages it comes from.")
 
 
+class ExtractedEntity(BaseModel):
+    """One entity in the model's reply."""
+
+    name: str = Field(min_length=1, description="The entity's name as written.")
+    entity_type: str = Field(default="entity", description="A short lower-case type: person, city, pet ...")
+
+
+class ExtractedRelation(BaseModel):
+    """One relation in the model's reply."""
+
+    source: str = Field(min_length=1, description="Name of the entity the relation starts from.")
+    relationship: str = Field(min_length=1, description="UPPER_SNAKE_CASE verb phrase.")
+    destination: str = Field(min_length=1, description="Name of the entity the relation points to.")
+
+
 class FactsReply(BaseModel):
     """The model's reply to the extraction prompt. Plain strings are accepted as facts without sources."""
 
     facts: list[ExtractedFact] = Field(description="Facts worth remembering; may be empty.")
+    entities: list[ExtractedEntity] = Field(default_factory=list, description="Entities mentioned (graph on).")
+    relations: list[ExtractedRelation] = Field(default_factory=list, description="Relations (graph on).")
 
     @field_validator("facts", mode="before")
     @classmethod
@@ -74,10 +101,12 @@ def _prompt_messages(messages: list[Message]) -> list[dict[str, object]]:
             for i, m in enumerate(messages) if m.text.strip()]
 
 
-def build_user_prompt(task: str, messages: list[Message], when: datetime | None) -> str:
+def build_user_prompt(task: str, messages: list[Message], when: datetime | None, *, graph: bool = False) -> str:
     """The user prompt: the task name, the conversation date and the numbered messages, as JSON."""
-    payload = {"task": task, "conversation_date": when.date().isoformat() if when else None,
-               "messages": _prompt_messages(messages)}
+    payload: dict[str, object] = {"task": task, "conversation_date": when.date().isoformat() if when else None,
+                                  "messages": _prompt_messages(messages)}
+    if graph:
+        payload["graph"] = True
     return "Input:\n" + json.dumps(payload, ensure_ascii=False, indent=1)
 
 
@@ -95,16 +124,18 @@ def verbatim_facts(messages: list[Message]) -> ExtractedFacts:
     return ExtractedFacts(facts=facts)
 
 
-def extract_facts(job: AddJob, captioned: CaptionedMessages, llm: LLM) -> ExtractedFacts:
-    """Turn a job's messages into facts.
+def extract_facts(job: AddJob, captioned: CaptionedMessages, llm: LLM, *, graph: bool = False) -> ExtractedFacts:
+    """Turn a job's messages into facts (and, with `graph`, entities and relations) in one model call.
 
     Args:
         job: the add job (`infer`, `prompt`, `memory_type`, `timestamp` are honoured).
         captioned: the messages after the caption stage.
         llm: the model.
+        graph: graph memory is on: ask for entities and relations in the same reply.
 
     Returns:
-        Facts with their source message ids and the stage's usage (0 or 1 model call).
+        Facts with their source message ids, entities and relations, and the stage's usage (0 or 1
+        model call).
 
     Raises:
         LLMUnavailable: the model is unavailable (retryable).
@@ -120,8 +151,12 @@ def extract_facts(job: AddJob, captioned: CaptionedMessages, llm: LLM) -> Extrac
                                          build_user_prompt("procedural_summary", messages, when), ProceduralReply)
         return ExtractedFacts(facts=[Fact(text=reply.summary.strip(), source_ids=ids, role="assistant")],
                               usage=usage)
-    system = (job.prompt or INSTRUCTIONS) + "\n\n" + REPLY_FORMAT
-    facts_reply, usage = llm.complete_json(system, build_user_prompt("extract_facts", messages, when), FactsReply)
+    if graph:
+        system = (job.prompt or INSTRUCTIONS) + "\n\n" + GRAPH_INSTRUCTIONS + "\n\n" + GRAPH_REPLY_FORMAT
+    else:
+        system = (job.prompt or INSTRUCTIONS) + "\n\n" + REPLY_FORMAT
+    user = build_user_prompt("extract_facts", messages, when, graph=graph)
+    facts_reply, usage = llm.complete_json(system, user, FactsReply)
     facts: list[Fact] = []
     seen: set[str] = set()
     for f in facts_reply.facts:
@@ -132,4 +167,10 @@ def extract_facts(job: AddJob, captioned: CaptionedMessages, llm: LLM) -> Extrac
         indexes = sorted({i for i in f.sources if 0 <= i < len(messages)}) or list(range(len(messages)))
         actor_id, role = _speaker(messages, indexes)
         facts.append(Fact(text=text, source_ids=[ids[i] for i in indexes], actor_id=actor_id, role=role))
-    return ExtractedFacts(facts=facts, usage=usage)
+    if not graph:
+        return ExtractedFacts(facts=facts, usage=usage)
+    entities = [Entity(name=e.name.strip(), entity_type=e.entity_type.strip().lower() or "entity")
+                for e in facts_reply.entities if e.name.strip()]
+    relations = [Relation(source=r.source.strip(), relationship=r.relationship.strip(), destination=r.destination.strip())
+                 for r in facts_reply.relations if r.source.strip() and r.destination.strip() and r.relationship.strip()]
+    return ExtractedFacts(facts=facts, entities=entities, relations=relations, usage=usage)

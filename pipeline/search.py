@@ -1,8 +1,9 @@
 """Synchronous reads: search by meaning, get, get_all and history. No queue is involved.
 
-`search` embeds the query (one call) and queries Qdrant with the scope as a filter. Results come in
-Mem0's shape: ``{"results": [item, ...], "relations": [...]}``. Relations stay empty until graph
-memory is enabled.
+`search` embeds the query (one call) and queries Qdrant with the scope as a filter and, with graph
+memory on, Neo4j for the valid relations of the entities most related to the query, both at once.
+Results come in Mem0's shape: ``{"results": [item, ...], "relations": [{source, relationship,
+destination}, ...]}``.
 
 In embedded mode (Qdrant local mode) the store belongs to one process: run these helpers inside the
 worker's process (as the tests do) or while no worker runs (as ``memq search`` and the demo do).
@@ -10,13 +11,27 @@ worker's process (as the tests do) or while no worker runs (as ``memq search`` a
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from memq.config import Settings, load_settings
 from memq.errors import InvalidRequest
 from memq.scope import make_scope
 from pipeline.clients import Clients, build_clients
+
+
+_executor: ThreadPoolExecutor | None = None
+_executor_lock = threading.Lock()
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _executor
+    with _executor_lock:
+        if _executor is None:
+            _executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="memq-graph-search")
+        return _executor
 
 
 def _item(item: Any) -> dict[str, Any]:
@@ -53,12 +68,13 @@ class MemorySearch:
 
         Returns:
             ``{"results": [{id, memory, hash, metadata, score, created_at, updated_at, user_id, agent_id,
-            run_id, actor_id, role, source_message_ids}], "relations": []}``, best score first.
+            run_id, actor_id, role, source_message_ids}], "relations": [{source, relationship,
+            destination}]}``, results best score first; relations empty when graph memory is off.
 
         Raises:
             MissingScope, InvalidScope: no or a bad scope id.
             InvalidRequest: empty query, bad limit, or a filter on a key memq owns.
-            StoreUnavailable: Qdrant is unreachable or held by another process.
+            StoreUnavailable: Qdrant or Neo4j is unreachable, or Qdrant's folder is held by another process.
         """
         scope = make_scope(user_id=user_id, agent_id=agent_id, run_id=run_id,
                            max_chars=self._c.settings.limits.max_scope_id_chars)
@@ -67,8 +83,12 @@ class MemorySearch:
         if not 1 <= limit <= 1000:
             raise InvalidRequest("limit must be between 1 and 1000", field="limit")
         vector = self._c.embedder.embed([query])[0]
+        graph = self._c.graph
+        related = _pool().submit(graph.search, scope, vector, query) if graph is not None else None
         hits = self._c.vectors.search(vector, scope, limit=limit, threshold=threshold, filters=filters)
-        return {"results": [_item(h) for h in hits], "relations": []}
+        relations = [{"source": r.source, "relationship": r.relationship, "destination": r.destination}
+                     for r in (related.result() if related is not None else [])]
+        return {"results": [_item(h) for h in hits], "relations": relations}
 
     def get(self, memory_id: str) -> dict[str, Any] | None:
         """One memory by id, or None if there is none."""

@@ -48,10 +48,27 @@ class Fact(_Stage):
     role: str | None = None
 
 
+class Entity(_Stage):
+    """A graph node extracted from messages: a person, place, organisation, thing or idea."""
+
+    name: str = Field(min_length=1)
+    entity_type: str = "entity"
+
+
+class Relation(_Stage):
+    """A graph edge extracted from messages: ``source`` -[``relationship``]-> ``destination`` (names)."""
+
+    source: str = Field(min_length=1)
+    relationship: str = Field(min_length=1)
+    destination: str = Field(min_length=1)
+
+
 class ExtractedFacts(_Stage):
-    """Output of the extract stage."""
+    """Output of the extract stage (entities and relations only when graph memory is on)."""
 
     facts: list[Fact]
+    entities: list[Entity] = Field(default_factory=list)
+    relations: list[Relation] = Field(default_factory=list)
     usage: LLMUsage = LLMUsage()
 
 
@@ -81,12 +98,33 @@ class Action(_Stage):
     role: str | None = None
 
 
+class GraphRelation(_Stage):
+    """A relation ready to merge: entity keys, a normalized type, the memories supporting it."""
+
+    rid: str
+    source: str
+    relationship: str
+    destination: str
+    memory_ids: list[str] = Field(default_factory=list)
+
+
+class GraphPlan(_Stage):
+    """What the job does to the graph (see `stores.graph.GraphWrite`)."""
+
+    entities: list[Entity] = Field(default_factory=list)
+    relations: list[GraphRelation] = Field(default_factory=list)
+    invalidated: list[str] = Field(default_factory=list, description="rids of contradicted relations.")
+    rejected: int = Field(default=0, description="Relations dropped for an invalid relationship type.")
+
+
 class Plan(_Stage):
-    """Output of the decide stage: the actions of one job, in order."""
+    """Output of the decide stage: the actions of one job, in order, and its graph change."""
 
     actions: list[Action]
+    graph: GraphPlan | None = None
     usage: LLMUsage = LLMUsage()
     neighbours: int = Field(default=0, description="Existing memories shown to the decider.")
+    relations_shown: int = Field(default=0, description="Existing relations shown to the decider.")
 
 
 class WriteResult(_Stage):

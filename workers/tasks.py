@@ -21,10 +21,11 @@ from typing import Any, TypeVar
 from celery import Task, chain
 from pydantic import BaseModel
 
-from memq.errors import TransientError
+from memq.errors import StoreUnavailable, TransientError
 from memq.models import AddJob, JobState, utcnow
-from pipeline import apply, caption, decide, extract, finalize, retrieve
+from pipeline import apply, caption, decide, extract, finalize, graph_plan, retrieve
 from pipeline.types import CaptionedMessages, ExtractedFacts, Plan, WriteResult
+from stores.graph import RelationRecord
 from workers.app import app, clients
 
 logger = logging.getLogger(__name__)
@@ -94,8 +95,22 @@ def extract_task(self: Task, job_id: str) -> int:
     c = clients()
     c.jobs.set_state(job_id, JobState.RUNNING, stage="extract")
     captioned = _load(job_id, "caption", CaptionedMessages)
-    out = _stage(job_id, "extract", ExtractedFacts, lambda job: extract.extract_facts(job, captioned, c.llm))
+    out = _stage(job_id, "extract", ExtractedFacts,
+                 lambda job: extract.extract_facts(job, captioned, c.llm, graph=c.graph is not None))
     return len(out.facts)
+
+
+def _relations(job: AddJob, facts: ExtractedFacts) -> list[RelationRecord] | None:
+    """Existing relations for the decider; None when graph memory is off. If Neo4j is down the job goes
+    on without them (no relation can be invalidated) so that the vector write is not held up."""
+    graph = clients().graph
+    if graph is None:
+        return None
+    try:
+        return graph.relations_of(job.scope, graph_plan.graph_keys(facts))
+    except StoreUnavailable:
+        logger.warning("job %s: Neo4j unreachable while deciding; no relation can be invalidated", job.job_id)
+        return []
 
 
 @app.task(name="memq.decide", base=StageTask, bind=True)
@@ -108,7 +123,7 @@ def decide_task(self: Task, job_id: str) -> int:
     def compute(job: AddJob) -> Plan:
         near = retrieve.find_neighbours(facts.facts, job.scope, c.embedder, c.vectors,
                                         top_k=c.settings.jobs.neighbours_top_k)
-        return decide.decide(job, facts, near, c.llm, c.embedder)
+        return decide.decide(job, facts, near, c.llm, c.embedder, relations=_relations(job, facts))
 
     return len(_stage(job_id, "decide", Plan, compute).actions)
 
@@ -129,12 +144,33 @@ def dispatch_writes_task(self: Task, job_id: str) -> int:
 def _written(job_id: str, write: str, result: WriteResult) -> dict[str, Any]:
     jobs = clients().jobs
     jobs.save_stage(job_id, write, result)
-    if jobs.mark_written(job_id, write, expected=len(WRITES)):
+    if jobs.mark_written(job_id, write, expected=len(WRITES)) == len(WRITES):
         finalize_task.apply_async((job_id,))
     return result.model_dump()
 
 
-@app.task(name="memq.write_vectors", base=StageTask, bind=True)
+class WriteTask(StageTask):
+    """A store write: while it retries the job is ``partial``; once the vector write has landed, a
+    retrying graph write does not hold back the job's memories, history and result."""
+
+    max_retries = 10
+    retry_backoff_max = 60
+
+    def on_retry(self, exc: BaseException, task_id: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+                 einfo: Any) -> None:
+        """Mark the job partial (with the error); publish its result if the vectors are written."""
+        job_id = args[0]
+        jobs = clients().jobs
+        logger.warning("job %s: %s will retry: %s", job_id, self.name, type(exc).__name__)
+        try:
+            if "write_vectors" in jobs.written(job_id):
+                _finalize(job_id, JobState.PARTIAL)
+            jobs.set_state(job_id, JobState.PARTIAL, stage=self.name, error=exc)
+        except TransientError:
+            logger.exception("could not mark job %s partial", job_id)
+
+
+@app.task(name="memq.write_vectors", base=WriteTask, bind=True)
 def write_vectors_task(self: Task, job_id: str) -> dict[str, Any]:
     """Apply the plan to Qdrant (idempotent); the last write to land sends finalize. Returns counts."""
     c = clients()
@@ -142,25 +178,32 @@ def write_vectors_task(self: Task, job_id: str) -> dict[str, Any]:
     return _written(job_id, "write_vectors", result)
 
 
-@app.task(name="memq.write_graph", base=StageTask, bind=True)
+@app.task(name="memq.write_graph", base=WriteTask, bind=True)
 def write_graph_task(self: Task, job_id: str) -> dict[str, Any]:
-    """The graph write's slot (skips while graph memory is off); the last write sends finalize."""
+    """Apply the graph change (skips while graph memory is off); the last write sends finalize."""
     c = clients()
-    result = apply.write_graph(c.jobs.load_job(job_id), _load(job_id, "decide", Plan))
+    result = apply.write_graph(c.jobs.load_job(job_id), _load(job_id, "decide", Plan), c.graph, c.embedder)
     return _written(job_id, "write_graph", result)
 
 
 @app.task(name="memq.finalize", base=StageTask, bind=True)
 def finalize_task(self: Task, job_id: str) -> dict[str, int]:
     """History rows, job result and status ``succeeded``; one INFO line per job. Returns event counts."""
+    return _finalize(job_id, JobState.SUCCEEDED)
+
+
+def _finalize(job_id: str, state: JobState) -> dict[str, int]:
     c = clients()
     job = c.jobs.load_job(job_id)
     plan = _load(job_id, "decide", Plan)
     results = finalize.finalize(job, plan, c.history)
     counts = finalize.event_counts(plan)
-    c.jobs.set_results(job_id, JobState.SUCCEEDED, results, counts)
-    extract_usage = _load(job_id, "extract", ExtractedFacts).usage
-    logger.info("job %s succeeded scope=%s events=%s llm_calls=%d duration_ms=%.0f", job_id, job.scope.key(), counts,
-                extract_usage.calls + plan.usage.calls, (utcnow() - job.enqueued_at).total_seconds() * 1000)
+    relations = [{"source": r.source, "relationship": r.relationship, "destination": r.destination}
+                 for r in (plan.graph.relations if plan.graph else [])]
+    c.jobs.set_results(job_id, state, results, counts, relations=relations)
+    usage = _load(job_id, "extract", ExtractedFacts).usage + plan.usage
+    logger.info("job %s %s scope=%s events=%s llm_calls=%d prompt_tokens=%d duration_ms=%.0f", job_id, state.value,
+                job.scope.key(), counts, usage.calls, usage.prompt_tokens,
+                (utcnow() - job.enqueued_at).total_seconds() * 1000)
     return counts
 

@@ -285,7 +285,11 @@ class Neo4jServer:
             self._tmp = None
 
     def __enter__(self) -> Neo4jServer:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:
+            self.close()  # __exit__ does not run when __enter__ raises
+            raise
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:

@@ -5,16 +5,13 @@ import java.io.InputStream;
 import java.io.PrintStream;
 import java.net.URI;
 import java.nio.charset.StandardCharsets;
-import java.nio.file.FileAlreadyExistsException;
-import java.nio.file.FileSystems;
+import java.nio.file.DirectoryStream;
 import java.nio.file.FileVisitResult;
 import java.nio.file.Files;
 import java.nio.file.Path;
 import java.nio.file.Paths;
 import java.nio.file.SimpleFileVisitor;
 import java.nio.file.attribute.BasicFileAttributes;
-import java.nio.file.attribute.PosixFilePermissions;
-import java.security.SecureRandom;
 import java.time.Duration;
 import java.util.Map;
 import java.util.concurrent.CountDownLatch;
@@ -71,17 +68,9 @@ public final class Launcher {
             }
             String dir = args.length > 1 ? args[1] : envOr("NEO4J_DATA_DIR", "");
             tempDataDir = dir.isEmpty();
-            dataDir = tempDataDir ? createPrivateDir(Paths.get(System.getProperty("java.io.tmpdir")), "memq-neo4j-")
-                    : Paths.get(dir);
+            dataDir = tempDataDir ? Files.createTempDirectory("memq-neo4j-") : Paths.get(dir);
             dataDir = dataDir.toAbsolutePath().normalize();
             Files.createDirectories(dataDir);
-            // Neo4j writes a log4j-<random>.xml per start into java.io.tmpdir and never deletes it, and Netty
-            // unpacks its epoll library there: keep both inside the data dir. Must happen before the JDK's temp
-            // file helpers are first used (they cache the property), hence no Files.createTemp* above.
-            Path jvmTmp = dataDir.resolve("tmp");
-            deleteRecursively(jvmTmp);
-            Files.createDirectories(jvmTmp);
-            System.setProperty("java.io.tmpdir", jvmTmp.toString());
         } catch (NumberFormatException e) {
             System.err.println("memq-neo4j: invalid bolt port: " + e.getMessage());
             System.err.println("usage: Launcher [BOLT_PORT (0 = free port)] [DATA_DIR]");
@@ -143,12 +132,14 @@ public final class Launcher {
                     .withConfig(GraphDatabaseInternalSettings.netty_server_shutdown_timeout, Duration.ofSeconds(5))
                     .build();
         } catch (Throwable e) {
+            deleteHarnessLogConfig(harnessDir);
             System.err.println("memq-neo4j: Neo4j failed to start (see " + dataDir.resolve("logs/debug.log") + ")");
             e.printStackTrace(System.err);
             cleanup(tempDataDir, dataDir);
             System.exit(1);
             return;
         }
+        deleteHarnessLogConfig(harnessDir);
 
         AtomicBoolean closed = new AtomicBoolean(false);
         Runnable shutdown = () -> {
@@ -247,24 +238,32 @@ public final class Launcher {
     }
 
     private static void cleanup(boolean tempDataDir, Path dataDir) {
-        deleteRecursively(tempDataDir ? dataDir : dataDir.resolve("tmp"));
+        if (tempDataDir) {
+            deleteRecursively(dataDir);
+        }
     }
 
-    /** Like {@code Files.createTempDirectory(parent, prefix)} (mode 700), without touching the JDK's temp helpers. */
-    private static Path createPrivateDir(Path parent, String prefix) throws IOException {
-        SecureRandom random = new SecureRandom();
-        boolean posix = FileSystems.getDefault().supportedFileAttributeViews().contains("posix");
-        for (int attempt = 0; ; attempt++) {
-            Path dir = parent.resolve(prefix + Long.toUnsignedString(random.nextLong()));
-            try {
-                return posix
-                        ? Files.createDirectory(dir, PosixFilePermissions.asFileAttribute(PosixFilePermissions.fromString("rwx------")))
-                        : Files.createDirectory(dir);
-            } catch (FileAlreadyExistsException e) {
-                if (attempt > 100) {
-                    throw e;
+    /**
+     * The harness writes its user-log config to {@code $java.io.tmpdir/log4j-<random>.xml} on every start and never
+     * deletes it (and java.io.tmpdir cannot be redirected at run time: the JDK reads it once at JVM start). Log4j
+     * has read it by the time build() returns, so delete ours: the one that names our own harness folder.
+     */
+    private static void deleteHarnessLogConfig(Path harnessDir) {
+        String marker = "\"" + harnessDir + java.io.File.separator;
+        try (DirectoryStream<Path> files =
+                Files.newDirectoryStream(Paths.get(System.getProperty("java.io.tmpdir")), "log4j-*.xml")) {
+            for (Path file : files) {
+                try {
+                    if (Files.size(file) < 64 * 1024
+                            && Files.readString(file, StandardCharsets.UTF_8).contains(marker)) {
+                        Files.deleteIfExists(file);
+                    }
+                } catch (IOException | RuntimeException e) {
+                    // not ours, unreadable, or already gone
                 }
             }
+        } catch (IOException e) {
+            System.err.println("memq-neo4j: could not clean up log4j config in java.io.tmpdir: " + e);
         }
     }
 

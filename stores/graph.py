@@ -1,0 +1,348 @@
+"""Neo4j graph store: entities and relations per scope, written with MERGE, read by similarity.
+
+Model:
+
+- ``(:__Entity__)`` nodes, unique per (``scope_key``, ``key``) where ``key`` is the normalized name;
+  properties ``name``, ``entity_type``, the scope ids, ``created_at``, ``updated_at``, ``job_ids`` and
+  ``mentions`` (jobs that mentioned it; a retried job counts once) and ``embedding`` (of the name).
+- relations between two entities of one scope, typed by the relationship (``WORKS_AT``), with
+  ``rid``, ``created_at``, ``updated_at``, ``job_id``, ``memory_ids`` (the memories supporting it),
+  ``valid`` and, once contradicted, ``invalid_at`` and ``invalidated_by``: a contradicted relation is
+  kept for history (as Graphiti does) and reads show only valid ones.
+
+Every value is a ``$parameter``. Relationship types cannot be parameters, so they are normalized to
+``[A-Z][A-Z0-9_]*`` (at most 64 characters) by `relationship_type`; anything else is refused before a
+query string is built. Schema (constraint, index) is created once, idempotently.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, LiteralString
+
+import neo4j
+from neo4j import GraphDatabase
+from neo4j.exceptions import ClientError, DriverError, Neo4jError, ServiceUnavailable, SessionExpired
+from neo4j.exceptions import TransientError as Neo4jTransientError
+
+from memq.config import Neo4jSettings
+from memq.errors import StoreError, StoreUnavailable
+from memq.models import Scope
+
+_TYPE = re.compile(r"[A-Z][A-Z0-9_]{0,63}")
+_SEPARATORS = re.compile(r"[\s\-]+")
+
+
+class InvalidRelationshipType(StoreError, ValueError):
+    """A relationship type that is not ``[A-Z][A-Z0-9_]*`` after normalization; never sent to Neo4j."""
+
+
+def relationship_type(raw: str) -> str:
+    """Normalize a relationship type (``"works at"`` -> ``"WORKS_AT"``).
+
+    Raises:
+        InvalidRelationshipType: the result is not ``[A-Z][A-Z0-9_]{0,63}`` (e.g. it holds Cypher).
+    """
+    normalized = _SEPARATORS.sub("_", raw.strip()).upper()
+    if not _TYPE.fullmatch(normalized):
+        raise InvalidRelationshipType(f"relationship type {raw[:80]!r} is not [A-Z][A-Z0-9_]* after normalization")
+    return normalized
+
+
+def entity_key(name: str) -> str:
+    """The merge key of an entity name: lower case, single spaces, no surrounding punctuation."""
+    return " ".join(name.lower().split()).strip(" .,;:!?\"'()[]{}")
+
+
+@dataclass(frozen=True)
+class EntityWrite:
+    """An entity to merge: `key` (normalized), display `name`, `entity_type`, name `embedding`."""
+
+    key: str
+    name: str
+    entity_type: str
+    embedding: Sequence[float]
+
+
+@dataclass(frozen=True)
+class RelationWrite:
+    """A relation to merge between two entity keys; `rid` is used only when it is created."""
+
+    rid: str
+    source: str
+    relationship: str
+    destination: str
+    memory_ids: Sequence[str]
+
+
+@dataclass(frozen=True)
+class GraphWrite:
+    """Everything one job does to the graph, applied in one transaction.
+
+    Attributes:
+        job_id: the job (recorded on what it creates).
+        scope: whose graph.
+        when: the job's time (UTC), used for created_at/updated_at/invalid_at.
+        entities, relations: what to merge.
+        invalidated: ``rid`` s of relations the job's facts contradict.
+        deleted_memory_ids: memories the job deleted; relations they alone supported go, and so do
+            entities left without any relation.
+    """
+
+    job_id: str
+    scope: Scope
+    when: datetime
+    entities: Sequence[EntityWrite] = ()
+    relations: Sequence[RelationWrite] = ()
+    invalidated: Sequence[str] = ()
+    deleted_memory_ids: Sequence[str] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class RelationRecord:
+    """A stored relation as reads return it."""
+
+    rid: str
+    source: str
+    relationship: str
+    destination: str
+    valid: bool = True
+
+
+@contextmanager
+def _mapped(what: str) -> Iterator[None]:
+    try:
+        yield
+    except InvalidRelationshipType:
+        raise
+    except (ServiceUnavailable, SessionExpired, Neo4jTransientError, OSError) as exc:
+        raise StoreUnavailable(f"Neo4j {what}: {type(exc).__name__}") from exc
+    except (ClientError, Neo4jError, DriverError) as exc:
+        raise StoreError(f"Neo4j {what}: {type(exc).__name__}: {getattr(exc, 'code', '')}") from exc
+
+
+def _scope_params(scope: Scope) -> dict[str, Any]:
+    return {"scope_key": scope.key(), "user_id": scope.user_id, "agent_id": scope.agent_id, "run_id": scope.run_id}
+
+
+_SCOPE_MATCH: LiteralString = (
+    "($user_id IS NULL OR e.user_id = $user_id) AND ($agent_id IS NULL OR e.agent_id = $agent_id) "
+    "AND ($run_id IS NULL OR e.run_id = $run_id)"
+)
+
+
+class GraphStore:
+    """Entities and relations in Neo4j.
+
+    Args:
+        driver: a `neo4j.Driver`.
+        database: database name (None: the server's default).
+    """
+
+    def __init__(self, driver: neo4j.Driver, database: str | None = None) -> None:
+        self._driver = driver
+        self._database = database
+        self._ready = False
+        self._lock = threading.Lock()
+
+    def _run(self, cypher: LiteralString, **params: Any) -> list[dict[str, Any]]:
+        records, _, _ = self._driver.execute_query(cypher, params, database_=self._database)
+        return [r.data() for r in records]
+
+    def ensure_schema(self) -> None:
+        """Create the uniqueness constraint and scope index once (idempotent).
+
+        Raises:
+            StoreUnavailable: Neo4j is unreachable.
+        """
+        if self._ready:
+            return
+        with self._lock, _mapped("schema"):
+            self._run("CREATE CONSTRAINT memq_entity_key IF NOT EXISTS "
+                      "FOR (e:__Entity__) REQUIRE (e.scope_key, e.key) IS UNIQUE")
+            self._run("CREATE INDEX memq_entity_user IF NOT EXISTS FOR (e:__Entity__) ON (e.user_id)")
+            self._ready = True
+
+    def write(self, change: GraphWrite) -> None:
+        """Apply one job's graph change in one transaction (MERGE-based: running it twice changes nothing).
+
+        Raises:
+            InvalidRelationshipType: a relation's type is not normalized (checked before any query).
+            StoreUnavailable: Neo4j is unreachable (retryable).
+            StoreError: a permanent failure.
+        """
+        types = {r.relationship: relationship_type(r.relationship) for r in change.relations}
+        if any(t != raw for raw, t in types.items()):
+            raise InvalidRelationshipType("relation types must be normalized before the write")
+        self.ensure_schema()
+        params = {**_scope_params(change.scope), "job_id": change.job_id, "when": change.when.isoformat()}
+        entities = [{"key": e.key, "name": e.name, "entity_type": e.entity_type, "embedding": list(e.embedding)}
+                    for e in change.entities]
+
+        def work(tx: neo4j.ManagedTransaction) -> None:
+            tx.run(
+                "UNWIND $entities AS e "
+                "MERGE (n:__Entity__ {scope_key: $scope_key, key: e.key}) "
+                "ON CREATE SET n.name = e.name, n.created_at = $when, n.user_id = $user_id, "
+                "  n.agent_id = $agent_id, n.run_id = $run_id, n.job_ids = [] "
+                "SET n.updated_at = $when, n.entity_type = e.entity_type, n.embedding = e.embedding, "
+                "  n.job_ids = CASE WHEN $job_id IN n.job_ids THEN n.job_ids ELSE n.job_ids + $job_id END, "
+                "  n.mentions = size(n.job_ids)",
+                entities=entities, **params,
+            ).consume()
+            for rel_type in sorted(set(types.values())):
+                rows = [{"rid": r.rid, "source": r.source, "destination": r.destination,
+                         "memory_ids": list(r.memory_ids)} for r in change.relations if r.relationship == rel_type]
+                # rel_type matched [A-Z][A-Z0-9_]{0,63} above: the only text not passed as a parameter
+                query: LiteralString = (
+                    "UNWIND $rows AS r "
+                    "MATCH (s:__Entity__ {scope_key: $scope_key, key: r.source}) "
+                    "MATCH (d:__Entity__ {scope_key: $scope_key, key: r.destination}) "
+                    f"MERGE (s)-[x:{rel_type} {{valid: true}}]->(d) "
+                    "ON CREATE SET x.rid = r.rid, x.created_at = $when, x.job_id = $job_id, "
+                    "  x.scope_key = $scope_key, x.memory_ids = [] "
+                    "SET x.updated_at = $when, "
+                    "  x.memory_ids = x.memory_ids + [m IN r.memory_ids WHERE NOT m IN x.memory_ids]"
+                )
+                tx.run(query, rows=rows, **params).consume()
+            if change.invalidated:
+                tx.run(
+                    "UNWIND $rids AS rid "
+                    "MATCH (:__Entity__ {scope_key: $scope_key})-[x {rid: rid}]->() WHERE x.valid "
+                    "SET x.valid = false, x.invalid_at = $when, x.invalidated_by = $job_id",
+                    rids=list(change.invalidated), **params,
+                ).consume()
+            if change.deleted_memory_ids:
+                _forget_memories(tx, list(change.deleted_memory_ids), params)
+
+        with _mapped("write"), self._driver.session(database=self._database) as session:
+            session.execute_write(work)
+
+    def relations_of(self, scope: Scope, keys: Sequence[str], *, limit: int = 50) -> list[RelationRecord]:
+        """Valid relations touching any of the entity `keys` in exactly this scope (for the decider).
+
+        Raises:
+            StoreUnavailable: Neo4j is unreachable.
+        """
+        if not keys:
+            return []
+        self.ensure_schema()
+        with _mapped("read relations"):
+            rows = self._run(
+                "MATCH (e:__Entity__ {scope_key: $scope_key}) WHERE e.key IN $keys "
+                "MATCH (e)-[x {valid: true}]-(o:__Entity__) "
+                "WITH DISTINCT x ORDER BY x.created_at, x.rid LIMIT $limit "
+                "RETURN x.rid AS rid, startNode(x).name AS source, type(x) AS relationship, "
+                "  endNode(x).name AS destination",
+                keys=list(keys), limit=limit, **_scope_params(scope),
+            )
+        return [RelationRecord(**r) for r in rows]
+
+    def search(self, scope: Scope, vector: Sequence[float], query: str, *, limit: int = 20,
+               threshold: float = 0.5, top_entities: int = 5) -> list[RelationRecord]:
+        """Valid relations of the entities most related to a query, in the query's scope only.
+
+        Entities are matched by cosine similarity of their name embedding (>= `threshold`) or by their
+        name appearing in the query; the `top_entities` best give their relations.
+
+        Raises:
+            StoreUnavailable: Neo4j is unreachable.
+        """
+        self.ensure_schema()
+        with _mapped("search"):
+            rows = self._run(
+                "MATCH (e:__Entity__) WHERE " + _SCOPE_MATCH + " "
+                "WITH e, vector.similarity.cosine(e.embedding, $vector) AS sim "
+                "WITH e, sim, (size(e.key) >= 3 AND $query CONTAINS e.key) AS named "
+                "WHERE sim >= $threshold OR named "
+                "WITH e, sim ORDER BY named DESC, sim DESC LIMIT $top "
+                "MATCH (e)-[x {valid: true}]-(:__Entity__) "
+                "WITH x, max(sim) AS sim ORDER BY sim DESC, x.updated_at DESC LIMIT $limit "
+                "RETURN x.rid AS rid, startNode(x).name AS source, type(x) AS relationship, "
+                "  endNode(x).name AS destination",
+                vector=list(vector), query=query.lower(), threshold=threshold, top=top_entities, limit=limit,
+                **_scope_params(scope),
+            )
+        return [RelationRecord(**r) for r in rows]
+
+    def all_relations(self, scope: Scope, *, include_invalid: bool = False) -> list[RelationRecord]:
+        """Every relation of exactly this scope (tests, exports), oldest first."""
+        with _mapped("read"):
+            rows = self._run(
+                "MATCH (s:__Entity__ {scope_key: $scope_key})-[x]->(d:__Entity__) "
+                "WHERE $all OR x.valid "
+                "RETURN x.rid AS rid, s.name AS source, type(x) AS relationship, d.name AS destination, "
+                "  x.valid AS valid ORDER BY x.created_at, x.rid",
+                all=include_invalid, **_scope_params(scope),
+            )
+        return [RelationRecord(**r) for r in rows]
+
+    def entities(self, scope: Scope) -> list[dict[str, Any]]:
+        """Entities of exactly this scope: ``{key, name, entity_type, mentions}``, by key."""
+        with _mapped("read"):
+            return self._run(
+                "MATCH (e:__Entity__ {scope_key: $scope_key}) "
+                "RETURN e.key AS key, e.name AS name, e.entity_type AS entity_type, e.mentions AS mentions "
+                "ORDER BY e.key", **_scope_params(scope))
+
+    def forget_memories(self, scope: Scope, memory_ids: Sequence[str]) -> None:
+        """Remove memories' support from relations; drop unsupported relations and orphaned entities."""
+        if not memory_ids:
+            return
+        with _mapped("delete"), self._driver.session(database=self._database) as session:
+            session.execute_write(_forget_memories, list(memory_ids), _scope_params(scope))
+
+    def delete_scope(self, scope: Scope) -> int:
+        """Delete every entity (and so every relation) matching the scope's ids. Returns entities deleted."""
+        with _mapped("delete"):
+            rows = self._run("MATCH (e:__Entity__) WHERE " + _SCOPE_MATCH + " DETACH DELETE e RETURN count(*) AS n",
+                             **_scope_params(scope))
+        return int(rows[0]["n"]) if rows else 0
+
+    def close(self) -> None:
+        """Close the driver."""
+        self._driver.close()
+
+
+def _forget_memories(tx: neo4j.ManagedTransaction, memory_ids: list[str], params: dict[str, Any]) -> None:
+    tx.run(
+        "MATCH (:__Entity__ {scope_key: $scope_key})-[x]->() "
+        "WHERE any(m IN x.memory_ids WHERE m IN $ids) "
+        "SET x.memory_ids = [m IN x.memory_ids WHERE NOT m IN $ids] "
+        "WITH x WHERE size(x.memory_ids) = 0 DELETE x",
+        ids=memory_ids, scope_key=params["scope_key"],
+    ).consume()
+    tx.run("MATCH (e:__Entity__ {scope_key: $scope_key}) WHERE NOT (e)--() DELETE e",
+           scope_key=params["scope_key"]).consume()
+
+
+_stores: dict[str, GraphStore] = {}
+_stores_lock = threading.Lock()
+
+
+def open_graph_store(settings: Neo4jSettings) -> GraphStore | None:
+    """The process-wide `GraphStore`, or None when graph memory is off (no ``uri``)."""
+    if not settings.uri:
+        return None
+    with _stores_lock:
+        store = _stores.get(settings.uri)
+        if store is None:
+            password = settings.password.get_secret_value() if settings.password else ""
+            driver = GraphDatabase.driver(settings.uri, auth=(settings.user, password),
+                                          connection_timeout=5.0, max_transaction_retry_time=5.0)
+            store = GraphStore(driver, settings.database)
+            _stores[settings.uri] = store
+        return store
+
+
+def close_graph_stores() -> None:
+    """Close every driver `open_graph_store` made in this process."""
+    with _stores_lock:
+        for store in _stores.values():
+            store.close()
+        _stores.clear()
