@@ -98,6 +98,7 @@ class JobSettings(_Group):
 
     ttl_s: int = Field(default=7 * 24 * 3600, gt=0, description="How long job records stay in Redis.")
     neighbours_top_k: int = Field(default=5, gt=0, description="Existing memories shown to the decider per fact.")
+    retry_backoff_max_s: int = Field(default=60, gt=0, description="Longest wait between two retries of a stage.")
 
 
 class Settings(BaseSettings):

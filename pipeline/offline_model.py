@@ -15,6 +15,11 @@ What it does (and does not):
   a fact nearly identical to a memory (cosine >= `NONE_SIMILARITY`) is NONE; a close one (>=
   `UPDATE_SIMILARITY`) UPDATEs it, or DELETEs it when exactly one of the two is negated; anything else
   is an ADD. The thresholds were set by hand on all-MiniLM-L6-v2 and LoCoMo sentences.
+- graph (when the prompt asks for it): entities are the speaker and capitalized names in each fact;
+  a fact that reads "<speaker> <verb words> ... <Name>" gives the relation speaker -[VERB_WORDS]-> Name
+  (``Ann moved to Denver`` -> ``MOVED_TO``). A new relation invalidates an existing one with the same
+  source and a relationship in `FUNCTIONAL_RELATIONSHIPS` (one destination at a time: ``LIVES_IN``,
+  ``WORKS_AT`` ...) but another destination.
 - ``procedural_summary``: joins the messages' text as numbered steps.
 
 Any litellm model string in ``MEMQ_LLM__MODEL`` replaces it.
@@ -33,6 +38,10 @@ from memq.config import EmbedderSettings
 from stores.embedder import Embedder, get_embedder
 from stores.provider import import_litellm
 
+FUNCTIONAL_RELATIONSHIPS = frozenset({
+    "LIVES_IN", "LIVE_IN", "MOVED_TO", "WORKS_AT", "WORK_AT", "WORKS_FOR", "WORK_FOR", "WORKS_AS", "WORK_AS",
+    "STUDIES_AT", "STUDY_AT", "IS_MARRIED_TO", "IS_DATING", "IS_ENGAGED_TO", "LIVES_WITH", "LIVE_WITH",
+})
 NONE_SIMILARITY = 0.95
 UPDATE_SIMILARITY = 0.88
 MIN_WORDS = 4
@@ -138,6 +147,50 @@ def extract(messages: list[dict[str, Any]], conversation_date: str | None) -> li
     return facts
 
 
+_NAME = re.compile(r"\b[A-Z][A-Za-z0-9]+(?:\s+[A-Z][A-Za-z0-9]+)*\b")
+_NOT_NAMES = frozenset(
+    "I The A An My Our We He She They It This That Yeah Well Wow Hey Hi Oh So And But Or Gonna User "
+    "January February March April May June July August September October November December "
+    "Monday Tuesday Wednesday Thursday Friday Saturday Sunday".split())
+_DETERMINERS = frozenset("a an the my his her their our some this that these those".split())
+
+
+def graph_of(fact: str, speaker: str) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """Heuristic entities and relations of one fact (see the module docstring).
+
+    Returns:
+        (entities ``[{"name", "entity_type"}]``, relations ``[{"source", "relationship", "destination"}]``).
+    """
+    text = re.sub(r"\([^)]*\)$", "", fact).strip()
+    names = [m.group(0) for m in _NAME.finditer(text)]
+    names = [n for n in names if n not in _NOT_NAMES and n != speaker and not n.startswith(speaker + " ")]
+    entities = [{"name": speaker, "entity_type": "person"}] + [{"name": n, "entity_type": "entity"} for n in names]
+    relations: list[dict[str, str]] = []
+    if names and text.startswith(speaker + " "):
+        rest = text[len(speaker) + 1:]
+        verb: list[str] = []
+        for word in rest.split():
+            if not word.isalpha() or not word.islower() or word in _DETERMINERS or len(verb) == 3:
+                break
+            verb.append(word)
+        if verb:
+            relations.append({"source": speaker, "relationship": "_".join(verb).upper(), "destination": names[0]})
+    return entities, relations
+
+
+def invalidations(existing: list[dict[str, str]], new: list[dict[str, str]]) -> list[str]:
+    """Ids of existing relations a new relation replaces (same source and functional type, other end)."""
+    out: list[str] = []
+    for e in existing:
+        rel = e["relationship"].upper()
+        if rel not in FUNCTIONAL_RELATIONSHIPS:
+            continue
+        if any(n["source"].lower() == e["source"].lower() and n["relationship"].upper() == rel
+               and n["destination"].lower() != e["destination"].lower() for n in new):
+            out.append(e["id"])
+    return out
+
+
 def _cos(a: Sequence[float], b: Sequence[float]) -> float:
     return sum(x * y for x, y in zip(a, b))
 
@@ -210,9 +263,25 @@ def answer(prompt: str) -> dict[str, Any]:
     data = json.loads(prompt[start:])
     task = data.get("task")
     if task == "extract_facts":
-        return {"facts": extract(data.get("messages", []), data.get("conversation_date"))}
+        messages = data.get("messages", [])
+        facts = extract(messages, data.get("conversation_date"))
+        if not data.get("graph"):
+            return {"facts": facts}
+        speakers = {m["index"]: m.get("name") or "User" for m in messages}
+        entities: dict[str, dict[str, str]] = {}
+        relations: list[dict[str, str]] = []
+        for f in facts:
+            found, related = graph_of(f["text"], speakers[f["sources"][0]])
+            for e in found:
+                entities.setdefault(e["name"].lower(), e)
+            relations += [r for r in related if r not in relations]
+        return {"facts": facts, "entities": list(entities.values()), "relations": relations}
     if task == "decide_memory_events":
-        return {"memory": decide(data.get("existing_memories", []), data.get("new_facts", []), _get_embedder())}
+        events = decide(data.get("existing_memories", []), data.get("new_facts", []), _get_embedder())
+        if "existing_relations" not in data:
+            return {"memory": events}
+        return {"memory": events,
+                "invalidated_relations": invalidations(data["existing_relations"], data.get("new_relations", []))}
     if task == "procedural_summary":
         steps = [f"{i + 1}. {m['text']}" for i, m in enumerate(data.get("messages", [])) if m.get("text")]
         return {"summary": "\n".join(steps)}

@@ -134,3 +134,4 @@ class WriteResult(_Stage):
     upserted: int = 0
     deleted: int = 0
     skipped: bool = False
+    duration_ms: float = 0.0

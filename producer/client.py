@@ -132,6 +132,21 @@ class Producer:
                 return [s for s in statuses if s is not None]
             time.sleep(poll_s)
 
+    def wait_for(self, job_id: str, condition: Callable[[JobStatus], bool], *, timeout_s: float = 60.0,
+                 poll_s: float = 0.1) -> JobStatus:
+        """Poll one job until `condition(status)` holds or `timeout_s` passes; returns the last status.
+
+        Raises:
+            JobNotFound: the job has no record.
+            BrokerUnavailable: Redis is unreachable.
+        """
+        deadline = time.monotonic() + timeout_s
+        while True:
+            status = self._jobs.status(job_id)
+            if condition(status) or time.monotonic() > deadline:
+                return status
+            time.sleep(poll_s)
+
     def close(self) -> None:
         """Release the Redis connection pool."""
         self._jobs.client.close()

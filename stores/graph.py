@@ -191,8 +191,8 @@ class GraphStore:
                 "ON CREATE SET n.name = e.name, n.created_at = $when, n.user_id = $user_id, "
                 "  n.agent_id = $agent_id, n.run_id = $run_id, n.job_ids = [] "
                 "SET n.updated_at = $when, n.entity_type = e.entity_type, n.embedding = e.embedding, "
-                "  n.job_ids = CASE WHEN $job_id IN n.job_ids THEN n.job_ids ELSE n.job_ids + $job_id END, "
-                "  n.mentions = size(n.job_ids)",
+                "  n.job_ids = CASE WHEN $job_id IN n.job_ids THEN n.job_ids ELSE n.job_ids + $job_id END "
+                "SET n.mentions = size(n.job_ids)",
                 entities=entities, **params,
             ).consume()
             for rel_type in sorted(set(types.values())):
@@ -334,7 +334,8 @@ def open_graph_store(settings: Neo4jSettings) -> GraphStore | None:
         if store is None:
             password = settings.password.get_secret_value() if settings.password else ""
             driver = GraphDatabase.driver(settings.uri, auth=(settings.user, password),
-                                          connection_timeout=5.0, max_transaction_retry_time=5.0)
+                                          connection_timeout=5.0, max_transaction_retry_time=5.0,
+                                          notifications_min_severity="OFF")
             store = GraphStore(driver, settings.database)
             _stores[settings.uri] = store
         return store

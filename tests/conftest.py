@@ -20,6 +20,7 @@ import pytest
 
 from memq.config import Settings, load_settings
 from memq.testing.llm_server import LLMTestServer
+from memq.testing.neo4j_server import Neo4jServer
 from memq.testing.redis_server import RedisServer
 
 LOCOMO = Path(__file__).resolve().parents[2] / "shared" / "data" / "locomo10.json"
@@ -51,17 +52,34 @@ def llm_server() -> Iterator[LLMTestServer]:
 
 
 @pytest.fixture(scope="session")
-def settings(redis_server: RedisServer, llm_server: LLMTestServer,
+def neo4j_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Neo4jServer | None]:
+    """Neo4j 5.26 through the test harness (Java launcher) on a free port, with auth; None (graph off)
+    where Java or Maven is missing on a laptop; required in CI."""
+    if shutil.which("java") is None or shutil.which("mvn") is None:
+        if os.environ.get("CI"):
+            pytest.fail("java and mvn are needed for the Neo4j test server")
+        yield None
+        return
+    with Neo4jServer(password="memq-test-password", data_dir=tmp_path_factory.mktemp("neo4j")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def settings(redis_server: RedisServer, llm_server: LLMTestServer, neo4j_server: Neo4jServer | None,
              tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
-    """Settings of the session worker, exported as MEMQ_* so `celeryconfig` reads the same."""
+    """Settings of the session worker, exported as MEMQ_* so `celeryconfig` reads the same. Graph
+    memory is on (Neo4j) whenever the Neo4j test server runs."""
     data_dir = tmp_path_factory.mktemp("memq-data")
+    graph = {"MEMQ_NEO4J__URI": neo4j_server.uri, "MEMQ_NEO4J__PASSWORD": neo4j_server.password} if neo4j_server else {}
     env = {
+        **graph,
         "MEMQ_DATA_DIR": str(data_dir),
         "MEMQ_REDIS__URL": redis_server.url,
         "MEMQ_LLM__MODEL": "openai/test-model",
         "MEMQ_LLM__API_BASE": llm_server.url,
         "MEMQ_LLM__API_KEY": "test-key",
         "MEMQ_LLM__TIMEOUT_S": "20",
+        "MEMQ_JOBS__RETRY_BACKOFF_MAX_S": "8",
     }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
@@ -108,6 +126,17 @@ def memories(settings: Settings, worker: Any) -> Any:
     from pipeline.search import MemorySearch
 
     return MemorySearch(build_clients(settings))
+
+
+@pytest.fixture()
+def graph(settings: Settings, worker: Any) -> Any:
+    """The worker's graph store; skips the test where graph memory is off (no Neo4j on a laptop)."""
+    from pipeline.clients import build_clients
+
+    store = build_clients(settings).graph
+    if store is None:
+        pytest.skip("Neo4j is not available")
+    return store
 
 
 @pytest.fixture()

@@ -34,7 +34,7 @@ def test_an_add_becomes_searchable_memories_with_provenance(producer: Any, memor
     top = found["results"][0]
     assert "nurse" in top["memory"] and top["source_message_ids"] == ["m1"]
     assert top["metadata"] == {"channel": "web"} and top["user_id"] == user_id and top["actor_id"] == "Alice"
-    assert set(found) == {"results", "relations"} and found["relations"] == []
+    assert set(found) == {"results", "relations"} and isinstance(found["relations"], list)
     assert top["score"] >= found["results"][-1]["score"]
     # And get, get_all and history agree
     assert memories.get(top["id"])["memory"] == top["memory"]
@@ -166,7 +166,7 @@ def test_status_follows_a_job_to_its_result_shape(producer: Any, user_id: str) -
     assert receipt.status is JobState.QUEUED
     status = wait_done(producer, receipt.job_id)
     shape = json.loads(status.model_dump_json())
-    assert shape["status"] == "succeeded" and shape["relations"] == []
+    assert shape["status"] == "succeeded" and isinstance(shape["relations"], list)
     assert set(shape["results"][0]) == {"id", "memory", "event", "previous_memory"}
     assert shape["counts"]["ADD"] == len(shape["results"])
 

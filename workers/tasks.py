@@ -15,12 +15,14 @@ or the last retry, marks the job ``failed`` with its error.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from celery import Task, chain
 from pydantic import BaseModel
 
+from memq.config import load_settings
 from memq.errors import StoreUnavailable, TransientError
 from memq.models import AddJob, JobState, utcnow
 from pipeline import apply, caption, decide, extract, finalize, graph_plan, retrieve
@@ -38,7 +40,7 @@ class StageTask(Task):  # type: ignore[misc]
 
     autoretry_for = (TransientError,)
     retry_backoff = 2
-    retry_backoff_max = 300
+    retry_backoff_max = load_settings().jobs.retry_backoff_max_s
     retry_jitter = True
     max_retries = 5
     acks_late = True
@@ -154,7 +156,6 @@ class WriteTask(StageTask):
     retrying graph write does not hold back the job's memories, history and result."""
 
     max_retries = 10
-    retry_backoff_max = 60
 
     def on_retry(self, exc: BaseException, task_id: str, args: tuple[Any, ...], kwargs: dict[str, Any],
                  einfo: Any) -> None:
@@ -174,7 +175,9 @@ class WriteTask(StageTask):
 def write_vectors_task(self: Task, job_id: str) -> dict[str, Any]:
     """Apply the plan to Qdrant (idempotent); the last write to land sends finalize. Returns counts."""
     c = clients()
+    started = time.perf_counter()
     result = apply.write_vectors(c.jobs.load_job(job_id), _load(job_id, "decide", Plan), c.vectors)
+    result = result.model_copy(update={"duration_ms": (time.perf_counter() - started) * 1000})
     return _written(job_id, "write_vectors", result)
 
 
@@ -182,7 +185,9 @@ def write_vectors_task(self: Task, job_id: str) -> dict[str, Any]:
 def write_graph_task(self: Task, job_id: str) -> dict[str, Any]:
     """Apply the graph change (skips while graph memory is off); the last write sends finalize."""
     c = clients()
+    started = time.perf_counter()
     result = apply.write_graph(c.jobs.load_job(job_id), _load(job_id, "decide", Plan), c.graph, c.embedder)
+    result = result.model_copy(update={"duration_ms": (time.perf_counter() - started) * 1000})
     return _written(job_id, "write_graph", result)
 
 

@@ -1,0 +1,85 @@
+"""Graph memory benchmark: LoCoMo conv-26 through the pipeline with graph memory on (offline model).
+
+Starts a local redis-server, Neo4j (test harness) and an in-process Celery worker (threads), backfills
+one conversation and reports, per add: model calls (target <= 2; Mem0 1.0.x: 5), prompt tokens, and
+the graph write time next to the vector write time measured in the same run.
+
+    .venv/bin/python bench/graph_backfill.py [--conversation conv-26] [--sessions 19]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    """Run the backfill and print one JSON object of figures."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/locomo10.json")
+    parser.add_argument("--conversation", default="conv-26")
+    parser.add_argument("--sessions", type=int, default=19)
+    args = parser.parse_args()
+
+    from memq.testing.neo4j_server import Neo4jServer
+    from memq.testing.redis_server import RedisServer
+
+    with RedisServer() as redis_server, Neo4jServer(password="bench-password") as neo4j_server, \
+            tempfile.TemporaryDirectory() as data_dir:
+        os.environ.update({"MEMQ_REDIS__URL": redis_server.url, "MEMQ_DATA_DIR": data_dir,
+                           "MEMQ_NEO4J__URI": neo4j_server.uri, "MEMQ_NEO4J__PASSWORD": neo4j_server.password})
+        from celery.contrib.testing.worker import start_worker
+
+        from memq.config import load_settings
+        from pipeline.types import ExtractedFacts, Plan, WriteResult
+        from producer import Producer
+        from producer.backfill import read_locomo
+        from workers.app import app, clients
+
+        settings = load_settings()
+        c = clients()
+        items = read_locomo(args.data, conversations=[args.conversation])[: args.sessions]
+        with start_worker(app, pool="threads", concurrency=2, perform_ping_check=False, loglevel="WARNING"):
+            producer = Producer(settings)
+            started = time.monotonic()
+            receipts = producer.add_many([i.request for i in items])
+            statuses = producer.wait([r.job_id for r in receipts], timeout_s=1800)
+            wall_s = time.monotonic() - started
+        calls, tokens, graph_ms, vector_ms = [], [], [], []
+        for r in receipts:
+            extracted = c.jobs.load_stage(r.job_id, "extract", ExtractedFacts)
+            plan = c.jobs.load_stage(r.job_id, "decide", Plan)
+            graph = c.jobs.load_stage(r.job_id, "write_graph", WriteResult)
+            vectors = c.jobs.load_stage(r.job_id, "write_vectors", WriteResult)
+            assert extracted and plan and graph and vectors
+            calls.append(extracted.usage.calls + plan.usage.calls)
+            tokens.append(extracted.usage.prompt_tokens + plan.usage.prompt_tokens)
+            graph_ms.append(graph.duration_ms)
+            vector_ms.append(vectors.duration_ms)
+        scope = items[0].request["user_id"]
+        from memq.models import Scope
+
+        graph_store = c.graph
+        assert graph_store is not None
+        print(json.dumps({
+            "conversation": args.conversation, "adds": len(receipts),
+            "succeeded": sum(s.status.value == "succeeded" for s in statuses), "wall_s": round(wall_s, 1),
+            "llm_calls_per_add_max": max(calls), "llm_calls_per_add_mean": round(statistics.mean(calls), 2),
+            "llm_calls_per_add_vs_mem0_5": round(statistics.mean(calls) / 5, 2),
+            "prompt_tokens_per_add_mean": round(statistics.mean(tokens)),
+            "graph_write_ms_p50": round(statistics.median(graph_ms), 1), "graph_write_ms_max": round(max(graph_ms), 1),
+            "vector_write_ms_p50": round(statistics.median(vector_ms), 1),
+            "graph_vs_vector_write": round(statistics.median(graph_ms) / statistics.median(vector_ms), 2),
+            "entities": len(graph_store.entities(Scope(user_id=scope))),
+            "valid_relations": len(graph_store.all_relations(Scope(user_id=scope))),
+            "all_relations": len(graph_store.all_relations(Scope(user_id=scope), include_invalid=True)),
+        }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""Graph memory on a real Neo4j (5.26 through its test harness): entities and relations written in
+parallel with vectors, at most two model calls per add."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from memq.models import JobState, Scope
+from memq.testing.llm_server import LLMTestServer
+from memq.testing.neo4j_server import Neo4jServer
+from producer.backfill import read_locomo
+from stores.graph import InvalidRelationshipType, relationship_type
+from tests.conftest import LOCOMO
+from tests.helpers import decisions_reply, wait_done
+
+INJECTED = "KNOWS]->(x) DETACH DELETE x //"
+
+
+def _graph_reply(facts: list[str], entities: list[tuple[str, str]], relations: list[tuple[str, str, str]]) -> str:
+    return json.dumps({"facts": [{"text": f, "sources": [0]} for f in facts],
+                       "entities": [{"name": n, "entity_type": t} for n, t in entities],
+                       "relations": [{"source": s, "relationship": r, "destination": d} for s, r, d in relations]})
+
+
+def _everything(graph: Any) -> list[dict[str, Any]]:
+    return graph._run("MATCH (n) OPTIONAL MATCH (n)-[r]->(m) "
+                      "RETURN n.key AS n, type(r) AS r, m.key AS m, r.valid AS valid ORDER BY n, r, m")
+
+
+def test_relationship_types_are_normalized_and_cypher_is_refused() -> None:
+    assert relationship_type("works at") == "WORKS_AT" and relationship_type("sister-of") == "SISTER_OF"
+    for bad in (INJECTED, "1ST", "", "A" * 65, "LIKES`", "ÉTÉ"):
+        with pytest.raises(InvalidRelationshipType):
+            relationship_type(bad)
+
+
+@pytest.mark.skipif(not LOCOMO.exists(), reason="shared/data/locomo10.json is not beside the repo")
+def test_locomo_sessions_land_as_entities_and_relations_in_their_scope(producer: Any, memories: Any, graph: Any,
+                                                                       user_id: str, llm_server: LLMTestServer) -> None:
+    # Given two LoCoMo sessions added for one scope (the offline heuristic answers over HTTP)
+    items = read_locomo(LOCOMO, conversations=["conv-26"])[:2]
+    calls = []
+    for item in items:
+        request = {**item.request, "user_id": user_id, "idempotency_key": None}
+        before = llm_server.calls
+        status = wait_done(producer, producer.add_many([request])[0].job_id)
+        assert status.status is JobState.SUCCEEDED, status.error
+        calls.append(llm_server.calls - before)
+    # Then the speakers and what they named are entities of this scope, with relations between them
+    names = {e["name"] for e in graph.entities(Scope(user_id=user_id))}
+    assert {"Caroline", "Melanie"} <= names
+    relations = graph.all_relations(Scope(user_id=user_id))
+    assert relations and all(r.relationship == relationship_type(r.relationship) for r in relations)
+    # And an add costs at most two model calls (one when nothing existed to decide against)
+    assert calls[0] == 1 and all(c <= 2 for c in calls)
+    # And search returns relations next to memories, only from this scope
+    found = memories.search("What did Caroline go to?", user_id=user_id)
+    assert found["results"] and any(r["source"] == "Caroline" for r in found["relations"])
+    assert memories.search("What did Caroline go to?", user_id=user_id + "-x")["relations"] == []
+
+
+def test_a_contradicting_fact_invalidates_the_old_relation_and_keeps_it(producer: Any, memories: Any, graph: Any,
+                                                                        user_id: str, llm_server: LLMTestServer) -> None:
+    llm_server.script(_graph_reply(["Ann lives in Boston"], [("Ann", "person"), ("Boston", "city")],
+                                   [("Ann", "lives in", "Boston")]))
+    first = wait_done(producer, producer.add("I live in Boston.", user_id=user_id).job_id)
+    assert first.relations == [{"source": "ann", "relationship": "LIVES_IN", "destination": "boston"}]
+    # When a later fact contradicts it and the decider says so (relation id "0", as shown)
+    llm_server.script(_graph_reply(["Ann lives in Denver"], [("Ann", "person"), ("Denver", "city")],
+                                   [("Ann", "LIVES_IN", "Denver")]),
+                      json.dumps({"memory": [{"id": "0", "text": "Ann lives in Denver", "event": "UPDATE",
+                                              "old_memory": "Ann lives in Boston"}],
+                                  "invalidated_relations": ["0", "9"]}))
+    second = wait_done(producer, producer.add("I moved to Denver.", user_id=user_id).job_id)
+    assert second.status is JobState.SUCCEEDED
+    decide_prompt = json.loads(llm_server.requests[-1]["messages"][-1]["content"].removeprefix("Input:\n"))
+    assert decide_prompt["existing_relations"] == [
+        {"id": "0", "source": "Ann", "relationship": "LIVES_IN", "destination": "Boston"}]
+    # Then the old relation is kept but invalid, the new one valid, and search shows only valid ones
+    stored = {(r.destination, r.valid) for r in graph.all_relations(Scope(user_id=user_id), include_invalid=True)}
+    assert stored == {("Boston", False), ("Denver", True)}
+    relations = memories.search("Where does Ann live?", user_id=user_id)["relations"]
+    assert relations == [{"source": "Ann", "relationship": "LIVES_IN", "destination": "Denver"}]
+
+
+def test_an_injected_relationship_type_is_rejected_and_the_graph_is_unchanged(
+        producer: Any, graph: Any, user_id: str, llm_server: LLMTestServer) -> None:
+    before = _everything(graph)
+    llm_server.script(_graph_reply(["Ann knows Bob"], [("Ann", "person"), ("Bob", "person")],
+                                   [("Ann", INJECTED, "Bob")]))
+    status = wait_done(producer, producer.add("I know Bob.", user_id=user_id).job_id)
+    # The memory is stored, the injected relation is not, and nothing else in the graph changed
+    assert status.status is JobState.SUCCEEDED and status.relations == []
+    after = _everything(graph)
+    added = [row for row in after if row not in before]
+    assert {row["n"] for row in added} <= {"ann", "bob"} and all(row["r"] is None for row in added)
+    assert all(row in after for row in before)
+
+
+def test_two_scopes_never_see_each_others_graph(producer: Any, memories: Any, graph: Any, user_id: str,
+                                                llm_server: LLMTestServer) -> None:
+    other = user_id + "-b"
+    reply = _graph_reply(["Ann works at Acme"], [("Ann", "person"), ("Acme", "company")], [("Ann", "WORKS_AT", "Acme")])
+    llm_server.script(reply, reply)
+    wait_done(producer, producer.add("I work at Acme.", user_id=user_id).job_id)
+    wait_done(producer, producer.add("I work at Acme.", user_id=other).job_id)
+    mine, theirs = graph.all_relations(Scope(user_id=user_id)), graph.all_relations(Scope(user_id=other))
+    assert len(mine) == len(theirs) == 1 and mine[0].rid != theirs[0].rid
+    from pipeline.clients import build_clients
+    from pipeline.manage import MemoryAdmin
+
+    admin = MemoryAdmin(build_clients(producer.settings))
+    assert admin.delete_all(user_id=user_id)["entities"] == 2
+    assert graph.entities(Scope(user_id=user_id)) == [] and memories.get_all(user_id=user_id)["results"] == []
+    assert len(graph.all_relations(Scope(user_id=other))) == 1
+    assert memories.search("Where does Ann work?", user_id=other)["relations"] == [
+        {"source": "Ann", "relationship": "WORKS_AT", "destination": "Acme"}]
+
+
+def test_deleting_a_memory_leaves_no_orphaned_entity_or_relation(producer: Any, graph: Any, user_id: str,
+                                                                 llm_server: LLMTestServer) -> None:
+    from pipeline.clients import build_clients
+    from pipeline.manage import MemoryAdmin
+
+    llm_server.script(_graph_reply(["Ann has a cat named Pixel"], [("Ann", "person"), ("Pixel", "cat")],
+                                   [("Ann", "HAS_PET", "Pixel")]))
+    status = wait_done(producer, producer.add("My cat is Pixel.", user_id=user_id).job_id)
+    assert MemoryAdmin(build_clients(producer.settings)).delete(status.results[0].id)
+    assert graph.all_relations(Scope(user_id=user_id), include_invalid=True) == []
+    assert graph.entities(Scope(user_id=user_id)) == []
+
+
+def test_a_retried_graph_write_leaves_the_same_graph(producer: Any, graph: Any, user_id: str,
+                                                     llm_server: LLMTestServer) -> None:
+    from workers.tasks import write_graph_task
+
+    llm_server.script(_graph_reply(["Ann plays tennis with Bob"], [("Ann", "person"), ("Bob", "person")],
+                                   [("Ann", "PLAYS_TENNIS_WITH", "Bob")]))
+    job_id = producer.add("I play tennis with Bob.", user_id=user_id).job_id
+    wait_done(producer, job_id)
+    before = _everything(graph), graph.entities(Scope(user_id=user_id))
+    # When the graph task runs again for the same job (a retry or a redelivery)
+    write_graph_task(job_id)
+    write_graph_task(job_id)
+    # Then nothing changed: same nodes, same relations, mention counts not inflated
+    assert (_everything(graph), graph.entities(Scope(user_id=user_id))) == before
+    assert all(e["mentions"] == 1 for e in before[1])
+
+
+def test_neo4j_stopped_mid_job_gives_a_partial_job_that_completes_when_it_returns(
+        producer: Any, memories: Any, graph: Any, neo4j_server: Neo4jServer, user_id: str,
+        llm_server: LLMTestServer) -> None:
+    # Given Neo4j goes down before a job is written
+    neo4j_server.stop()
+    try:
+        llm_server.script(_graph_reply(["Ann sings in a choir"], [("Ann", "person"), ("Choir", "group")],
+                                       [("Ann", "SINGS_IN", "Choir")]))
+        job_id = producer.add("I sing in a choir.", user_id=user_id).job_id
+        # Then the vector write lands and the job is partial, its memory already searchable
+        status = producer.wait_for(job_id, lambda s: s.status is JobState.PARTIAL and bool(s.results), timeout_s=90)
+        assert status.status is JobState.PARTIAL and status.error_type == "StoreUnavailable", status
+        assert memories.get(status.results[0].id) is not None
+    finally:
+        # When Neo4j comes back
+        neo4j_server.start()
+    # Then the graph write is retried and the job ends succeeded, with its relation in the graph
+    final = wait_done(producer, job_id, timeout_s=180)
+    assert final.status is JobState.SUCCEEDED
+    assert [r.relationship for r in graph.all_relations(Scope(user_id=user_id))] == ["SINGS_IN"]
