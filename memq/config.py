@@ -71,6 +71,10 @@ class LLMSettings(_Group):
     temperature: float = 0.0
     timeout_s: float = 60.0
     max_tokens: int = 2000
+    rpm: int | None = Field(default=None, gt=0, description="Requests per minute for `model`, shared by all "
+                            "workers through Redis; None: unlimited.")
+    tpm: int | None = Field(default=None, gt=0, description="Tokens per minute (prompt plus completion) for "
+                            "`model`, shared by all workers through Redis; None: unlimited.")
 
 
 class EmbedderSettings(_Group):

@@ -18,7 +18,8 @@
         ├── StoreError                permanent store failure (vector size mismatch, constraint)
         └── TransientError            retried with backoff
             ├── LLMUnavailable        rate-limited, timed out, refused, 5xx
-            └── StoreUnavailable      Redis, Qdrant, Neo4j or SQL refused or timed out
+            ├── StoreUnavailable      Redis, Qdrant, Neo4j or SQL refused or timed out
+            └── RateLimited           no budget yet (shared limiter, or the scope's turn): wait, not a failure
 
 Third-party errors are translated where the client is called (`pipeline/llm.py`, `stores/*.py`) and
 chained with ``raise ... from exc``. Retry by class, never by message text.
@@ -125,3 +126,16 @@ class LLMUnavailable(TransientError):
 
 class StoreUnavailable(TransientError):
     """Redis, Qdrant, Neo4j or the SQL database refused or timed out."""
+
+
+class RateLimited(TransientError):
+    """Not now: the shared rate limiter has no budget, or an earlier job of the scope is still running.
+    The task is re-queued after `retry_after_s` seconds; it does not count as a failed attempt.
+
+    Attributes:
+        retry_after_s: how long to wait (seconds).
+    """
+
+    def __init__(self, message: str, *, retry_after_s: float, job_id: str | None = None) -> None:
+        super().__init__(message, job_id=job_id)
+        self.retry_after_s = retry_after_s

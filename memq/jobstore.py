@@ -5,10 +5,22 @@ Keys (all expire after `jobs.ttl_s`):
 - ``memq:job:{id}``               hash: status, stage, error, error_type, created_at, updated_at, results
 - ``memq:job:{id}:request``       the `AddJob` as JSON; tasks carry only the job id
 - ``memq:job:{id}:stage:{name}``  a stage's output as JSON, so a retried task reuses it
+- ``memq:scope:{key}:seq``         the last sequence number given to a job of the scope
+- ``memq:scope:{key}:applied``     every job of the scope up to this number has finished
+- ``memq:scope:{key}:done``        finished sequence numbers above ``applied`` (out of order)
+
+Scope keys never expire (three small keys per scope): an expired counter would reorder or stall a scope.
 
 Enqueueing is one Lua script (one round trip, atomic per batch): for each job it stores the request
-with ``SET NX``; only when that succeeds does it write the status and push the task message. A job id
-derived from an idempotency key therefore enqueues at most once while its record lives.
+with ``SET NX``; only when that succeeds does it give the job the next sequence number of its scope,
+write the status and push the task message. A job id derived from an idempotency key therefore
+enqueues at most once while its record lives.
+
+**One scope, one order.** A job may decide and write only when every earlier job of its scope has
+finished (``applied == seq - 1``); a job that finishes (succeeded, partial or failed) marks its
+number done and ``applied`` advances over every contiguous done number. The sequence number is also
+the fencing token of the writes: a write of a job whose number is already applied is a stale
+redelivery and is skipped.
 """
 
 from __future__ import annotations
@@ -31,14 +43,24 @@ _Encodable = bytes | bytearray | memoryview | str | int | float  # what redis-py
 _ENQUEUE_LUA = """
 local ttl = tonumber(ARGV[1])
 local now = ARGV[2]
+local replay = ARGV[3] == '1'
 local out = {}
-local n = (#ARGV - 2) / 4
+local n = (#ARGV - 3) / 5
 for i = 0, n - 1 do
-  local base = 3 + i * 4
-  local id, req, queue, msg = ARGV[base], ARGV[base + 1], ARGV[base + 2], ARGV[base + 3]
+  local base = 4 + i * 5
+  local id, req, queue, msg, scope = ARGV[base], ARGV[base + 1], ARGV[base + 2], ARGV[base + 3], ARGV[base + 4]
   local hk = 'memq:job:' .. id
-  if redis.call('SET', hk .. ':request', req, 'NX', 'EX', ttl) then
-    redis.call('HSET', hk, 'status', 'queued', 'created_at', now, 'updated_at', now)
+  local fresh
+  if replay then
+    fresh = redis.call('SET', hk .. ':request', req, 'EX', ttl)
+  else
+    fresh = redis.call('SET', hk .. ':request', req, 'NX', 'EX', ttl)
+  end
+  if fresh then
+    local seq = redis.call('INCR', 'memq:scope:' .. scope .. ':seq')
+    redis.call('DEL', hk .. ':written')
+    redis.call('HDEL', hk, 'error', 'error_type', 'results', 'counts', 'relations', 'stage')
+    redis.call('HSET', hk, 'status', 'queued', 'created_at', now, 'updated_at', now, 'seq', seq, 'scope', scope)
     redis.call('EXPIRE', hk, ttl)
     redis.call('LPUSH', queue, msg)
     out[#out + 1] = 1
@@ -47,6 +69,20 @@ for i = 0, n - 1 do
   end
 end
 return out
+"""
+
+_DONE_LUA = """
+local applied_key, done_key = KEYS[1], KEYS[2]
+local applied = tonumber(redis.call('GET', applied_key) or '0')
+if tonumber(ARGV[1]) <= applied then
+  return applied
+end
+redis.call('SADD', done_key, ARGV[1])
+while redis.call('SREM', done_key, tostring(applied + 1)) == 1 do
+  applied = applied + 1
+end
+redis.call('SET', applied_key, applied)
+return applied
 """
 
 
@@ -88,6 +124,7 @@ class JobStore:
         self._ttl_s = ttl_s
         self._unavailable = unavailable
         self._enqueue = client.register_script(_ENQUEUE_LUA)
+        self._done = client.register_script(_DONE_LUA)
 
     @classmethod
     def from_url(cls, url: str, *, ttl_s: int, socket_timeout_s: float = 5.0,
@@ -108,11 +145,13 @@ class JobStore:
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise self._unavailable(f"Redis is unreachable: {exc}") from exc
 
-    def enqueue(self, envelopes: Sequence[Envelope]) -> list[bool]:
-        """Record and enqueue jobs in one atomic round trip.
+    def enqueue(self, envelopes: Sequence[Envelope], *, replay: bool = False) -> list[bool]:
+        """Record and enqueue jobs in one atomic round trip, each with the next number of its scope.
 
         Args:
             envelopes: jobs with their broker messages; may be empty.
+            replay: enqueue even if a job with that id exists (dead-letter replay): its record is reset
+                to ``queued`` and it gets a new place at the end of its scope's order.
 
         Returns:
             One flag per envelope: True if enqueued now, False if a job with that id already existed.
@@ -122,9 +161,9 @@ class JobStore:
         """
         if not envelopes:
             return []
-        args: list[str | bytes | int] = [self._ttl_s, utcnow().isoformat()]
+        args: list[str | bytes | int] = [self._ttl_s, utcnow().isoformat(), "1" if replay else "0"]
         for env in envelopes:
-            args += [env.job.job_id, env.job.model_dump_json(), env.queue, env.message]
+            args += [env.job.job_id, env.job.model_dump_json(), env.queue, env.message, env.job.scope.key()]
         with self._mapped():
             flags = self._enqueue(keys=[], args=args)
         return [bool(f) for f in flags]
@@ -143,6 +182,30 @@ class JobStore:
             return AddJob.model_validate_json(raw)
         except ValidationError as exc:
             raise InvalidJob(f"job {job_id} does not validate: {exc.error_count()} errors", job_id=job_id) from exc
+
+    def sequence(self, job_id: str) -> tuple[str, int]:
+        """The job's scope key and sequence number in that scope.
+
+        Raises:
+            InvalidJob: the job record has no sequence (expired, or enqueued by an older memq).
+        """
+        with self._mapped():
+            scope, seq = self._r.hmget(_key(job_id), ["scope", "seq"])
+        if scope is None or seq is None:
+            raise InvalidJob(f"job {job_id} has no scope sequence number", job_id=job_id)
+        return _text(scope), int(seq)
+
+    def applied(self, scope_key: str) -> int:
+        """Highest sequence number of the scope below which every job has finished (0: none)."""
+        with self._mapped():
+            value = self._r.get(f"memq:scope:{scope_key}:applied")
+        return int(value) if value is not None else 0
+
+    def mark_done(self, scope_key: str, seq: int) -> int:
+        """Mark a job of the scope finished (idempotent) and advance ``applied``; returns the new value."""
+        with self._mapped():
+            return int(self._done(keys=[f"memq:scope:{scope_key}:applied", f"memq:scope:{scope_key}:done"],
+                                  args=[seq]))
 
     def save_stage(self, job_id: str, stage: str, output: BaseModel) -> None:
         """Keep a stage's output with the job (so a retry reuses it)."""

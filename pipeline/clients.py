@@ -8,10 +8,12 @@ from dataclasses import dataclass
 from memq.config import Settings
 from memq.errors import StoreUnavailable
 from memq.jobstore import JobStore
+from memq.ratelimit import RateLimiter
 from pipeline.llm import LLM
 from stores.embedder import Embedder, get_embedder
 from stores.graph import GraphStore, open_graph_store
-from stores.history import HistoryStore, open_history_store
+from stores.history import HistoryStore, open_history_store, sql_engine
+from stores.records import RecordStore
 from stores.qdrant import VectorStore, open_vector_store
 
 
@@ -27,6 +29,7 @@ class Clients:
         llm: the model behind extraction and decisions.
         jobs: job records in Redis (raises `StoreUnavailable` when Redis is down).
         graph: the Neo4j graph store, or None when graph memory is off (no ``MEMQ_NEO4J__URI``).
+        records: durable job records and dead letters (SQL, the history database).
     """
 
     settings: Settings
@@ -36,6 +39,7 @@ class Clients:
     llm: LLM
     jobs: JobStore
     graph: GraphStore | None = None
+    records: RecordStore | None = None
 
 
 _clients: dict[Settings, Clients] = {}
@@ -57,16 +61,17 @@ def build_clients(settings: Settings) -> Clients:
         if clients is None:
             embedder = get_embedder(settings.embedder)
             assert settings.history.url is not None
+            jobs = JobStore.from_url(settings.redis.url, ttl_s=settings.jobs.ttl_s,
+                                     socket_timeout_s=settings.redis.socket_timeout_s, unavailable=StoreUnavailable)
             clients = Clients(
                 settings=settings,
                 embedder=embedder,
                 vectors=open_vector_store(settings.qdrant, embedder.dims),
                 history=open_history_store(settings.history.url),
-                llm=LLM(settings.llm, embedder=embedder),
-                jobs=JobStore.from_url(settings.redis.url, ttl_s=settings.jobs.ttl_s,
-                                       socket_timeout_s=settings.redis.socket_timeout_s,
-                                       unavailable=StoreUnavailable),
+                llm=LLM(settings.llm, embedder=embedder, limiter=RateLimiter(jobs.client)),
+                jobs=jobs,
                 graph=open_graph_store(settings.neo4j),
+                records=RecordStore(sql_engine(settings.history.url)),
             )
             _clients[settings] = clients
         return clients

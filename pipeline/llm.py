@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import TypeVar
+from typing import Any, TypeVar
+
+import tenacity
 
 from pydantic import BaseModel, ValidationError
 
 from memq.config import OFFLINE_MODEL, LLMSettings
-from memq.errors import LLMOutputError
+from memq.errors import LLMOutputError, LLMUnavailable, RateLimited
+from memq.ratelimit import RateLimiter
 from pipeline import offline_model
 from pipeline.types import LLMUsage
 from stores.embedder import Embedder
@@ -63,12 +66,16 @@ class LLM:
     """A JSON-mode chat model behind litellm.
 
     Args:
-        settings: model string (any litellm model, or the offline default), API base/key, timeout (s).
+        settings: model string (any litellm model, or the offline default), API base/key, timeout (s),
+            and the model's shared budget (``rpm``, ``tpm``).
         embedder: the embedder the offline model's decider uses (the worker's); None loads the default.
+        limiter: the shared rate limiter (Redis); None calls without a budget.
     """
 
-    def __init__(self, settings: LLMSettings, *, embedder: Embedder | None = None) -> None:
+    def __init__(self, settings: LLMSettings, *, embedder: Embedder | None = None,
+                 limiter: RateLimiter | None = None) -> None:
         self.settings = settings
+        self._limiter = limiter if (settings.rpm or settings.tpm) else None
         self._litellm = import_litellm()
         if settings.model.startswith(OFFLINE_PROVIDER + "/"):
             _register_offline_provider(embedder)
@@ -85,27 +92,57 @@ class LLM:
             The parsed reply and the call's usage (1 call, tokens as reported).
 
         Raises:
+            RateLimited: the model's shared budget (``rpm``/``tpm``) has no room yet; wait ``retry_after_s``.
             LLMUnavailable: rate-limited (with ``retry_after_s``), timed out, refused, 5xx (retryable).
             InvalidJob: the provider refused the request (4xx other than 408/409/429).
             LLMOutputError: the reply does not fit `response_model` after one repair.
         """
         s = self.settings
-        with mapped_provider_errors(f"completion {s.model}"):
-            response = self._litellm.completion(
-                model=s.model,
-                messages=[{"role": "system", "content": system}, {"role": "user", "content": user}],
-                response_format={"type": "json_object"},
-                temperature=s.temperature,
-                max_tokens=s.max_tokens,
-                timeout=s.timeout_s,
-                api_base=s.api_base,
-                api_key=s.api_key.get_secret_value() if s.api_key else None,
-                max_retries=0,
-                drop_params=True,
-            )
+        estimate = (len(system) + len(user)) // 4 + min(s.max_tokens, 512)
+        if self._limiter is not None:
+            wait_s = self._limiter.acquire(s.model, rpm=s.rpm, tpm=s.tpm, tokens=estimate)
+            if wait_s > 0:
+                raise RateLimited(f"no budget for {s.model} yet", retry_after_s=wait_s)
+        try:
+            response = self._call(system, user)
+        except LLMUnavailable as exc:
+            if exc.retry_after_s and self._limiter is not None:
+                self._limiter.block(s.model, exc.retry_after_s)
+            raise
         text = response.choices[0].message.content or ""
         usage = getattr(response, "usage", None)
         spent = LLMUsage(calls=1, prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
                          completion_tokens=getattr(usage, "completion_tokens", 0) or 0)
+        if self._limiter is not None and spent.prompt_tokens:
+            self._limiter.record_actual(s.model, tpm=s.tpm, estimated=estimate,
+                                        actual=spent.prompt_tokens + spent.completion_tokens)
         logger.debug("model reply (%s): %s", response_model.__name__, text)
         return parse_reply(text, response_model), spent
+
+    def _call(self, system: str, user: str) -> Any:
+        """One completion attempt; short in-call retries (tenacity) for dropped connections only."""
+        s = self.settings
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception(_connection_dropped), stop=tenacity.stop_after_attempt(3),
+            wait=tenacity.wait_exponential(multiplier=0.2, max=2), reraise=True)
+        for attempt in retrying:
+            with attempt, mapped_provider_errors(f"completion {s.model}"):
+                return self._litellm.completion(
+                    model=s.model,
+                    messages=[{"role": "system", "content": system}, {"role": "user", "content": user}],
+                    response_format={"type": "json_object"},
+                    temperature=s.temperature,
+                    max_tokens=s.max_tokens,
+                    timeout=s.timeout_s,
+                    api_base=s.api_base,
+                    api_key=s.api_key.get_secret_value() if s.api_key else None,
+                    max_retries=0,
+                    drop_params=True,
+                )
+        raise AssertionError("unreachable: tenacity reraises")
+
+
+def _connection_dropped(exc: BaseException) -> bool:
+    """A refused or dropped connection (not a 429, 5xx or timeout: those go to the task's retries)."""
+    cause = exc.__cause__
+    return isinstance(exc, LLMUnavailable) and type(cause).__name__ == "APIConnectionError"

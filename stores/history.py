@@ -52,7 +52,8 @@ class HistoryRecord(SQLModel, table=True):
 
 
 @contextmanager
-def _mapped(what: str) -> Iterator[None]:
+def mapped_sql_errors(what: str) -> Iterator[None]:
+    """Translate SQLAlchemy errors: unreachable or locked database -> `StoreUnavailable`, else `StoreError`."""
     try:
         yield
     except OperationalError as exc:
@@ -70,28 +71,29 @@ class HistoryStore:
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
-        with _mapped("create tables"):
+        self.engine = engine
+        with mapped_sql_errors("create tables"):
             SQLModel.metadata.create_all(engine, tables=[SQLModel.metadata.tables["history"]])
 
     def add(self, rows: Sequence[HistoryRecord]) -> None:
         """Write rows; a row whose id exists is overwritten with the same values (idempotent)."""
         if not rows:
             return
-        with _mapped("write"), Session(self._engine) as session:
+        with mapped_sql_errors("write"), Session(self._engine) as session:
             for row in rows:
                 session.merge(row)
             session.commit()
 
     def history(self, memory_id: str) -> list[HistoryItem]:
         """A memory's events, oldest first."""
-        with _mapped("read"), Session(self._engine) as session:
+        with mapped_sql_errors("read"), Session(self._engine) as session:
             rows = session.exec(select(HistoryRecord).where(HistoryRecord.memory_id == memory_id)
                                 .order_by(col(HistoryRecord.created_at), col(HistoryRecord.position))).all()
             return [r.item() for r in rows]
 
     def for_job(self, job_id: str) -> list[HistoryItem]:
         """The rows a job wrote, in decision order."""
-        with _mapped("read"), Session(self._engine) as session:
+        with mapped_sql_errors("read"), Session(self._engine) as session:
             rows = session.exec(select(HistoryRecord).where(HistoryRecord.job_id == job_id)
                                 .order_by(col(HistoryRecord.position))).all()
             return [r.item() for r in rows]
@@ -99,6 +101,15 @@ class HistoryStore:
 
 _stores: dict[str, HistoryStore] = {}
 _lock = threading.Lock()
+
+
+def sql_engine(url: str) -> Engine:
+    """The process-wide engine of a database URL (one per URL).
+
+    Raises:
+        StoreUnavailable: the SQLite folder cannot be created.
+    """
+    return open_history_store(url).engine
 
 
 def open_history_store(url: str) -> HistoryStore:

@@ -7,6 +7,9 @@ litellm reaches it over HTTP as ``openai/<any-name>`` with ``api_base`` = `LLMTe
 call takes the real client path. Replies are scripted per test (FIFO) as `Reply` objects: content,
 HTTP status (429 with ``Retry-After``, 5xx), latency, or a raw broken body. With no script left, the
 `default` responder answers (e.g. memq's offline heuristic), so a test only scripts what it checks.
+
+With `rpm_limit` set it also behaves like a provider's rate limit: more than `rpm_limit` chat
+completions in any sliding 60 s window get 429 with ``Retry-After`` (whole seconds until a slot frees).
 """
 
 from __future__ import annotations
@@ -70,18 +73,29 @@ class LLMTestServer:
         default: called with the last user message's text when no scripted reply is left; returns
             the reply content. None answers ``{}``.
         latency_s: delay added to every answer (seconds).
+        embedding_dims: length of the ``/v1/embeddings`` vectors.
+        rpm_limit: provider-side limit, chat completions per sliding 60 s window; over it, requests
+            get 429 without using the script. None: no limit.
+        with_retry_after: send ``Retry-After`` (whole seconds, >= 1) on those 429s; False omits it.
 
     Attributes:
-        requests: every request body received (parsed JSON), in order.
+        requests: every chat request body received (parsed JSON), in order, including rate-limited ones.
+        rate_limited: how many 429s were sent because of `rpm_limit` (scripted 429s not counted).
     """
 
     def __init__(self, default: Callable[[str], str] | None = None, *, latency_s: float = 0.0,
-                 embedding_dims: int = 384) -> None:
+                 embedding_dims: int = 384, rpm_limit: int | None = None, with_retry_after: bool = True) -> None:
+        if rpm_limit is not None and rpm_limit <= 0:
+            raise ValueError(f"rpm_limit must be a positive int or None, got {rpm_limit}")
         self.default = default
         self.latency_s = latency_s
         self.embedding_dims = embedding_dims
+        self.rpm_limit = rpm_limit
+        self.with_retry_after = with_retry_after
         self.requests: list[dict[str, Any]] = []
         self.embedding_requests: list[dict[str, Any]] = []
+        self.rate_limited = 0
+        self._window: deque[float] = deque()  # monotonic times (s) of accepted chat requests, last 60 s
         self._script: deque[Reply] = deque()
         self._lock = threading.Lock()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -105,15 +119,40 @@ class LLMTestServer:
             self._script.extend(Reply(content=r) if isinstance(r, str) else r for r in replies)
 
     def reset(self) -> None:
-        """Drop the remaining script and the recorded requests."""
+        """Drop the remaining script, the recorded requests and the rate-limit window and counter."""
         with self._lock:
             self._script.clear()
             self.requests.clear()
             self.embedding_requests.clear()
+            self._window.clear()
+            self.rate_limited = 0
+
+    def _over_limit(self) -> Reply | None:
+        """A 429 reply if this request exceeds `rpm_limit`, else None (and the request takes a slot).
+
+        The caller holds `_lock`.
+        """
+        if self.rpm_limit is None:
+            return None
+        now = time.monotonic()
+        while self._window and self._window[0] <= now - 60.0:
+            self._window.popleft()
+        if len(self._window) < self.rpm_limit:
+            self._window.append(now)
+            return None
+        self.rate_limited += 1
+        retry_after_s = max(1, math.ceil(self._window[0] + 60.0 - now))
+        error = {"error": {"message": f"Rate limit reached: {self.rpm_limit} requests per minute",
+                           "type": "requests", "param": None, "code": "rate_limit_exceeded"}}
+        headers = {"Retry-After": str(retry_after_s)} if self.with_retry_after else {}
+        return Reply(status=429, headers=headers, raw_body=json.dumps(error).encode())
 
     def _next(self, body: dict[str, Any]) -> Reply:
         with self._lock:
             self.requests.append(body)
+            limited = self._over_limit()
+            if limited is not None:
+                return limited
             if self._script:
                 return self._script.popleft()
         user = next((m.get("content", "") for m in reversed(body.get("messages", [])) if m.get("role") == "user"), "")

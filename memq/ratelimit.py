@@ -1,0 +1,218 @@
+"""A global rate limiter for LLM calls, shared through Redis by every worker process on every machine.
+
+Algorithm: the classic token bucket (the idea behind GCRA, the generic cell rate algorithm, which
+stores a "theoretical arrival time" instead of a level), written here as one Lua script. Each model
+has two buckets:
+
+- requests: capacity `rpm` requests, refilled continuously at ``rpm / 60`` requests per second;
+- tokens: capacity `tpm` tokens, refilled continuously at ``tpm / 60`` tokens per second.
+
+A bucket stores its level and the Redis server time of its last update; its level now is
+``min(capacity, level + elapsed_s * capacity / 60)``, and a bucket never written is full. An acquire
+takes 1 request and the call's tokens only when both buckets hold enough, else it takes nothing and
+answers how long (seconds) until both will. Time is always Redis's (``TIME``), so the clocks of the
+workers don't matter, and the script runs atomically in one round trip, so no two workers can spend
+the same budget.
+
+A provider's 429 with ``Retry-After`` becomes a ``blocked_until`` (Redis server time, seconds): until
+then nobody gets budget for that model, and a later block never shortens an earlier one.
+
+Token counts are estimates before the call; `RateLimiter.record_actual` corrects the bucket by
+``actual - estimated`` afterwards. The token level may go negative (a debt): later callers then wait
+for the debt to refill, as the provider's own TPM counter would make them.
+
+A request asking for more tokens than the TPM capacity waits only for a full bucket (its need is
+capped at the capacity), then is granted and takes all its tokens, leaving a debt; it never waits
+forever.
+
+Keys: ``{key_prefix}:{model}``, one hash per model with fields ``r_level``, ``r_ts``, ``t_level``,
+``t_ts``, ``blocked_until``. A key expires `IDLE_TTL_S` seconds after its last write, or later if its
+buckets need longer to refill or its block lasts longer, so unused models leave nothing behind.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import redis
+
+from memq.errors import StoreUnavailable
+
+__all__ = ["IDLE_TTL_S", "RateLimiter"]
+
+IDLE_TTL_S = 120
+"""Seconds an idle model's key lives after its last write (at least until its buckets are full)."""
+
+_LIMITER_LUA = """
+local key, op, idle_ms = KEYS[1], ARGV[1], tonumber(ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+
+local function fmt(x) return string.format('%.6f', x) end
+
+-- A bucket's level now: stored level plus limit/60 per elapsed second, at most limit; missing = full.
+local function level(prefix, limit)
+  local v = redis.call('HMGET', key, prefix .. 'level', prefix .. 'ts')
+  local lvl, ts = tonumber(v[1]), tonumber(v[2])
+  if lvl == nil or ts == nil then return limit end
+  return math.min(limit, lvl + math.max(0, now - ts) * limit / 60)
+end
+
+-- Seconds until a bucket at `lvl` is full again.
+local function refill_s(lvl, limit) return (limit - lvl) * 60 / limit end
+
+-- Make the key live at least max(idle, s) seconds from now; never shorten it.
+local function keep(s)
+  local ms = math.ceil(math.max(idle_ms, s * 1000))
+  if redis.call('PTTL', key) < ms then redis.call('PEXPIRE', key, ms) end
+end
+
+if op == 'acquire' then
+  local rpm, tpm, tokens = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+  local wait = 0
+  local blocked = tonumber(redis.call('HGET', key, 'blocked_until'))
+  if blocked ~= nil and blocked > now then wait = blocked - now end
+  local r, k = 0, 0
+  if rpm > 0 then
+    r = level('r_', rpm)
+    if r < 1 then wait = math.max(wait, (1 - r) * 60 / rpm) end
+  end
+  if tpm > 0 then
+    k = level('t_', tpm)
+    local need = math.min(tokens, tpm)
+    if k < need then wait = math.max(wait, (need - k) * 60 / tpm) end
+  end
+  if wait > 0 then return fmt(math.max(wait, 0.000001)) end
+  local live = 0
+  if rpm > 0 then
+    redis.call('HSET', key, 'r_level', fmt(r - 1), 'r_ts', fmt(now))
+    live = math.max(live, refill_s(r - 1, rpm))
+  end
+  if tpm > 0 then
+    redis.call('HSET', key, 't_level', fmt(k - tokens), 't_ts', fmt(now))
+    live = math.max(live, refill_s(k - tokens, tpm))
+  end
+  if rpm > 0 or tpm > 0 then keep(live) end
+  return '0'
+elseif op == 'block' then
+  local untl = now + tonumber(ARGV[3])
+  local cur = tonumber(redis.call('HGET', key, 'blocked_until'))
+  if cur == nil or cur < untl then
+    redis.call('HSET', key, 'blocked_until', fmt(untl))
+    cur = untl
+  end
+  keep(cur - now)
+  return fmt(cur - now)
+elseif op == 'adjust' then
+  local tpm, delta = tonumber(ARGV[3]), tonumber(ARGV[4])
+  local k = math.min(tpm, level('t_', tpm) - delta)
+  redis.call('HSET', key, 't_level', fmt(k), 't_ts', fmt(now))
+  keep(refill_s(k, tpm))
+  return fmt(k)
+end
+return redis.error_reply('memq ratelimit: unknown op ' .. tostring(op))
+"""
+
+
+def _check_limit(name: str, value: int | None) -> int:
+    if value is None:
+        return 0
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive int or None, got {value}")
+    return value
+
+
+class RateLimiter:
+    """Per-model request (RPM) and token (TPM) budgets shared by all workers through one Redis.
+
+    Args:
+        client: a `redis.Redis` client; every limiter on the same Redis and `key_prefix` shares budgets.
+        key_prefix: prefix of the per-model keys (``{key_prefix}:{model}``).
+    """
+
+    def __init__(self, client: redis.Redis, *, key_prefix: str = "memq:ratelimit") -> None:
+        self._r = client
+        self._prefix = key_prefix
+        self._script = client.register_script(_LIMITER_LUA)
+
+    def _key(self, model: str) -> str:
+        return f"{self._prefix}:{model}"
+
+    @contextmanager
+    def _mapped(self) -> Iterator[None]:
+        try:
+            yield
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise StoreUnavailable(f"Redis is unreachable (rate limiter): {exc}") from exc
+
+    def _run(self, model: str, op: str, *args: int | float) -> float:
+        with self._mapped():
+            raw = self._script(keys=[self._key(model)], args=[op, IDLE_TTL_S * 1000, *args])
+        return float(raw)
+
+    def acquire(self, model: str, *, rpm: int | None, tpm: int | None, tokens: int) -> float:
+        """Take 1 request and `tokens` tokens from the model's budgets, atomically, if both suffice.
+
+        A request for more tokens than `tpm` waits only until the token bucket is full, then is
+        granted and leaves the bucket in debt (see the module docstring).
+
+        Args:
+            model: the model name (any string; one budget per name).
+            rpm: requests per minute (the request bucket's capacity); None: unlimited.
+            tpm: tokens per minute (the token bucket's capacity); None: unlimited.
+            tokens: estimated tokens of the call (prompt plus expected completion), >= 0.
+
+        Returns:
+            0.0 when granted. Otherwise nothing was taken, and the seconds (> 0) to wait before both
+            buckets would hold enough and any block has ended; call again after that.
+
+        Raises:
+            ValueError: `rpm` or `tpm` is not positive, or `tokens` is negative.
+            StoreUnavailable: Redis refused or timed out (retryable).
+        """
+        rpm_n, tpm_n = _check_limit("rpm", rpm), _check_limit("tpm", tpm)
+        if tokens < 0:
+            raise ValueError(f"tokens must be >= 0, got {tokens}")
+        return self._run(model, "acquire", rpm_n, tpm_n, tokens)
+
+    def block(self, model: str, seconds: float) -> None:
+        """Refuse all budget for the model for `seconds` from now (Redis time), e.g. after a 429.
+
+        An existing block that ends later is kept.
+
+        Args:
+            model: the model name.
+            seconds: the provider's ``Retry-After``, in seconds (>= 0).
+
+        Raises:
+            ValueError: `seconds` is negative or not finite.
+            StoreUnavailable: Redis refused or timed out (retryable).
+        """
+        if not math.isfinite(seconds) or seconds < 0:
+            raise ValueError(f"seconds must be finite and >= 0, got {seconds}")
+        self._run(model, "block", seconds)
+
+    def record_actual(self, model: str, *, tpm: int | None, estimated: int, actual: int) -> None:
+        """Correct the token bucket once a call's real usage is known.
+
+        Takes ``actual - estimated`` more tokens (or gives them back when negative; the bucket never
+        exceeds `tpm`). The level may go negative: later callers then wait longer.
+
+        Args:
+            model: the model name.
+            tpm: tokens per minute, as passed to `acquire`; None (unlimited) does nothing.
+            estimated: the tokens passed to `acquire`, >= 0.
+            actual: the tokens the provider reported (``usage.total_tokens``), >= 0.
+
+        Raises:
+            ValueError: `tpm` is not positive, or a token count is negative.
+            StoreUnavailable: Redis refused or timed out (retryable).
+        """
+        tpm_n = _check_limit("tpm", tpm)
+        if estimated < 0 or actual < 0:
+            raise ValueError(f"token counts must be >= 0, got estimated={estimated} actual={actual}")
+        if tpm_n == 0 or actual == estimated:
+            return
+        self._run(model, "adjust", tpm_n, actual - estimated)

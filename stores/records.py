@@ -1,0 +1,111 @@
+"""Durable job records and dead letters in SQL (the history database), through SQLModel.
+
+Redis holds the live job record; this table keeps every job's last state for good, so a backfill can
+tell exactly which sessions are done after any crash or a Redis without persistence. A dead letter
+keeps what is needed to run a failed job again: its request, the stage that failed, the error and the
+attempts made.
+"""
+
+from __future__ import annotations
+
+import threading
+from datetime import datetime
+
+from sqlalchemy import Engine
+from sqlmodel import Field, Session, SQLModel, col, select
+
+from memq.models import AddJob, JobState, utcnow
+from stores.history import mapped_sql_errors
+
+
+class JobRecord(SQLModel, table=True):
+    """A job's last known state (table ``jobs``)."""
+
+    __tablename__ = "jobs"
+
+    job_id: str = Field(primary_key=True)
+    status: str
+    stage: str | None = None
+    error: str | None = None
+    error_type: str | None = None
+    idempotency_key: str | None = Field(default=None, index=True)
+    user_id: str | None = Field(default=None, index=True)
+    agent_id: str | None = None
+    run_id: str | None = None
+    created_at: datetime
+    updated_at: datetime
+
+
+class DeadLetter(SQLModel, table=True):
+    """A failed job waiting for a replay (table ``dead_letters``)."""
+
+    __tablename__ = "dead_letters"
+
+    job_id: str = Field(primary_key=True)
+    request: str = Field(description="The AddJob as JSON.")
+    stage: str
+    error: str
+    error_type: str
+    attempts: int
+    failed_at: datetime
+
+
+class RecordStore:
+    """Job records and dead letters.
+
+    Args:
+        engine: the SQLAlchemy engine of the history database (tables created on construction).
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._lock = threading.Lock()
+        with mapped_sql_errors("create tables"):
+            SQLModel.metadata.create_all(engine, tables=[SQLModel.metadata.tables["jobs"],
+                                                         SQLModel.metadata.tables["dead_letters"]])
+
+    def save(self, job: AddJob, state: JobState, *, stage: str | None = None,
+             error: BaseException | None = None) -> None:
+        """Insert or update the job's record (idempotent)."""
+        now = utcnow()
+        with mapped_sql_errors("write job"), Session(self._engine) as session:
+            record = session.get(JobRecord, job.job_id)
+            if record is None:
+                record = JobRecord(job_id=job.job_id, status=state.value, idempotency_key=job.idempotency_key,
+                                   user_id=job.scope.user_id, agent_id=job.scope.agent_id, run_id=job.scope.run_id,
+                                   created_at=job.enqueued_at, updated_at=now)
+            record.status, record.stage, record.updated_at = state.value, stage, now
+            record.error = (str(error) or type(error).__name__) if error is not None else None
+            record.error_type = type(error).__name__ if error is not None else None
+            session.add(record)
+            session.commit()
+
+    def states(self, job_ids: list[str]) -> dict[str, str]:
+        """``{job_id: status}`` for the ids that have a record."""
+        if not job_ids:
+            return {}
+        with mapped_sql_errors("read jobs"), Session(self._engine) as session:
+            rows = session.exec(select(JobRecord).where(col(JobRecord.job_id).in_(job_ids))).all()
+            return {r.job_id: r.status for r in rows}
+
+    def dead_letter(self, job: AddJob, *, stage: str, error: BaseException, attempts: int) -> None:
+        """Keep a failed job for replay (overwrites an earlier letter of the same job)."""
+        letter = DeadLetter(job_id=job.job_id, request=job.model_dump_json(), stage=stage,
+                            error=str(error) or type(error).__name__, error_type=type(error).__name__,
+                            attempts=attempts, failed_at=utcnow())
+        with mapped_sql_errors("write dead letter"), Session(self._engine) as session:
+            session.merge(letter)
+            session.commit()
+
+    def dead_letters(self) -> list[DeadLetter]:
+        """Every dead letter, oldest first."""
+        with mapped_sql_errors("read dead letters"), Session(self._engine) as session:
+            return list(session.exec(select(DeadLetter).order_by(col(DeadLetter.failed_at))).all())
+
+    def remove_dead_letter(self, job_id: str) -> None:
+        """Drop a dead letter (after its replay was enqueued)."""
+        with mapped_sql_errors("delete dead letter"), Session(self._engine) as session:
+            letter = session.get(DeadLetter, job_id)
+            if letter is not None:
+                session.delete(letter)
+                session.commit()

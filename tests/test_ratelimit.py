@@ -1,0 +1,302 @@
+"""The global LLM rate limiter against a real redis-server, and the LLM test server's provider-side limit.
+
+Expectations are computed from the waits the limiter returns (Redis server time), never from long
+sleeps: the whole file sleeps about half a second.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from memq.errors import StoreUnavailable, TransientError
+from memq.ratelimit import IDLE_TTL_S, RateLimiter
+from memq.testing.llm_server import LLMTestServer
+from memq.testing.redis_server import RedisServer
+
+MODEL = "openai/test-model"
+
+
+def _client(url: str) -> redis.Redis:
+    """A client that fails at once when Redis is gone (no retries with backoff)."""
+    return redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0, retry=Retry(NoBackoff(), 0))
+
+
+def _drain(limiter: RateLimiter, *, rpm: int) -> tuple[int, float]:
+    """Acquire single requests until refused; returns (grants, the refusal's wait in seconds)."""
+    grants = 0
+    while (wait := limiter.acquire(MODEL, rpm=rpm, tpm=None, tokens=0)) == 0.0:
+        grants += 1
+    return grants, wait
+
+
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[RedisServer]:
+    """A redis-server of this module's own (skips on a laptop without one, fails in CI)."""
+    if shutil.which("redis-server") is None:
+        if os.environ.get("CI"):
+            pytest.fail("redis-server is not installed")
+        pytest.skip("redis-server is not installed")
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture()
+def prefix(redis_server: RedisServer) -> Iterator[str]:
+    """A key prefix of the test's own; its keys are removed afterwards."""
+    key_prefix = f"memq:test-ratelimit:{uuid.uuid4().hex}"
+    yield key_prefix
+    client = _client(redis_server.url)
+    keys = list(client.scan_iter(match=f"{key_prefix}:*"))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+@pytest.fixture()
+def limiter(redis_server: RedisServer, prefix: str) -> Iterator[RateLimiter]:
+    client = _client(redis_server.url)
+    yield RateLimiter(client, key_prefix=prefix)
+    client.close()
+
+
+def test_a_burst_is_granted_up_to_the_rpm_capacity_then_refused_for_about_one_refill_interval(
+        limiter: RateLimiter) -> None:
+    # Given a model allowed 60 requests per minute (one refills every second)
+    # When requests arrive back to back until one is refused
+    grants, wait = _drain(limiter, rpm=60)
+    again = limiter.acquire(MODEL, rpm=60, tpm=None, tokens=0)
+
+    # Then exactly the capacity was granted, and the refusal waits for nearly one refill interval
+    assert grants == 60
+    assert 0.5 < wait <= 1.0
+    # And a refusal takes nothing: the next wait is only shorter
+    assert 0.0 < again <= wait
+
+
+def test_a_refused_caller_is_granted_after_waiting_the_returned_seconds(limiter: RateLimiter) -> None:
+    # Given a drained budget of 600 requests per minute (one refills every 0.1 s)
+    grants, wait = _drain(limiter, rpm=600)
+    assert grants >= 600 and 0.0 < wait <= 0.1
+
+    # When the caller waits as told
+    time.sleep(wait)
+
+    # Then it is granted
+    assert limiter.acquire(MODEL, rpm=600, tpm=None, tokens=0) == 0.0
+
+
+def test_the_token_budget_refuses_a_big_request_and_grants_it_after_the_returned_wait(
+        limiter: RateLimiter) -> None:
+    # Given 6000 tokens per minute (100 per second), of which 5990 and then 5 are taken
+    assert limiter.acquire(MODEL, rpm=None, tpm=6000, tokens=5990) == 0.0
+    assert limiter.acquire(MODEL, rpm=None, tpm=6000, tokens=5) == 0.0
+
+    # When a 30-token request comes (about 5 tokens are left)
+    wait = limiter.acquire(MODEL, rpm=None, tpm=6000, tokens=30)
+
+    # Then it must wait for the 25 missing tokens, about 0.25 s, and is granted after that
+    assert 0.15 < wait <= 0.25
+    time.sleep(wait)
+    assert limiter.acquire(MODEL, rpm=None, tpm=6000, tokens=30) == 0.0
+
+
+def test_two_limiters_on_two_connections_share_one_budget(redis_server: RedisServer, prefix: str) -> None:
+    # Given two workers, each with its own Redis connection and limiter
+    clients = [_client(redis_server.url), _client(redis_server.url)]
+    first, second = (RateLimiter(c, key_prefix=prefix) for c in clients)
+
+    # When they take turns on a budget of 10 requests per minute
+    waits = [w.acquire(MODEL, rpm=10, tpm=None, tokens=0) for _ in range(5) for w in (first, second)]
+
+    # Then together they get exactly 10, and both are refused after that
+    assert waits == [0.0] * 10
+    assert first.acquire(MODEL, rpm=10, tpm=None, tokens=0) > 5.0
+    assert second.acquire(MODEL, rpm=10, tpm=None, tokens=0) > 5.0
+    # And another model's budget is untouched
+    assert second.acquire("other/model", rpm=10, tpm=None, tokens=0) == 0.0
+    for c in clients:
+        c.close()
+
+
+def test_a_block_makes_acquire_return_the_remaining_time_and_the_later_block_wins(limiter: RateLimiter) -> None:
+    # Given a provider's 429 with Retry-After: 5
+    limiter.block(MODEL, 5.0)
+
+    # When workers ask for budget, and shorter and longer blocks arrive
+    during = limiter.acquire(MODEL, rpm=600, tpm=6000, tokens=10)
+    limiter.block(MODEL, 2.0)
+    after_shorter = limiter.acquire(MODEL, rpm=600, tpm=6000, tokens=10)
+    limiter.block(MODEL, 8.0)
+    after_longer = limiter.acquire(MODEL, rpm=600, tpm=6000, tokens=10)
+
+    # Then each is told the remaining block time, and a shorter block never shortens it
+    assert 4.5 < during <= 5.0
+    assert 4.5 < after_shorter <= during
+    assert 7.5 < after_longer <= 8.0
+
+    # And when a short block ends, budget is granted again
+    limiter.block("short/model", 0.15)
+    wait = limiter.acquire("short/model", rpm=600, tpm=None, tokens=0)
+    assert 0.05 < wait <= 0.15
+    time.sleep(wait)
+    assert limiter.acquire("short/model", rpm=600, tpm=None, tokens=0) == 0.0
+
+
+def test_record_actual_charges_the_difference_and_later_callers_wait_for_the_debt(limiter: RateLimiter) -> None:
+    # Given a call estimated at 100 tokens under 600 tokens per minute (10 per second)
+    assert limiter.acquire(MODEL, rpm=None, tpm=600, tokens=100) == 0.0
+
+    # When the provider reports 700 tokens used
+    limiter.record_actual(MODEL, tpm=600, estimated=100, actual=700)
+
+    # Then the bucket owes 100 tokens: even 1 token waits about (100 + 1) / 10 s
+    assert 9.5 < limiter.acquire(MODEL, rpm=None, tpm=600, tokens=1) <= 10.1
+
+    # And a refund fills it again, never past the capacity
+    limiter.record_actual(MODEL, tpm=600, estimated=2000, actual=0)
+    assert limiter.acquire(MODEL, rpm=None, tpm=600, tokens=600) == 0.0
+    assert limiter.acquire(MODEL, rpm=None, tpm=600, tokens=1) > 0.0
+
+
+def test_eight_threads_hammering_for_a_second_never_get_more_than_the_budget(limiter: RateLimiter) -> None:
+    # Given 60 requests per minute (capacity 60, refill 1 per second) and 8 threads
+    grants = [0] * 8
+    start = time.monotonic()
+    deadline = start + 1.0
+
+    def hammer(i: int) -> None:
+        while time.monotonic() < deadline:
+            if limiter.acquire(MODEL, rpm=60, tpm=None, tokens=0) == 0.0:
+                grants[i] += 1
+
+    # When they all ask as fast as they can for about a second
+    threads = [threading.Thread(target=hammer, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.monotonic() - start
+
+    # Then no more than the capacity plus what refilled meanwhile was granted, and the burst was used
+    assert 60 <= sum(grants) <= 60 + 1.0 * elapsed + 1
+
+
+def test_a_request_for_more_tokens_than_the_tpm_capacity_does_not_wait_forever(limiter: RateLimiter) -> None:
+    # Given 600 tokens per minute (10 per second), half used
+    assert limiter.acquire(MODEL, rpm=None, tpm=600, tokens=300) == 0.0
+
+    # When a request asks for 6000 tokens, ten times the capacity
+    wait = limiter.acquire(MODEL, rpm=None, tpm=600, tokens=6000)
+
+    # Then it waits only until the bucket is full (300 tokens at 10 per second), never more than 60 s
+    assert 29.0 < wait <= 30.0
+    # And on a full bucket it is granted at once, leaving a finite debt for later callers
+    assert limiter.acquire("fresh/model", rpm=None, tpm=600, tokens=6000) == 0.0
+    debt_wait = limiter.acquire("fresh/model", rpm=None, tpm=600, tokens=1)
+    assert math.isfinite(debt_wait) and 539.0 < debt_wait <= 540.1
+
+
+def test_keys_expire_when_a_model_is_idle_and_unlimited_calls_write_nothing(
+        limiter: RateLimiter, redis_server: RedisServer, prefix: str) -> None:
+    # Given a granted request, a long block on another model, and a call with no limits on a third
+    client = _client(redis_server.url)
+    limiter.acquire(MODEL, rpm=60, tpm=6000, tokens=100)
+    limiter.block("blocked/model", 300.0)
+    assert limiter.acquire("free/model", rpm=None, tpm=None, tokens=10**9) == 0.0
+
+    # When we look at their keys' lifetimes
+    ttl_ms = client.pttl(f"{prefix}:{MODEL}")
+    blocked_ttl_ms = client.pttl(f"{prefix}:blocked/model")
+    free_exists = client.exists(f"{prefix}:free/model")
+    client.close()
+
+    # Then the idle key expires within IDLE_TTL_S, the blocked one outlives its block, the free one is absent
+    assert 0 < ttl_ms <= IDLE_TTL_S * 1000
+    assert blocked_ttl_ms >= 299_000
+    assert free_exists == 0
+
+
+def test_bad_limits_and_token_counts_are_refused(limiter: RateLimiter) -> None:
+    # Given a limiter
+    # When it is given a zero limit, negative tokens or a negative block
+    # Then each is refused before touching Redis
+    with pytest.raises(ValueError, match="rpm"):
+        limiter.acquire(MODEL, rpm=0, tpm=None, tokens=1)
+    with pytest.raises(ValueError, match="tokens"):
+        limiter.acquire(MODEL, rpm=None, tpm=10, tokens=-1)
+    with pytest.raises(ValueError, match="seconds"):
+        limiter.block(MODEL, -1.0)
+    with pytest.raises(ValueError, match="token counts"):
+        limiter.record_actual(MODEL, tpm=10, estimated=-1, actual=0)
+
+
+def test_the_limiter_raises_store_unavailable_when_redis_is_stopped() -> None:
+    # Given a limiter whose Redis has just stopped
+    with RedisServer() as server:
+        client = _client(server.url)
+        limiter = RateLimiter(client, key_prefix="memq:test-ratelimit")
+        assert limiter.acquire(MODEL, rpm=60, tpm=None, tokens=0) == 0.0
+        server.stop()
+
+        # When it is asked for budget, a block or a correction
+        # Then it raises StoreUnavailable, a TransientError (retried with backoff)
+        with pytest.raises(StoreUnavailable) as caught:
+            limiter.acquire(MODEL, rpm=60, tpm=None, tokens=0)
+        assert isinstance(caught.value, TransientError)
+        with pytest.raises(StoreUnavailable):
+            limiter.block(MODEL, 1.0)
+        with pytest.raises(StoreUnavailable):
+            limiter.record_actual(MODEL, tpm=600, estimated=1, actual=2)
+        client.close()
+
+
+def _post_chat(server: LLMTestServer) -> tuple[int, str | None]:
+    """POST a minimal chat completion; returns (HTTP status, Retry-After header or None)."""
+    body = json.dumps({"model": "test-model", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    request = urllib.request.Request(server.url + "/chat/completions", data=body, method="POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, response.headers.get("Retry-After")
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, exc.headers.get("Retry-After")
+
+
+def test_the_llm_test_server_answers_429_with_retry_after_past_its_rpm_limit() -> None:
+    # Given a test provider allowing 3 requests per minute
+    with LLMTestServer(rpm_limit=3) as server:
+        # When 4 requests arrive within the minute
+        answers = [_post_chat(server) for _ in range(4)]
+
+        # Then the first 3 succeed and the 4th gets 429 with a whole-second Retry-After of 1..60
+        assert [status for status, _ in answers] == [200, 200, 200, 429]
+        retry_after = answers[3][1]
+        assert retry_after is not None and 1 <= int(retry_after) <= 60
+        assert server.rate_limited == 1 and server.calls == 4
+
+
+def test_the_llm_test_server_can_send_its_429s_without_retry_after() -> None:
+    # Given a test provider allowing 1 request per minute and told to omit Retry-After
+    with LLMTestServer(rpm_limit=1, with_retry_after=False) as server:
+        # When 2 requests arrive
+        first, second = _post_chat(server), _post_chat(server)
+
+        # Then the second gets 429 with no Retry-After header
+        assert first == (200, None)
+        assert second == (429, None)
+        assert server.rate_limited == 1
