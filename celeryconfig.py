@@ -14,7 +14,12 @@ _settings = load_settings()
 broker_url = _settings.redis.url
 result_backend = _settings.redis.backend_url
 broker_connection_retry_on_startup = True
-broker_transport_options = {"visibility_timeout": 3600}  # s; longer than the longest stage with retries
+# s: a killed worker's unacked tasks come back after this; longer than the longest stage and its countdowns
+broker_transport_options = {
+    "visibility_timeout": _settings.redis.visibility_timeout_s,
+    "unacked_restore_interval": 5,  # s between sweeps for messages of dead workers (kombu's default: ~100 s)
+    "unacked_restore_throttle": 1,
+}
 result_expires = 24 * 3600  # s
 
 task_serializer = "json"

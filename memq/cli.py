@@ -41,8 +41,9 @@ def worker(
     one process with a thread pool.
     """
     settings = load_settings()
-    if settings.embedded_qdrant and pool == "prefork":
-        console.print("[red]prefork needs a Qdrant server (MEMQ_QDRANT__URL): local mode allows one process.[/]")
+    if settings.embedded_qdrant and pool == "prefork" and concurrency != 1:
+        console.print("[red]prefork with more than one child needs a Qdrant server (MEMQ_QDRANT__URL): "
+                      "local mode allows one process per folder.[/]")
         raise typer.Exit(2)
     argv = [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", queues, "-P", pool,
             "-c", str(concurrency), "--loglevel", loglevel, "-E"]
@@ -59,23 +60,36 @@ def backfill(
     timeout_s: Annotated[float, typer.Option("--timeout", help="Seconds to wait with --wait.")] = 3600.0,
     batch: Annotated[int, typer.Option(help="Requests per add_many round trip.")] = 100,
 ) -> None:
-    """Enqueue a chat log, one add per session in chronological order; re-runs enqueue nothing twice."""
+    """Enqueue a chat log, one add per session in chronological order; re-runs enqueue nothing twice.
+
+    Sessions whose job already succeeded (per the SQL job records, which survive a Redis restart) are
+    skipped, so a re-run after a crash resumes where the backfill stopped.
+    """
     from producer import Producer
     from producer.backfill import read_backfill
+    from producer.validate import job_id_for_key
+    from stores.history import sql_engine
+    from stores.records import RecordStore
 
     try:
         items = read_backfill(path, fmt=fmt, conversations=conversation, source=source_id)
-        producer = Producer()
+        settings = load_settings()
+        assert settings.history.url is not None
+        done = RecordStore(sql_engine(settings.history.url)).states(
+            [job_id_for_key(i.request["idempotency_key"]) for i in items])
+        todo = [i for i in items if done.get(job_id_for_key(i.request["idempotency_key"])) != "succeeded"]
+        producer = Producer(settings)
         receipts = []
         with _progress() as progress:
-            task = progress.add_task("enqueue", total=len(items))
-            for i in range(0, len(items), batch):
-                chunk = items[i:i + batch]
+            task = progress.add_task("enqueue", total=len(todo))
+            for i in range(0, len(todo), batch):
+                chunk = todo[i:i + batch]
                 receipts += producer.add_many([item.request for item in chunk])
                 progress.advance(task, len(chunk))
         fresh = sum(not r.duplicate for r in receipts)
-        console.print(f"{len(receipts)} sessions: {fresh} enqueued, {len(receipts) - fresh} already enqueued before")
-        if wait:
+        console.print(f"{len(items)} sessions: {len(items) - len(todo)} done before, {fresh} enqueued, "
+                      f"{len(receipts) - fresh} already enqueued before")
+        if wait and receipts:
             _follow(producer, [r.job_id for r in receipts], timeout_s)
     except MemqError as exc:
         console.print(f"[red]{type(exc).__name__}: {exc}[/]")
@@ -148,6 +162,62 @@ def history(memory_id: Annotated[str, typer.Argument(help="A memory id.")]) -> N
     from pipeline.search import MemorySearch
 
     print(json.dumps(MemorySearch.from_settings().history(memory_id), indent=1))
+
+
+dlq = typer.Typer(help="Dead letters: jobs that failed for good, kept for replay.", no_args_is_help=True)
+app.add_typer(dlq, name="dlq")
+
+
+def _dead_letter_stores() -> tuple[object, object]:
+    from memq.errors import StoreUnavailable
+    from memq.jobstore import JobStore
+    from stores.history import sql_engine
+    from stores.records import RecordStore
+
+    settings = load_settings()
+    assert settings.history.url is not None
+    jobs = JobStore.from_url(settings.redis.url, ttl_s=settings.jobs.ttl_s, unavailable=StoreUnavailable)
+    return RecordStore(sql_engine(settings.history.url)), jobs
+
+
+@dlq.command("list")
+def dlq_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines.")] = False) -> None:
+    """List dead letters: job, stage, error, attempts, time."""
+    from stores.records import RecordStore
+
+    records, _ = _dead_letter_stores()
+    assert isinstance(records, RecordStore)
+    for letter in records.dead_letters():
+        row = {"job_id": letter.job_id, "stage": letter.stage, "error_type": letter.error_type,
+               "error": letter.error, "attempts": letter.attempts, "failed_at": letter.failed_at.isoformat()}
+        if as_json:
+            print(json.dumps(row))
+        else:
+            console.print(f"{letter.job_id}  {letter.stage}  {letter.error_type}: {letter.error}  "
+                          f"(attempts {letter.attempts}, {row['failed_at']})")
+
+
+@dlq.command("replay")
+def dlq_replay(
+    job_id: Annotated[str | None, typer.Argument(help="The job to run again.")] = None,
+    replay_all: Annotated[bool, typer.Option("--all", help="Replay every dead letter.")] = False,
+) -> None:
+    """Run dead-lettered jobs again (one, or --all)."""
+    from memq.jobstore import JobStore
+    from pipeline.manage import replay_dead_letters
+    from stores.records import RecordStore
+
+    if (job_id is None) == (not replay_all):
+        console.print("[red]give a JOB_ID or --all[/]")
+        raise typer.Exit(2)
+    records, jobs = _dead_letter_stores()
+    assert isinstance(records, RecordStore) and isinstance(jobs, JobStore)
+    try:
+        replayed = replay_dead_letters(records, jobs, None if replay_all else [str(job_id)])
+    except MemqError as exc:
+        console.print(f"[red]{type(exc).__name__}: {exc!s}[/]")
+        raise typer.Exit(1) from exc
+    console.print(f"replayed {len(replayed)} jobs")
 
 
 @app.command()

@@ -26,6 +26,10 @@ class RedisSettings(_Group):
     url: str = "redis://127.0.0.1:6379/0"
     result_url: str | None = Field(default=None, description="Result backend URL; defaults to `url`.")
     socket_timeout_s: float = 5.0
+    visibility_timeout_s: int = Field(
+        default=900, gt=0,
+        description="A message not acked by then is delivered again (a killed worker's tasks come back); "
+                    "longer than the longest stage plus its countdowns (retry waits are at most jobs.retry_backoff_max_s).")
 
     @property
     def backend_url(self) -> str:

@@ -67,7 +67,7 @@ class Decision(BaseModel):
 class DecisionsReply(BaseModel):
     """The model's reply to the decision prompt."""
 
-    memory: list[Decision] = Field(default_factory=list, description="The events, one per fact or touched memory.")
+    memory: list[Decision] = Field(description="The events, one per fact or touched memory.")
     invalidated_relations: list[str] = Field(default_factory=list,
                                              description="Ids of existing relations the new facts contradict.")
 

@@ -1,4 +1,4 @@
-"""Synchronous deletes: one memory, or every memory of a scope, from every store.
+"""Synchronous management: deletes across every store, and dead-letter replay.
 
 Deleting a memory removes its point, writes a DELETE history row, and takes it off the relations it
 supported; relations left without support and entities left without relations go too, so no orphan
@@ -9,12 +9,20 @@ Like search, in embedded mode these run in the process that owns the Qdrant fold
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
-from memq.models import MemoryEvent, utcnow
+from celery import Celery
+
+from memq.config import Queues
+from memq.errors import JobNotFound
+from memq.jobstore import Envelope, JobStore
+from memq.messages import StartMessages
+from memq.models import AddJob, JobState, MemoryEvent, utcnow
 from memq.scope import make_scope
 from pipeline.clients import Clients
 from stores.history import HistoryRecord
+from stores.records import RecordStore
 
 
 class MemoryAdmin:
@@ -71,3 +79,32 @@ class MemoryAdmin:
             self._c.vectors.delete([m.id for m in batch])
             deleted += len(batch)
         return {"memories": deleted, "entities": entities}
+
+
+def replay_dead_letters(records: RecordStore, jobs: JobStore, job_ids: Sequence[str] | None = None) -> list[str]:
+    """Enqueue dead-lettered jobs again (all when `job_ids` is None), each at the end of its scope's order.
+
+    The job keeps its id and every stage output it already stored (a replay after a failed decide does
+    not extract again); its record goes back to ``queued``. The letter is removed once enqueued.
+
+    Returns:
+        The job ids enqueued again.
+
+    Raises:
+        JobNotFound: a requested id has no dead letter.
+        StoreUnavailable: Redis or the SQL database is unreachable.
+    """
+    letters = {letter.job_id: letter for letter in records.dead_letters()}
+    wanted = list(letters) if job_ids is None else list(job_ids)
+    missing = [j for j in wanted if j not in letters]
+    if missing:
+        raise JobNotFound(missing[0])
+    messages = StartMessages(Celery("memq-replay", set_as_current=False))
+    replayed: list[str] = []
+    for job_id in wanted:
+        job = AddJob.model_validate_json(letters[job_id].request)
+        jobs.enqueue([Envelope(job, Queues.LIGHT, messages.build(job_id, Queues.LIGHT))], replay=True)
+        records.remove_dead_letter(job_id)
+        records.save(job, JobState.QUEUED)
+        replayed.append(job_id)
+    return replayed

@@ -12,7 +12,7 @@ from memq.config import Queues, Settings, load_settings
 from memq.errors import InvalidRequest, JobNotFound
 from memq.jobstore import Envelope, JobStore
 from memq.models import AddJob, JobStatus, Receipt
-from producer.messages import StartMessages
+from memq.messages import StartMessages
 from producer.validate import build_job
 
 

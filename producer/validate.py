@@ -39,6 +39,11 @@ _MESSAGE_KEYS = frozenset({"role", "content", "name", "id", "message_id"})
 _ROLES = {r.value for r in Role}
 
 
+def job_id_for_key(idempotency_key: str) -> str:
+    """The job id an idempotency key always maps to (``uuid5``)."""
+    return str(uuid.uuid5(JOB_ID_NAMESPACE, idempotency_key))
+
+
 def _normalize_messages(messages: object) -> list[Mapping[str, Any]]:
     if isinstance(messages, str):
         return [{"role": "user", "content": messages}]
@@ -195,7 +200,7 @@ def build_job(
     if idempotency_key is not None and (not isinstance(idempotency_key, str) or not idempotency_key
                                         or len(idempotency_key) > 512):
         raise InvalidRequest("idempotency_key must be a string of 1..512 characters", field="idempotency_key")
-    job_id = str(uuid.uuid5(JOB_ID_NAMESPACE, idempotency_key) if idempotency_key else uuid.uuid4())
+    job_id = job_id_for_key(idempotency_key) if idempotency_key else str(uuid.uuid4())
     return AddJob(
         job_id=job_id,
         scope=scope,

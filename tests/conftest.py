@@ -78,7 +78,7 @@ def settings(redis_server: RedisServer, llm_server: LLMTestServer, neo4j_server:
         "MEMQ_LLM__MODEL": "openai/test-model",
         "MEMQ_LLM__API_BASE": llm_server.url,
         "MEMQ_LLM__API_KEY": "test-key",
-        "MEMQ_LLM__TIMEOUT_S": "20",
+        "MEMQ_LLM__TIMEOUT_S": "4",
         "MEMQ_JOBS__RETRY_BACKOFF_MAX_S": "8",
     }
     saved = {k: os.environ.get(k) for k in env}

@@ -79,9 +79,9 @@ def test_backfill_command_runs_every_session_and_a_rerun_enqueues_nothing(tmp_pa
     first = subprocess.run(cmd, env=worker_process, capture_output=True, text=True, timeout=300)
     # Then every job succeeded and events were counted
     assert first.returncode == 0, first.stdout + first.stderr
-    assert "3 enqueued, 0 already" in first.stdout and "succeeded 3" in first.stdout
+    assert "0 done before, 3 enqueued, 0 already" in first.stdout and "succeeded 3" in first.stdout
     assert "ADD" in first.stdout
     # When the same file is backfilled again, Then nothing is enqueued twice
     second = subprocess.run(cmd, env=worker_process, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stdout + second.stderr
-    assert "0 enqueued, 3 already" in second.stdout
+    assert "3 done before, 0 enqueued" in second.stdout

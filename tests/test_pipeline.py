@@ -186,7 +186,7 @@ def test_a_job_whose_stored_request_is_invalid_fails_once_and_is_not_retried(set
     from celery import Celery
 
     from memq.config import Queues
-    from producer.messages import start_message
+    from memq.messages import start_message
 
     # Given a job whose stored request was corrupted after it was accepted
     client = redis_lib.Redis.from_url(settings.redis.url)

@@ -24,14 +24,17 @@ def clients() -> Clients:
 
 
 @worker_init.connect
-def _warm_main(**_: Any) -> None:
-    """Thread and solo pools run tasks in the main process: load models before consuming.
+def _warm_main(sender: Any = None, **_: Any) -> None:
+    """Thread and solo pools run tasks in the main process: load models before consuming. A prefork
+    parent opens nothing (its children do: a local Qdrant folder must have one owner).
 
     Tasks never wait on results, so (as prefork children do) the process does not subscribe to
     result channels when a task starts a chain.
     """
     _set_task_join_will_block(True)
-    clients()
+    pool = str(getattr(sender, "pool_cls", "") or app.conf.worker_pool or "")
+    if "prefork" not in pool.lower():
+        clients()
 
 
 @worker_process_init.connect

@@ -43,8 +43,10 @@ logger = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=BaseModel)
 
-SCOPE_WAIT_S = (0.2, 1.0)
-"""Countdown range (seconds) of a decide that waits for an earlier job of its scope."""
+SCOPE_WAIT_S = 0.05
+"""Countdown (seconds) of a decide waiting for an earlier job of its scope, per job ahead of it
+(jittered, at most `SCOPE_WAIT_MAX_S`): the tenth job in line polls less often than the next one."""
+SCOPE_WAIT_MAX_S = 2.0
 
 
 class StageTask(Task):  # type: ignore[misc]
@@ -186,7 +188,8 @@ def decide_task(self: StageTask, job_id: str) -> int:
             logger.info("job %s: already applied in its scope; stale delivery ignored", job_id)
             return -1
         if applied < seq - 1:
-            raise RateLimited("an earlier job of the scope is not finished", retry_after_s=random.uniform(*SCOPE_WAIT_S))
+            wait = min(SCOPE_WAIT_MAX_S, SCOPE_WAIT_S * (seq - 1 - applied)) * random.uniform(0.5, 1.5)
+            raise RateLimited("an earlier job of the scope is not finished", retry_after_s=wait)
         c.jobs.set_state(job_id, JobState.RUNNING, stage="decide")
         facts = _load(job_id, "extract", ExtractedFacts)
 
