@@ -79,6 +79,8 @@ class LLMSettings(_Group):
                             "workers through Redis; None: unlimited.")
     tpm: int | None = Field(default=None, gt=0, description="Tokens per minute (prompt plus completion) for "
                             "`model`, shared by all workers through Redis; None: unlimited.")
+    burst_s: float = Field(default=60.0, gt=0, le=60, description="Seconds of budget that may be spent at once "
+                           "(60: a whole minute, as most providers allow; a few seconds for sliding windows).")
 
 
 class EmbedderSettings(_Group):

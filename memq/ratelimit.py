@@ -4,8 +4,10 @@ Algorithm: the classic token bucket (the idea behind GCRA, the generic cell rate
 stores a "theoretical arrival time" instead of a level), written here as one Lua script. Each model
 has two buckets:
 
-- requests: capacity `rpm` requests, refilled continuously at ``rpm / 60`` requests per second;
-- tokens: capacity `tpm` tokens, refilled continuously at ``tpm / 60`` tokens per second.
+- requests: refilled continuously at ``rpm / 60`` requests per second;
+- tokens: refilled continuously at ``tpm / 60`` tokens per second;
+
+each holding at most ``burst_s`` seconds of budget (60 by default: a whole minute's budget at once).
 
 A bucket stores its level and the Redis server time of its last update; its level now is
 ``min(capacity, level + elapsed_s * capacity / 60)``, and a bucket never written is full. An acquire
@@ -53,15 +55,18 @@ local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local function fmt(x) return string.format('%.6f', x) end
 
 -- A bucket's level now: stored level plus limit/60 per elapsed second, at most limit; missing = full.
-local function level(prefix, limit)
+local function level(prefix, limit, c)
   local v = redis.call('HMGET', key, prefix .. 'level', prefix .. 'ts')
   local lvl, ts = tonumber(v[1]), tonumber(v[2])
-  if lvl == nil or ts == nil then return limit end
-  return math.min(limit, lvl + math.max(0, now - ts) * limit / 60)
+  if lvl == nil or ts == nil then return c end
+  return math.min(c, lvl + math.max(0, now - ts) * limit / 60)
 end
 
+-- A bucket's capacity: `burst_s` seconds of its rate, at least 1.
+local function cap(limit, burst_s) return math.max(1, limit * burst_s / 60) end
+
 -- Seconds until a bucket at `lvl` is full again.
-local function refill_s(lvl, limit) return (limit - lvl) * 60 / limit end
+local function refill_s(lvl, limit, c) return (c - lvl) * 60 / limit end
 
 -- Make the key live at least max(idle, s) seconds from now; never shorten it.
 local function keep(s)
@@ -70,29 +75,30 @@ local function keep(s)
 end
 
 if op == 'acquire' then
-  local rpm, tpm, tokens = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+  local rpm, tpm, tokens, burst_s = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+  local rcap, tcap = cap(rpm, burst_s), cap(tpm, burst_s)
   local wait = 0
   local blocked = tonumber(redis.call('HGET', key, 'blocked_until'))
   if blocked ~= nil and blocked > now then wait = blocked - now end
   local r, k = 0, 0
   if rpm > 0 then
-    r = level('r_', rpm)
+    r = level('r_', rpm, rcap)
     if r < 1 then wait = math.max(wait, (1 - r) * 60 / rpm) end
   end
   if tpm > 0 then
-    k = level('t_', tpm)
-    local need = math.min(tokens, tpm)
+    k = level('t_', tpm, tcap)
+    local need = math.min(tokens, tcap)
     if k < need then wait = math.max(wait, (need - k) * 60 / tpm) end
   end
   if wait > 0 then return fmt(math.max(wait, 0.000001)) end
   local live = 0
   if rpm > 0 then
     redis.call('HSET', key, 'r_level', fmt(r - 1), 'r_ts', fmt(now))
-    live = math.max(live, refill_s(r - 1, rpm))
+    live = math.max(live, refill_s(r - 1, rpm, rcap))
   end
   if tpm > 0 then
     redis.call('HSET', key, 't_level', fmt(k - tokens), 't_ts', fmt(now))
-    live = math.max(live, refill_s(k - tokens, tpm))
+    live = math.max(live, refill_s(k - tokens, tpm, tcap))
   end
   if rpm > 0 or tpm > 0 then keep(live) end
   return '0'
@@ -106,10 +112,11 @@ elseif op == 'block' then
   keep(cur - now)
   return fmt(cur - now)
 elseif op == 'adjust' then
-  local tpm, delta = tonumber(ARGV[3]), tonumber(ARGV[4])
-  local k = math.min(tpm, level('t_', tpm) - delta)
+  local tpm, delta, burst_s = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+  local tcap = cap(tpm, burst_s)
+  local k = math.min(tcap, level('t_', tpm, tcap) - delta)
   redis.call('HSET', key, 't_level', fmt(k), 't_ts', fmt(now))
-  keep(refill_s(k, tpm))
+  keep(refill_s(k, tpm, tcap))
   return fmt(k)
 end
 return redis.error_reply('memq ratelimit: unknown op ' .. tostring(op))
@@ -152,7 +159,7 @@ class RateLimiter:
             raw = self._script(keys=[self._key(model)], args=[op, IDLE_TTL_S * 1000, *args])
         return float(raw)
 
-    def acquire(self, model: str, *, rpm: int | None, tpm: int | None, tokens: int) -> float:
+    def acquire(self, model: str, *, rpm: int | None, tpm: int | None, tokens: int, burst_s: float = 60.0) -> float:
         """Take 1 request and `tokens` tokens from the model's budgets, atomically, if both suffice.
 
         A request for more tokens than `tpm` waits only until the token bucket is full, then is
@@ -163,6 +170,8 @@ class RateLimiter:
             rpm: requests per minute (the request bucket's capacity); None: unlimited.
             tpm: tokens per minute (the token bucket's capacity); None: unlimited.
             tokens: estimated tokens of the call (prompt plus expected completion), >= 0.
+            burst_s: bucket capacity in seconds of budget (60: a whole minute may be spent at once, as
+                most providers allow; a few seconds smooth calls for providers with sliding windows).
 
         Returns:
             0.0 when granted. Otherwise nothing was taken, and the seconds (> 0) to wait before both
@@ -175,7 +184,9 @@ class RateLimiter:
         rpm_n, tpm_n = _check_limit("rpm", rpm), _check_limit("tpm", tpm)
         if tokens < 0:
             raise ValueError(f"tokens must be >= 0, got {tokens}")
-        return self._run(model, "acquire", rpm_n, tpm_n, tokens)
+        if not 0 < burst_s <= 60:
+            raise ValueError(f"burst_s must be in (0, 60], got {burst_s}")
+        return self._run(model, "acquire", rpm_n, tpm_n, tokens, burst_s)
 
     def block(self, model: str, seconds: float) -> None:
         """Refuse all budget for the model for `seconds` from now (Redis time), e.g. after a 429.
@@ -194,7 +205,8 @@ class RateLimiter:
             raise ValueError(f"seconds must be finite and >= 0, got {seconds}")
         self._run(model, "block", seconds)
 
-    def record_actual(self, model: str, *, tpm: int | None, estimated: int, actual: int) -> None:
+    def record_actual(self, model: str, *, tpm: int | None, estimated: int, actual: int,
+                      burst_s: float = 60.0) -> None:
         """Correct the token bucket once a call's real usage is known.
 
         Takes ``actual - estimated`` more tokens (or gives them back when negative; the bucket never
@@ -215,4 +227,4 @@ class RateLimiter:
             raise ValueError(f"token counts must be >= 0, got estimated={estimated} actual={actual}")
         if tpm_n == 0 or actual == estimated:
             return
-        self._run(model, "adjust", tpm_n, actual - estimated)
+        self._run(model, "adjust", tpm_n, actual - estimated, burst_s)

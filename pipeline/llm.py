@@ -100,7 +100,7 @@ class LLM:
         s = self.settings
         estimate = (len(system) + len(user)) // 4 + min(s.max_tokens, 512)
         if self._limiter is not None:
-            wait_s = self._limiter.acquire(s.model, rpm=s.rpm, tpm=s.tpm, tokens=estimate)
+            wait_s = self._limiter.acquire(s.model, rpm=s.rpm, tpm=s.tpm, tokens=estimate, burst_s=s.burst_s)
             if wait_s > 0:
                 raise RateLimited(f"no budget for {s.model} yet", retry_after_s=wait_s)
         try:
@@ -114,7 +114,7 @@ class LLM:
         spent = LLMUsage(calls=1, prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
                          completion_tokens=getattr(usage, "completion_tokens", 0) or 0)
         if self._limiter is not None and spent.prompt_tokens:
-            self._limiter.record_actual(s.model, tpm=s.tpm, estimated=estimate,
+            self._limiter.record_actual(s.model, tpm=s.tpm, estimated=estimate, burst_s=s.burst_s,
                                         actual=spent.prompt_tokens + spent.completion_tokens)
         logger.debug("model reply (%s): %s", response_model.__name__, text)
         return parse_reply(text, response_model), spent

@@ -300,3 +300,10 @@ def test_the_llm_test_server_can_send_its_429s_without_retry_after() -> None:
         assert first == (200, None)
         assert second == (429, None)
         assert server.rate_limited == 1
+
+
+def test_a_short_burst_caps_what_can_be_spent_at_once(limiter: RateLimiter) -> None:
+    # Given a 600/min budget that may burst only 1 s of budget (10 requests)
+    grants = sum(limiter.acquire(MODEL, rpm=600, tpm=None, tokens=0, burst_s=1.0) == 0 for _ in range(30))
+    # Then about 10 are granted at once, not 600
+    assert 10 <= grants <= 11
