@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -102,6 +104,18 @@ def test_the_same_idempotency_key_returns_the_same_job(quiet_db: tuple[Producer,
     assert second.job_id == first.job_id and second.duplicate and not first.duplicate
     assert client.llen("memq.light") == 1
     assert producer.status(first.job_id).status.value == "queued"
+
+
+def test_message_text_never_travels_in_the_task_message(quiet_db: tuple[Producer, redis.Redis]) -> None:
+    producer, client = quiet_db
+    receipt = producer.add("My bank PIN is 4321 and I live at 12 Elm Street.", user_id="u")
+    [raw] = client.lrange("memq.light", 0, -1)
+    envelope = json.loads(raw)
+    body = base64.b64decode(envelope["body"]).decode()
+    # The message carries the job id only; the text is stored under the job (claim check)
+    assert json.loads(body)[0] == [receipt.job_id]
+    assert "4321" not in raw.decode() and "4321" not in body and "Elm" not in json.dumps(envelope["headers"])
+    assert b"4321" in client.get(f"memq:job:{receipt.job_id}:request")
 
 
 def test_add_many_enqueues_a_batch_in_one_round_trip(settings: Settings) -> None:

@@ -212,3 +212,21 @@ def test_redis_restarted_during_a_backfill_refuses_cleanly_then_resumes_without_
     texts = _memory_texts(tmp_path / "data", "restart")
     assert texts and len(texts) == len(set(texts))
 
+
+
+def test_dead_letters_are_listed_and_replayed_from_the_command_line(producer: Producer, llm_server: LLMTestServer,
+                                                                    user_id: str) -> None:
+    # Given a job that failed for good (the reply never parses)
+    llm_server.script(Reply(content="no JSON here"))
+    job_id = producer.add("I play the cello on Tuesdays.", user_id=user_id).job_id
+    assert wait_done(producer, job_id).status is JobState.FAILED
+    # When `memq dlq list` runs, Then it shows the job, its stage and why
+    listed = subprocess.run([sys.executable, "-m", "memq.cli", "dlq", "list", "--json"], capture_output=True,
+                            text=True, check=True, env=os.environ.copy()).stdout
+    letters = {row["job_id"]: row for row in map(json.loads, listed.splitlines())}
+    assert letters[job_id]["stage"] == "memq.extract" and letters[job_id]["error_type"] == "LLMOutputError"
+    # When `memq dlq replay JOB_ID` runs, Then the job runs again and succeeds
+    subprocess.run([sys.executable, "-m", "memq.cli", "dlq", "replay", job_id], check=True, env=os.environ.copy(),
+                   capture_output=True)
+    assert producer.wait_for(job_id, lambda s: s.status is JobState.SUCCEEDED, timeout_s=60).status \
+        is JobState.SUCCEEDED

@@ -10,6 +10,7 @@ from celery._state import _set_task_join_will_block
 from celery.signals import worker_init, worker_process_init
 
 from memq.config import load_settings
+from memq.errors import StoreUnavailable
 from pipeline.clients import Clients, build_clients
 
 logger = logging.getLogger(__name__)
@@ -23,6 +24,16 @@ def clients() -> Clients:
     return build_clients(load_settings())
 
 
+def _start_up() -> None:
+    """Build the clients and create the graph schema (idempotent); Neo4j being down only delays it."""
+    c = clients()
+    if c.graph is not None:
+        try:
+            c.graph.ensure_schema()
+        except StoreUnavailable:
+            logger.warning("Neo4j unreachable at start-up; its schema is created on first use")
+
+
 @worker_init.connect
 def _warm_main(sender: Any = None, **_: Any) -> None:
     """Thread and solo pools run tasks in the main process: load models before consuming. A prefork
@@ -34,13 +45,13 @@ def _warm_main(sender: Any = None, **_: Any) -> None:
     _set_task_join_will_block(True)
     pool = str(getattr(sender, "pool_cls", "") or app.conf.worker_pool or "")
     if "prefork" not in pool.lower():
-        clients()
+        _start_up()
 
 
 @worker_process_init.connect
 def _warm_child(**_: Any) -> None:
     """Prefork children build their own clients (never share clients across fork)."""
-    clients()
+    _start_up()
 
 
 import workers.tasks  # noqa: E402,F401  (registers the tasks on `app`)
