@@ -70,7 +70,6 @@ class HistoryStore:
     """
 
     def __init__(self, engine: Engine) -> None:
-        self._engine = engine
         self.engine = engine
         with mapped_sql_errors("create tables"):
             SQLModel.metadata.create_all(engine, tables=[SQLModel.metadata.tables["history"]])
@@ -79,21 +78,21 @@ class HistoryStore:
         """Write rows; a row whose id exists is overwritten with the same values (idempotent)."""
         if not rows:
             return
-        with mapped_sql_errors("write"), Session(self._engine) as session:
+        with mapped_sql_errors("write"), Session(self.engine) as session:
             for row in rows:
                 session.merge(row)
             session.commit()
 
     def history(self, memory_id: str) -> list[HistoryItem]:
         """A memory's events, oldest first."""
-        with mapped_sql_errors("read"), Session(self._engine) as session:
+        with mapped_sql_errors("read"), Session(self.engine) as session:
             rows = session.exec(select(HistoryRecord).where(HistoryRecord.memory_id == memory_id)
                                 .order_by(col(HistoryRecord.created_at), col(HistoryRecord.position))).all()
             return [r.item() for r in rows]
 
     def for_job(self, job_id: str) -> list[HistoryItem]:
         """The rows a job wrote, in decision order."""
-        with mapped_sql_errors("read"), Session(self._engine) as session:
+        with mapped_sql_errors("read"), Session(self.engine) as session:
             rows = session.exec(select(HistoryRecord).where(HistoryRecord.job_id == job_id)
                                 .order_by(col(HistoryRecord.position))).all()
             return [r.item() for r in rows]

@@ -24,6 +24,9 @@ from memq.testing.neo4j_server import Neo4jServer
 from memq.testing.redis_server import RedisServer
 
 LOCOMO = Path(__file__).resolve().parents[2] / "shared" / "data" / "locomo10.json"
+requires_locomo = pytest.mark.skipif(not LOCOMO.exists() and not os.environ.get("CI"),
+                                     reason="shared/data/locomo10.json is not beside the repo (required in CI)")
+"""Tests on LoCoMo skip on a laptop without the data and fail in CI."""
 
 
 def _need(binary: str) -> None:

@@ -13,9 +13,9 @@ import pytest
 
 from memq.testing.redis_server import RedisServer
 from producer.backfill import BackfillFormatError, read_jsonl, read_locomo
-from tests.conftest import LOCOMO
+from tests.conftest import LOCOMO, requires_locomo
 
-pytestmark = pytest.mark.skipif(not LOCOMO.exists(), reason="shared/data/locomo10.json is not beside the repo")
+pytestmark = requires_locomo
 
 
 def test_locomo_sessions_become_adds_in_chronological_order() -> None:

@@ -13,7 +13,7 @@ from memq.testing.llm_server import LLMTestServer
 from memq.testing.neo4j_server import Neo4jServer
 from producer.backfill import read_locomo
 from stores.graph import InvalidRelationshipType, relationship_type
-from tests.conftest import LOCOMO
+from tests.conftest import LOCOMO, requires_locomo
 from tests.helpers import decisions_reply, wait_done
 
 INJECTED = "KNOWS]->(x) DETACH DELETE x //"
@@ -37,7 +37,7 @@ def test_relationship_types_are_normalized_and_cypher_is_refused() -> None:
             relationship_type(bad)
 
 
-@pytest.mark.skipif(not LOCOMO.exists(), reason="shared/data/locomo10.json is not beside the repo")
+@requires_locomo
 def test_locomo_sessions_land_as_entities_and_relations_in_their_scope(producer: Any, memories: Any, graph: Any,
                                                                        user_id: str, llm_server: LLMTestServer) -> None:
     # Given two LoCoMo sessions added for one scope (the offline heuristic answers over HTTP)

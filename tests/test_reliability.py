@@ -23,7 +23,7 @@ from memq.testing.llm_server import LLMTestServer, Reply
 from memq.testing.redis_server import RedisServer
 from producer import Producer
 from producer.backfill import read_locomo
-from tests.conftest import LOCOMO
+from tests.conftest import LOCOMO, requires_locomo
 from tests.helpers import wait_done
 
 
@@ -150,7 +150,7 @@ def _memory_texts(data_dir: Path, user_id: str) -> list[str]:
     return texts
 
 
-@pytest.mark.skipif(not LOCOMO.exists(), reason="shared/data/locomo10.json is not beside the repo")
+@requires_locomo
 def test_a_worker_killed_mid_backfill_loses_nothing_and_ends_like_an_undisturbed_run(
         redis_server: RedisServer, tmp_path: Path, settings: Settings) -> None:
     url = redis_server.url.rsplit("/", 1)[0] + "/7"
@@ -181,7 +181,7 @@ def test_a_worker_killed_mid_backfill_loses_nothing_and_ends_like_an_undisturbed
     assert killed and killed == calm_texts
 
 
-@pytest.mark.skipif(not LOCOMO.exists(), reason="shared/data/locomo10.json is not beside the repo")
+@requires_locomo
 def test_redis_restarted_during_a_backfill_refuses_cleanly_then_resumes_without_duplicates(
         tmp_path: Path, settings: Settings) -> None:
     with RedisServer(appendonly=True, data_dir=tmp_path / "redis") as server:
