@@ -130,6 +130,7 @@ def search(
 ) -> None:
     """Search memories of a scope by meaning (in embedded mode, while no worker runs)."""
     from pipeline.search import MemorySearch
+    from stores.qdrant import close_vector_stores
 
     try:
         found = MemorySearch.from_settings().search(query, user_id=user_id, agent_id=agent_id, run_id=run_id,
@@ -137,6 +138,8 @@ def search(
     except MemqError as exc:
         console.print(f"[red]{type(exc).__name__}: {exc}[/]")
         raise typer.Exit(1) from exc
+    finally:
+        close_vector_stores()
     if as_json:
         print(json.dumps(found, indent=1))
         return
@@ -160,8 +163,12 @@ def status(job_id: Annotated[str, typer.Argument(help="The job id from add's rec
 def history(memory_id: Annotated[str, typer.Argument(help="A memory id.")]) -> None:
     """Print a memory's history rows as JSON."""
     from pipeline.search import MemorySearch
+    from stores.qdrant import close_vector_stores
 
-    print(json.dumps(MemorySearch.from_settings().history(memory_id), indent=1))
+    try:
+        print(json.dumps(MemorySearch.from_settings().history(memory_id), indent=1))
+    finally:
+        close_vector_stores()
 
 
 dlq = typer.Typer(help="Dead letters: jobs that failed for good, kept for replay.", no_args_is_help=True)

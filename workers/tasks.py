@@ -130,7 +130,7 @@ def start(self: StageTask, job_id: str) -> str:
     def body() -> str:
         c = clients()
         job = c.jobs.load_job(job_id)  # InvalidJob if the request is gone: never retried
-        if c.records is not None:
+        if c.records is not None and not c.records.states([job_id]):  # a redelivery keeps the later state
             c.records.save(job, JobState.QUEUED)
         chain(caption_task.si(job_id), extract_task.si(job_id), decide_task.si(job_id),
               dispatch_writes_task.si(job_id)).apply_async()
