@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from celery import Celery
 
@@ -119,18 +119,17 @@ class Producer:
             JobNotFound: a job has no record.
             BrokerUnavailable: Redis is unreachable.
         """
-        deadline = time.monotonic() + timeout_s
-        while True:
+        def fetch() -> list[JobStatus]:
             statuses = self._jobs.statuses(job_ids)
             missing = [j for j, s in zip(job_ids, statuses) if s is None]
             if missing:
                 raise JobNotFound(missing[0])
-            done = sum(1 for s in statuses if s is not None and s.done)
+            found = [s for s in statuses if s is not None]
             if on_progress is not None:
-                on_progress(done, len(job_ids))
-            if done == len(job_ids) or time.monotonic() > deadline:
-                return [s for s in statuses if s is not None]
-            time.sleep(poll_s)
+                on_progress(sum(s.done for s in found), len(job_ids))
+            return found
+
+        return _poll(fetch, lambda found: all(s.done for s in found), timeout_s, poll_s)
 
     def wait_for(self, job_id: str, condition: Callable[[JobStatus], bool], *, timeout_s: float = 60.0,
                  poll_s: float = 0.1) -> JobStatus:
@@ -140,16 +139,24 @@ class Producer:
             JobNotFound: the job has no record.
             BrokerUnavailable: Redis is unreachable.
         """
-        deadline = time.monotonic() + timeout_s
-        while True:
-            status = self._jobs.status(job_id)
-            if condition(status) or time.monotonic() > deadline:
-                return status
-            time.sleep(poll_s)
+        return _poll(lambda: self._jobs.status(job_id), condition, timeout_s, poll_s)
 
     def close(self) -> None:
         """Release the Redis connection pool."""
         self._jobs.client.close()
+
+
+T = TypeVar("T")
+
+
+def _poll(fetch: Callable[[], T], finished: Callable[[T], bool], timeout_s: float, poll_s: float) -> T:
+    """Call `fetch` every `poll_s` seconds until `finished` holds or `timeout_s` passes; the last value."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = fetch()
+        if finished(value) or time.monotonic() > deadline:
+            return value
+        time.sleep(poll_s)
 
 
 _default: Producer | None = None

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import threading
 import time
 import urllib.error
@@ -41,17 +39,6 @@ def _drain(limiter: RateLimiter, *, rpm: int) -> tuple[int, float]:
     while (wait := limiter.acquire(MODEL, rpm=rpm, tpm=None, tokens=0)) == 0.0:
         grants += 1
     return grants, wait
-
-
-@pytest.fixture(scope="module")
-def redis_server() -> Iterator[RedisServer]:
-    """A redis-server of this module's own (skips on a laptop without one, fails in CI)."""
-    if shutil.which("redis-server") is None:
-        if os.environ.get("CI"):
-            pytest.fail("redis-server is not installed")
-        pytest.skip("redis-server is not installed")
-    with RedisServer() as server:
-        yield server
 
 
 @pytest.fixture()
