@@ -28,7 +28,7 @@ accept_content = ["json"]
 timezone = "UTC"
 enable_utc = True
 
-task_ignore_result = True  # job results live in the job record (memq.jobstore)
+task_ignore_result = True  # job results live in the job record (broker.jobstore)
 task_acks_late = True
 task_reject_on_worker_lost = True
 worker_prefetch_multiplier = 1
@@ -38,13 +38,4 @@ task_send_sent_event = True
 
 task_default_queue = Queues.LIGHT
 task_queues = [Queue(name) for name in Queues.ALL]
-task_routes = {
-    "memq.start": {"queue": Queues.LIGHT},
-    "memq.caption": {"queue": Queues.LLM},
-    "memq.extract": {"queue": Queues.LLM},
-    "memq.decide": {"queue": Queues.LLM},
-    "memq.dispatch_writes": {"queue": Queues.WRITE},
-    "memq.write_vectors": {"queue": Queues.WRITE},
-    "memq.write_graph": {"queue": Queues.WRITE},
-    "memq.finalize": {"queue": Queues.WRITE},
-}
+task_routes = {name: {"queue": queue} for name, queue in Queues.ROUTES.items()}

@@ -26,8 +26,8 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=19)
     args = parser.parse_args()
 
-    from memq.testing.neo4j_server import Neo4jServer
-    from memq.testing.redis_server import RedisServer
+    from tests.rigs.neo4j_server import Neo4jServer
+    from cli.redis_server import RedisServer
 
     with RedisServer() as redis_server, Neo4jServer(password="bench-password") as neo4j_server, \
             tempfile.TemporaryDirectory() as data_dir:

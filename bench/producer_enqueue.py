@@ -17,7 +17,7 @@ import time
 from celery import Celery
 
 from memq.config import RedisSettings, Settings
-from memq.testing.redis_server import RedisServer
+from cli.redis_server import RedisServer
 from producer import Producer
 
 MESSAGE = [{"role": "user", "content": "I moved to Lyon last month and started a job at a bakery."}]

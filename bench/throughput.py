@@ -29,8 +29,8 @@ def main() -> None:
     parser.add_argument("--no-retry-after", action="store_true")
     args = parser.parse_args()
 
-    from memq.testing.llm_server import LLMTestServer
-    from memq.testing.redis_server import RedisServer
+    from tests.rigs.llm_server import LLMTestServer
+    from cli.redis_server import RedisServer
     from pipeline.offline_model import answer
 
     server = LLMTestServer(default=lambda prompt: json.dumps(answer(prompt)), latency_s=args.latency,

@@ -109,6 +109,12 @@ class JobSettings(_Group):
     ttl_s: int = Field(default=7 * 24 * 3600, gt=0, description="How long job records stay in Redis.")
     neighbours_top_k: int = Field(default=5, gt=0, description="Existing memories shown to the decider per fact.")
     retry_backoff_max_s: int = Field(default=60, gt=0, description="Longest wait between two retries of a stage.")
+    broker_outage_s: float = Field(
+        default=120.0, ge=0, description="How long a worker keeps retrying a job-record call while Redis is "
+        "unreachable (a restart) before leaving the task's message for redelivery; below the visibility timeout.")
+    scope_wait_max_s: float = Field(
+        default=30.0, gt=0, description="Longest backstop wait of a decide waiting for its scope's turn (it is "
+        "woken as soon as the job before it finishes; the backstop only covers a lost wake-up).")
 
 
 class Settings(BaseSettings):
@@ -167,3 +173,14 @@ class Queues:
     """Store writes and finalize."""
 
     ALL = (LIGHT, LLM, WRITE)
+
+    ROUTES = {
+        "memq.start": LIGHT,
+        "memq.caption": LLM,
+        "memq.extract": LLM,
+        "memq.decide": LLM,
+        "memq.write_vectors": WRITE,
+        "memq.write_graph": WRITE,
+        "memq.finalize": WRITE,
+    }
+    """Queue of each task (celeryconfig's ``task_routes`` and the messages memq builds use it)."""

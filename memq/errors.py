@@ -18,8 +18,9 @@
         ├── StoreError                permanent store failure (vector size mismatch, constraint)
         └── TransientError            retried with backoff
             ├── LLMUnavailable        rate-limited, timed out, refused, 5xx
-            ├── StoreUnavailable      Redis, Qdrant, Neo4j or SQL refused or timed out
-            └── RateLimited           no budget yet (shared limiter, or the scope's turn): wait, not a failure
+            ├── StoreUnavailable      Qdrant, Neo4j or SQL refused or timed out
+            └── RateLimited           no budget yet in the shared limiter: wait, not a failure
+        JobFailed                     raised to Celery after a job's failure is recorded (no user data)
 
 Third-party errors are translated where the client is called (`pipeline/llm.py`, `stores/*.py`) and
 chained with ``raise ... from exc``. Retry by class, never by message text.
@@ -73,7 +74,13 @@ class JobNotFound(MemqError, KeyError):
 
 
 class BrokerUnavailable(MemqError):
-    """Redis refused or timed out; the request was not enqueued."""
+    """Redis (the broker and the job records) refused or timed out.
+
+    In the producer nothing was enqueued if Redis is down; if Redis was only slow past the socket
+    timeout, the enqueue script may still have run, so retry with the same idempotency key. In a
+    worker it means Redis stayed unreachable longer than ``jobs.broker_outage_s``: the task's message
+    is left unacknowledged and is delivered again.
+    """
 
 
 class PipelineError(MemqError):
@@ -125,12 +132,13 @@ class LLMUnavailable(TransientError):
 
 
 class StoreUnavailable(TransientError):
-    """Redis, Qdrant, Neo4j or the SQL database refused or timed out."""
+    """Qdrant, Neo4j, the SQL database or (for the rate limiter) Redis refused or timed out."""
 
 
 class RateLimited(TransientError):
-    """Not now: the shared rate limiter has no budget, or an earlier job of the scope is still running.
-    The task is re-queued after `retry_after_s` seconds; it does not count as a failed attempt.
+    """Not now: the shared rate limiter has no budget for the model. The task is re-queued after
+    `retry_after_s` seconds; it does not count as a failed attempt. (A job waiting for its scope's
+    turn is not rate limited: see `jobs.transitions.Deferred`.)
 
     Attributes:
         retry_after_s: how long to wait (seconds).
@@ -139,3 +147,28 @@ class RateLimited(TransientError):
     def __init__(self, message: str, *, retry_after_s: float, job_id: str | None = None) -> None:
         super().__init__(message, job_id=job_id)
         self.retry_after_s = retry_after_s
+
+
+class JobFailed(PipelineError):
+    """Raised to Celery once a job's failure is recorded (status, dead letter, scope moved on), so
+    Flower and the worker log show the task failed. Its message names the job, the stage and the
+    error class only: never user data.
+
+    Attributes:
+        stage: the task that failed (``"memq.extract"``).
+        error_type: the class name of the error that failed the job.
+    """
+
+    def __init__(self, job_id: str, stage: str, error_type: str) -> None:
+        super().__init__(f"job {job_id} failed in {stage}: {error_type}", job_id=job_id)
+        self.stage = stage
+        self.error_type = error_type
+
+
+def describe(error: BaseException) -> str:
+    """What job records, dead letters and logs above DEBUG may say about an error: memq's own message
+    (which never holds user text), or only the class name for anything else (a third-party message
+    may quote user data)."""
+    if isinstance(error, MemqError):
+        return str(error) or type(error).__name__
+    return f"{type(error).__name__} (details in the worker log at DEBUG)"

@@ -9,6 +9,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from enum import StrEnum
 from typing import Annotated, Literal
+from urllib.parse import quote
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, JsonValue, model_validator
 
@@ -101,7 +102,7 @@ class Message(_Frozen):
 
 
 class Scope(_Frozen):
-    """Who a memory belongs to: at least one of user_id, agent_id, run_id."""
+    """Who a memory belongs to: at least one of user_id, agent_id, run_id (an absent id is None, never "")."""
 
     user_id: str | None = None
     agent_id: str | None = None
@@ -109,6 +110,8 @@ class Scope(_Frozen):
 
     @model_validator(mode="after")
     def _one_id(self) -> Scope:
+        if any(v == "" for v in (self.user_id, self.agent_id, self.run_id)):
+            raise ValueError("a scope id is None or a non-empty string")
         if not (self.user_id or self.agent_id or self.run_id):
             raise ValueError("a scope needs at least one of user_id, agent_id, run_id")
         return self
@@ -118,8 +121,26 @@ class Scope(_Frozen):
         return {k: v for k, v in self.model_dump().items() if v is not None}
 
     def key(self) -> str:
-        """A stable string for the scope, e.g. ``"u=alice|a=|r="`` (for locks and logs)."""
-        return f"u={self.user_id or ''}|a={self.agent_id or ''}|r={self.run_id or ''}"
+        """The scope as one string, injective: two different scopes never share a key.
+
+        Each id is percent-encoded (every character outside ``A-Za-z0-9_.-~``, ``&`` and ``=``
+        included), and an absent id is empty (ids are never empty strings), so
+        ``u=A%7Ca%3Dx&a=&r=`` (``user_id="A|a=x"``) and ``u=A&a=x%7Ca%3D&r=`` (``user_id="A",
+        agent_id="x|a="``) differ. Used wherever a scope becomes a key: Redis (order and fencing
+        counters, idempotency keys) and Neo4j (``scope_key`` of entities and relations).
+        """
+        return "&".join(f"{tag}={quote(v or '', safe='')}"
+                        for tag, v in (("u", self.user_id), ("a", self.agent_id), ("r", self.run_id)))
+
+    def covers(self, user_id: str | None, agent_id: str | None, run_id: str | None) -> bool:
+        """True when a memory with these scope ids is visible to a caller asking with this scope.
+
+        Mem0's read semantics: every id the caller gives must equal the memory's; ids the caller
+        leaves out do not matter (``Scope(user_id="carol")`` covers carol's memories of any agent).
+        Id-based reads and deletes (get, history, delete, status) check this.
+        """
+        return all(mine is None or mine == theirs for mine, theirs in
+                   ((self.user_id, user_id), (self.agent_id, agent_id), (self.run_id, run_id)))
 
 
 class AddJob(_Frozen):
@@ -138,9 +159,11 @@ class AddJob(_Frozen):
 
 
 class Receipt(_Frozen):
-    """What `producer.add` returns at once. `duplicate`: an earlier add had the same idempotency key."""
+    """What `producer.add` returns at once: the job id and the scope it was enqueued in (its status
+    is read in that scope). `duplicate`: an earlier add of the scope had the same idempotency key."""
 
     job_id: str
+    scope: Scope
     status: JobState = JobState.QUEUED
     duplicate: bool = False
 
@@ -162,6 +185,7 @@ class JobStatus(_Frozen):
     stage: str | None = None
     error: str | None = None
     error_type: str | None = None
+    waiting: str | None = Field(default=None, description="What a waiting job waits for (its scope's turn).")
     created_at: datetime | None = None
     updated_at: datetime | None = None
     results: list[MemoryResult] = Field(default_factory=list)

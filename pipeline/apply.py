@@ -2,17 +2,30 @@
 
 from __future__ import annotations
 
+import logging
+
 from memq.models import AddJob, MemoryEvent
 from pipeline.types import Plan, WriteResult
 from stores.embedder import Embedder
 from stores.graph import EntityWrite, GraphStore, GraphWrite, RelationWrite, entity_key
 from stores.qdrant import MemoryPoint, VectorStore
 
+logger = logging.getLogger(__name__)
+
+
+def _outside_scope(job: AddJob, plan: Plan, vectors: VectorStore) -> set[str]:
+    """Ids the plan would UPDATE or DELETE that belong to another scope than the job's exactly."""
+    touched = [a.memory_id for a in plan.actions if a.event in (MemoryEvent.UPDATE, MemoryEvent.DELETE)]
+    mine = (job.scope.user_id, job.scope.agent_id, job.scope.run_id)
+    return {m.id for m in vectors.retrieve(touched) if (m.user_id, m.agent_id, m.run_id) != mine}
+
 
 def write_vectors(job: AddJob, plan: Plan, vectors: VectorStore) -> WriteResult:
     """Apply ADD/UPDATE (upsert) and DELETE (delete) actions to Qdrant; NONE writes nothing.
 
     Idempotent: point ids and payloads are fixed by the plan, so running it again writes the same.
+    Only memories of the job's exact scope are touched: an UPDATE or DELETE of a memory whose scope
+    differs (which the decider is never shown) is dropped, with a warning.
 
     Args:
         job: the job (scope, time).
@@ -27,13 +40,16 @@ def write_vectors(job: AddJob, plan: Plan, vectors: VectorStore) -> WriteResult:
         StoreError: a permanent store failure.
     """
     when = job.timestamp or job.enqueued_at
+    foreign = _outside_scope(job, plan, vectors)
+    if foreign:
+        logger.warning("job %s: dropped %d actions on memories of another scope", job.job_id, len(foreign))
     points = [
         MemoryPoint(id=a.memory_id, vector=a.vector, memory=a.memory, scope=job.scope, created_at=a.created_at,
                     updated_at=when if a.event is MemoryEvent.UPDATE else None, metadata=a.metadata,
                     actor_id=a.actor_id, role=a.role, source_message_ids=a.source_ids, job_id=job.job_id)
-        for a in plan.actions if a.event in (MemoryEvent.ADD, MemoryEvent.UPDATE)
+        for a in plan.actions if a.event in (MemoryEvent.ADD, MemoryEvent.UPDATE) and a.memory_id not in foreign
     ]
-    deleted = [a.memory_id for a in plan.actions if a.event is MemoryEvent.DELETE]
+    deleted = [a.memory_id for a in plan.actions if a.event is MemoryEvent.DELETE and a.memory_id not in foreign]
     vectors.upsert(points)
     vectors.delete(deleted)
     return WriteResult(store="qdrant", upserted=len(points), deleted=len(deleted))

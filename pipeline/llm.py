@@ -17,7 +17,7 @@ from pydantic import BaseModel, ValidationError
 
 from memq.config import OFFLINE_MODEL, LLMSettings
 from memq.errors import LLMOutputError, LLMUnavailable, RateLimited
-from memq.ratelimit import RateLimiter
+from broker.ratelimit import RateLimiter
 from pipeline import offline_model
 from pipeline.types import LLMUsage
 from stores.embedder import Embedder

@@ -1,4 +1,6 @@
-"""Retrieve stage: embed a job's facts in one batch and find the nearest existing memories in scope."""
+"""Retrieve stage: embed a job's facts in one batch and find the nearest existing memories of the job's
+exact scope (memories of a wider or narrower scope are never shown to the decider, so a job never
+changes them)."""
 
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ def find_neighbours(facts: list[Fact], scope: Scope, embedder: Embedder, vectors
 
     Args:
         facts: the job's facts (may be empty).
-        scope: only memories of this scope are considered.
+        scope: only memories whose scope equals this one exactly (absent ids included) are considered.
         embedder: the embedder (one call).
         vectors: the vector store (one batched query).
         top_k: neighbours per fact.
@@ -45,7 +47,7 @@ def find_neighbours(facts: list[Fact], scope: Scope, embedder: Embedder, vectors
         return Neighbourhood(fact_vectors=[], memories=[])
     fact_vectors = embedder.embed([f.text for f in facts])
     best: dict[str, MemoryItem] = {}
-    for hits in vectors.search_batch(fact_vectors, scope, limit=top_k):
+    for hits in vectors.search_batch(fact_vectors, scope, limit=top_k, exact=True):
         for hit in hits:
             if hit.id not in best or (hit.score or 0.0) > (best[hit.id].score or 0.0):
                 best[hit.id] = hit

@@ -6,13 +6,11 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
-from celery import Celery
-
-from memq.config import Queues, Settings, load_settings
+from broker.jobstore import JobStore
+from memq.config import Settings, load_settings
 from memq.errors import InvalidRequest, JobNotFound
-from memq.jobstore import Envelope, JobStore
-from memq.models import AddJob, JobStatus, Receipt
-from memq.messages import StartMessages
+from memq.models import AddJob, JobStatus, Receipt, Scope
+from memq.scope import make_scope
 from producer.validate import build_job
 
 
@@ -20,8 +18,8 @@ class Producer:
     """Enqueues add jobs and reads their status.
 
     Each call is one round trip to Redis: a Lua script stores the request (claim check), the job
-    record (``queued``) and pushes the start message, atomically, skipping jobs whose idempotency key
-    was seen before.
+    record (``queued``) and pushes the start message, atomically, returning the earlier job instead
+    for an idempotency key its scope has already used.
 
     Args:
         settings: memq settings; `load_settings()` when omitted.
@@ -31,15 +29,18 @@ class Producer:
         self.settings = settings or load_settings()
         self._jobs = JobStore.from_url(self.settings.redis.url, ttl_s=self.settings.jobs.ttl_s,
                                        socket_timeout_s=self.settings.redis.socket_timeout_s)
-        self._messages = StartMessages(Celery("memq-producer", set_as_current=False))
 
-    def _build(self, messages: object, **kwargs: Any) -> AddJob:
+    def build(self, messages: object, **kwargs: Any) -> AddJob:
+        """Validate one add request without enqueuing it (arguments as for `add`).
+
+        Raises:
+            InvalidRequest (and its subclasses): the request is bad.
+        """
         return build_job(messages, limits=self.settings.limits, **kwargs)
 
     def _enqueue(self, jobs: Sequence[AddJob]) -> list[Receipt]:
-        envelopes = [Envelope(job, Queues.LIGHT, self._messages.build(job.job_id, Queues.LIGHT)) for job in jobs]
-        fresh = self._jobs.enqueue(envelopes)
-        return [Receipt(job_id=job.job_id, duplicate=not new) for job, new in zip(jobs, fresh)]
+        return [Receipt(job_id=job_id, duplicate=not fresh, scope=job.scope)
+                for job, (job_id, fresh) in zip(jobs, self._jobs.enqueue(jobs))]
 
     def add(self, messages: object, *, user_id: str | None = None, agent_id: str | None = None,
             run_id: str | None = None, metadata: Mapping[str, Any] | None = None, infer: bool = True,
@@ -50,14 +51,17 @@ class Producer:
         Args: see `producer.validate.build_job` (same names as Mem0's ``Memory.add``).
 
         Returns:
-            A `Receipt` with the `job_id`; ``duplicate=True`` if the idempotency key was seen before
-            (the earlier job's id is returned and nothing new is enqueued).
+            A `Receipt` with the `job_id` and the scope; ``duplicate=True`` if the scope already used
+            the idempotency key (the earlier job's id is returned and nothing new is enqueued). Keys
+            live inside a scope: the same key in two scopes makes two jobs.
 
         Raises:
             InvalidRequest (and its subclasses): the request is bad; nothing was enqueued.
-            BrokerUnavailable: Redis is unreachable; nothing was enqueued.
+            BrokerUnavailable: Redis is unreachable (nothing was enqueued) or answered too slowly (it
+                may still have enqueued the job: retry with the same idempotency key, which then
+                returns that job; without a key a retry may enqueue it twice).
         """
-        job = self._build(messages, user_id=user_id, agent_id=agent_id, run_id=run_id, metadata=metadata,
+        job = self.build(messages, user_id=user_id, agent_id=agent_id, run_id=run_id, metadata=metadata,
                           infer=infer, memory_type=memory_type, prompt=prompt, timestamp=timestamp,
                           idempotency_key=idempotency_key)
         return self._enqueue([job])[0]
@@ -73,7 +77,7 @@ class Producer:
 
         Raises:
             InvalidRequest: a request is bad (the message names its index); nothing was enqueued.
-            BrokerUnavailable: Redis is unreachable; nothing was enqueued.
+            BrokerUnavailable: as for `add`.
         """
         jobs: list[AddJob] = []
         for i, request in enumerate(requests):
@@ -82,64 +86,75 @@ class Producer:
             kwargs = dict(request)
             messages = kwargs.pop("messages")
             try:
-                jobs.append(self._build(messages, **kwargs))
+                jobs.append(self.build(messages, **kwargs))
             except TypeError as exc:
                 raise InvalidRequest(f"requests[{i}]: {exc}", field=f"requests[{i}]") from exc
             except InvalidRequest as exc:
                 raise type(exc)(f"requests[{i}]: {exc}", field=exc.field) from exc
         return self._enqueue(jobs)
 
-    def status(self, job_id: str) -> JobStatus:
+    def _scope(self, user_id: object, agent_id: object, run_id: object) -> Scope:
+        return make_scope(user_id=user_id, agent_id=agent_id, run_id=run_id,
+                          max_chars=self.settings.limits.max_scope_id_chars)
+
+    def status(self, job_id: str, *, user_id: str | None = None, agent_id: str | None = None,
+               run_id: str | None = None) -> JobStatus:
         """A job's status: queued / running / succeeded / partial / failed, its error, and its events.
 
+        Args:
+            job_id: the job.
+            user_id, agent_id, run_id: the caller's scope (at least one); it must cover the job's
+                (every id given equals the job's).
+
         Raises:
-            JobNotFound: no record for the id.
+            MissingScope, InvalidScope: no or a bad scope id.
+            JobNotFound: no record, or the job belongs to another scope (the same error).
             BrokerUnavailable: Redis is unreachable.
         """
-        return self._jobs.status(job_id)
+        return self._jobs.status(job_id, self._scope(user_id, agent_id, run_id))
 
-    def statuses(self, job_ids: Sequence[str]) -> list[JobStatus | None]:
-        """Statuses of many jobs (None for unknown ids), in few round trips."""
-        return self._jobs.statuses(job_ids)
+    def statuses(self, receipts: Sequence[Receipt]) -> list[JobStatus | None]:
+        """Statuses of many jobs, each checked against its receipt's scope (None for unknown ids)."""
+        return self._jobs.statuses_in([(r.job_id, r.scope) for r in receipts])
 
-    def wait(self, job_ids: Sequence[str], *, timeout_s: float = 3600.0, poll_s: float = 0.25,
+    def wait(self, receipts: Sequence[Receipt], *, timeout_s: float = 3600.0, poll_s: float = 0.25,
              on_progress: Callable[[int, int], None] | None = None) -> list[JobStatus]:
         """Follow jobs until each is `succeeded` or `failed` (or the timeout passes).
 
         Args:
-            job_ids: the jobs to follow.
+            receipts: what `add`/`add_many` returned (each job is read in its receipt's scope).
             timeout_s: give up after this many seconds and return the statuses as they are.
             poll_s: seconds between polls (each poll is one round trip for all jobs).
             on_progress: called with (done, total) after every poll.
 
         Returns:
-            One status per job, in order (an unknown id raises).
+            One status per job, in order.
 
         Raises:
-            JobNotFound: a job has no record.
+            JobNotFound: a job has no record in its receipt's scope.
             BrokerUnavailable: Redis is unreachable.
         """
         def fetch() -> list[JobStatus]:
-            statuses = self._jobs.statuses(job_ids)
-            missing = [j for j, s in zip(job_ids, statuses) if s is None]
+            statuses = self.statuses(receipts)
+            missing = [r.job_id for r, s in zip(receipts, statuses) if s is None]
             if missing:
                 raise JobNotFound(missing[0])
             found = [s for s in statuses if s is not None]
             if on_progress is not None:
-                on_progress(sum(s.done for s in found), len(job_ids))
+                on_progress(sum(s.done for s in found), len(receipts))
             return found
 
         return _poll(fetch, lambda found: all(s.done for s in found), timeout_s, poll_s)
 
-    def wait_for(self, job_id: str, condition: Callable[[JobStatus], bool], *, timeout_s: float = 60.0,
+    def wait_for(self, receipt: Receipt, condition: Callable[[JobStatus], bool], *, timeout_s: float = 60.0,
                  poll_s: float = 0.1) -> JobStatus:
         """Poll one job until `condition(status)` holds or `timeout_s` passes; returns the last status.
 
         Raises:
-            JobNotFound: the job has no record.
+            JobNotFound: the job has no record in the receipt's scope.
             BrokerUnavailable: Redis is unreachable.
         """
-        return _poll(lambda: self._jobs.status(job_id), condition, timeout_s, poll_s)
+        return _poll(lambda: self._jobs.status(receipt.job_id, receipt.scope), condition, timeout_s, poll_s)
 
     def close(self) -> None:
         """Release the Redis connection pool."""
@@ -179,6 +194,7 @@ def add_many(requests: Iterable[Mapping[str, Any]]) -> list[Receipt]:
     return _producer().add_many(requests)
 
 
-def status(job_id: str) -> JobStatus:
+def status(job_id: str, *, user_id: str | None = None, agent_id: str | None = None,
+           run_id: str | None = None) -> JobStatus:
     """`Producer.status` on the process-wide producer."""
-    return _producer().status(job_id)
+    return _producer().status(job_id, user_id=user_id, agent_id=agent_id, run_id=run_id)

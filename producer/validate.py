@@ -26,9 +26,6 @@ from memq.errors import (
 from memq.models import AddJob, Message, Role
 from memq.scope import make_scope
 
-JOB_ID_NAMESPACE = uuid.UUID("6f0d9a52-4d1e-4a53-9a61-2f5c3b1e7a10")
-"""uuid5 namespace for job ids derived from idempotency keys."""
-
 RESERVED_METADATA_KEYS = frozenset(
     {"data", "hash", "created_at", "updated_at", "user_id", "agent_id", "run_id", "actor_id", "role",
      "source_message_ids", "job_id", "memory"}
@@ -37,11 +34,6 @@ RESERVED_METADATA_KEYS = frozenset(
 
 _MESSAGE_KEYS = frozenset({"role", "content", "name", "id", "message_id"})
 _ROLES = {r.value for r in Role}
-
-
-def job_id_for_key(idempotency_key: str) -> str:
-    """The job id an idempotency key always maps to (``uuid5``)."""
-    return str(uuid.uuid5(JOB_ID_NAMESPACE, idempotency_key))
 
 
 def _normalize_messages(messages: object) -> list[Mapping[str, Any]]:
@@ -172,10 +164,12 @@ def build_job(
         memory_type: None, or ``"procedural_memory"`` (needs `agent_id`).
         prompt: a custom fact-extraction prompt.
         timestamp: backdates the memories: datetime, ISO-8601 string or epoch seconds (UTC if naive).
-        idempotency_key: the same key yields the same job id (and so at most one job).
+        idempotency_key: within the scope, the same key yields the same job (at most one job per key
+            and scope while its records live); keys of different scopes never meet.
 
     Returns:
-        The validated `AddJob` with its `job_id`.
+        The validated `AddJob` with a fresh random `job_id` (an idempotency key the scope has used
+        makes the enqueue return the earlier job instead).
 
     Raises:
         MissingScope, InvalidScope, EmptyMessages, InvalidMessage, MessageTooLarge, InvalidMetadata,
@@ -200,9 +194,8 @@ def build_job(
     if idempotency_key is not None and (not isinstance(idempotency_key, str) or not idempotency_key
                                         or len(idempotency_key) > 512):
         raise InvalidRequest("idempotency_key must be a string of 1..512 characters", field="idempotency_key")
-    job_id = job_id_for_key(idempotency_key) if idempotency_key else str(uuid.uuid4())
     return AddJob(
-        job_id=job_id,
+        job_id=str(uuid.uuid4()),  # random, never derived from caller strings (ids of memories derive from it)
         scope=scope,
         messages=checked,
         metadata=_check_metadata(metadata, limits.max_metadata_bytes),

@@ -304,6 +304,35 @@ class GraphStore:
                              **_scope_params(scope))
         return int(rows[0]["n"]) if rows else 0
 
+    def migrate_scope_keys(self) -> int:
+        """Re-key entities and relations written with memq's first scope encoding (``u=A|a=|r=``, which
+        was not injective) to `Scope.key`. Run once, with workers stopped.
+
+        Entities of two scopes that the old encoding confused were merged into one node when they were
+        written; such a node moves to the scope of the ids it was created with.
+
+        Returns:
+            How many entities were re-keyed.
+
+        Raises:
+            StoreUnavailable: Neo4j is unreachable.
+            StoreError: a re-keyed entity collides with one already written under the new key.
+        """
+        self.ensure_schema()
+        moved = 0
+        with _mapped("migrate"):
+            groups = self._run("MATCH (e:__Entity__) WHERE e.scope_key CONTAINS '|a=' "
+                               "RETURN DISTINCT e.scope_key AS old, e.user_id AS u, e.agent_id AS a, e.run_id AS r")
+            for g in groups:
+                new = Scope(user_id=g["u"] or None, agent_id=g["a"] or None, run_id=g["r"] or None).key()
+                rows = self._run(
+                    "MATCH (e:__Entity__ {scope_key: $old}) WHERE coalesce(e.user_id, '') = coalesce($u, '') "
+                    "AND coalesce(e.agent_id, '') = coalesce($a, '') AND coalesce(e.run_id, '') = coalesce($r, '') "
+                    "SET e.scope_key = $new RETURN count(e) AS n", old=g["old"], new=new, u=g["u"], a=g["a"], r=g["r"])
+                moved += int(rows[0]["n"]) if rows else 0
+            self._run("MATCH (s:__Entity__)-[x]->() WHERE x.scope_key <> s.scope_key SET x.scope_key = s.scope_key")
+        return moved
+
     def close(self) -> None:
         """Close the driver."""
         self._driver.close()
@@ -339,11 +368,3 @@ def open_graph_store(settings: Neo4jSettings) -> GraphStore | None:
             store = GraphStore(driver, settings.database)
             _stores[settings.uri] = store
         return store
-
-
-def close_graph_stores() -> None:
-    """Close every driver `open_graph_store` made in this process."""
-    with _stores_lock:
-        for store in _stores.values():
-            store.close()
-        _stores.clear()

@@ -90,13 +90,6 @@ class HistoryStore:
                                 .order_by(col(HistoryRecord.created_at), col(HistoryRecord.position))).all()
             return [r.item() for r in rows]
 
-    def for_job(self, job_id: str) -> list[HistoryItem]:
-        """The rows a job wrote, in decision order."""
-        with mapped_sql_errors("read"), Session(self.engine) as session:
-            rows = session.exec(select(HistoryRecord).where(HistoryRecord.job_id == job_id)
-                                .order_by(col(HistoryRecord.position))).all()
-            return [r.item() for r in rows]
-
 
 _stores: dict[str, HistoryStore] = {}
 _lock = threading.Lock()

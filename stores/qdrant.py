@@ -8,17 +8,23 @@ metadata keys at the top level (as Mem0 stores them). A collection written by Me
 Modes: a Qdrant server (`qdrant.url`, production) or local mode on a folder (`qdrant.path`, embedded
 default). Local mode allows one client per folder in one process, and concurrent calls corrupt it, so
 `open_vector_store` keeps one client per folder per process and serializes every call with a lock.
-In embedded mode the **worker process owns the store**; a CLI search needs the worker stopped.
+In embedded mode the **worker process owns the store** (it writes `OWNER_FILE` there, so a process
+refused the folder is told who holds it); a CLI search needs the worker stopped.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import socket
+import sys
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -106,18 +112,23 @@ def to_item(point_id: object, payload: Mapping[str, Any] | None, score: float | 
     )
 
 
-def scope_filter(scope: Scope, filters: Mapping[str, Any] | None = None) -> qm.Filter:
-    """A filter matching the scope ids exactly, plus optional metadata equality filters.
+def scope_filter(scope: Scope, filters: Mapping[str, Any] | None = None, *, exact: bool = False) -> qm.Filter:
+    """A filter on the scope ids, plus optional metadata equality filters.
 
     Args:
-        scope: every id that is set must match.
+        scope: every id that is set must match (Mem0's read semantics).
         filters: ``{key: value}`` (equality) or ``{key: [v1, v2]}`` (any of); keys memq owns are refused.
+        exact: the ids that are not set must be absent too, so only memories whose scope equals
+            `scope` match (what a job decides over and writes to).
 
     Raises:
         InvalidRequest: a filter key is one memq owns (``user_id``, ``data``, ...) or a value is not scalar.
     """
     must: list[qm.Condition] = [qm.FieldCondition(key=k, match=qm.MatchValue(value=v))
                                 for k, v in scope.as_filter().items()]
+    if exact:
+        must += [qm.IsEmptyCondition(is_empty=qm.PayloadField(key=k)) for k in SCOPE_KEYS
+                 if getattr(scope, k) is None]
     for key, value in (filters or {}).items():
         if key in CORE_KEYS:
             raise InvalidRequest(f"filter key {key!r} is reserved; pass the scope as user_id/agent_id/run_id",
@@ -222,12 +233,16 @@ class VectorStore:
 
     def search_batch(self, vectors: Sequence[Sequence[float]], scope: Scope, *, limit: int,
                      threshold: float | None = None, filters: Mapping[str, Any] | None = None,
-                     ) -> list[list[MemoryItem]]:
-        """`search` for several vectors in one request; one list of hits per vector."""
+                     exact: bool = False) -> list[list[MemoryItem]]:
+        """`search` for several vectors in one request; one list of hits per vector.
+
+        Args:
+            exact: only memories whose scope equals `scope` (see `scope_filter`).
+        """
         if not vectors:
             return []
         self.ensure_collection()
-        flt = scope_filter(scope, filters)
+        flt = scope_filter(scope, filters, exact=exact)
         requests = [qm.QueryRequest(query=list(v), filter=flt, limit=limit, with_payload=True,
                                     score_threshold=threshold) for v in vectors]
         with self._lock, _mapped("query"):
@@ -265,6 +280,43 @@ class VectorStore:
 _stores: dict[tuple[str, str], VectorStore] = {}
 _stores_lock = threading.Lock()
 
+OWNER_FILE = "memq-owner.json"
+"""Written in an embedded Qdrant folder by the process that opened it: pid, host, command, time."""
+
+
+def _record_owner(folder: Path) -> None:
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv)[:300],
+            "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    (folder / OWNER_FILE).write_text(json.dumps(info))
+
+
+def _owner_of(folder: Path) -> str:
+    try:
+        info = json.loads((folder / OWNER_FILE).read_text())
+        return f"process {info['pid']} on {info['host']} ({info['command']}, since {info['since']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process"
+
+
+def _held(folder: Path, exc: BaseException) -> StoreUnavailable:
+    return StoreUnavailable(
+        f"the embedded Qdrant folder {folder} is owned by {_owner_of(folder)}: local mode allows one process "
+        "per folder (in embedded mode the worker owns it). Stop that process, use another MEMQ_DATA_DIR, or "
+        "run a Qdrant server (MEMQ_QDRANT__URL)")
+
+
+def probe_local_folder(folder: Path) -> None:
+    """Check that no other process owns an embedded Qdrant folder (open it and let it go at once).
+
+    Raises:
+        StoreUnavailable: another process owns it (the message names the folder and that process).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        QdrantClient(path=str(folder)).close()
+    except RuntimeError as exc:
+        raise _held(folder, exc) from None
+
 
 def open_vector_store(settings: QdrantSettings, dims: int) -> VectorStore:
     """The process-wide `VectorStore` for these settings (one client per folder or URL).
@@ -293,10 +345,8 @@ def open_vector_store(settings: QdrantSettings, dims: int) -> VectorStore:
                 try:
                     client = QdrantClient(path=str(settings.path))
                 except RuntimeError as exc:
-                    raise StoreUnavailable(
-                        f"Qdrant local folder {settings.path} is in use by another process (in embedded mode "
-                        "the worker owns it); stop that process or use a Qdrant server (MEMQ_QDRANT__URL)"
-                    ) from exc
+                    raise _held(settings.path, exc) from None
+                _record_owner(settings.path)
                 lock = threading.RLock()
             store = VectorStore(client, settings.collection, dims, lock=lock)  # type: ignore[arg-type]
         _stores[key] = store

@@ -14,7 +14,8 @@ from datetime import datetime
 from sqlalchemy import Engine
 from sqlmodel import Field, Session, SQLModel, col, select
 
-from memq.models import AddJob, JobState, utcnow
+from memq.errors import describe
+from memq.models import AddJob, JobState, Scope, utcnow
 from stores.history import mapped_sql_errors
 
 
@@ -75,7 +76,7 @@ class RecordStore:
                                    user_id=job.scope.user_id, agent_id=job.scope.agent_id, run_id=job.scope.run_id,
                                    created_at=job.enqueued_at, updated_at=now)
             record.status, record.stage, record.updated_at = state.value, stage, now
-            record.error = (str(error) or type(error).__name__) if error is not None else None
+            record.error = describe(error) if error is not None else None
             record.error_type = type(error).__name__ if error is not None else None
             session.add(record)
             session.commit()
@@ -88,10 +89,50 @@ class RecordStore:
             rows = session.exec(select(JobRecord).where(col(JobRecord.job_id).in_(job_ids))).all()
             return {r.job_id: r.status for r in rows}
 
+    def states_by_key(self, requests: list[tuple[Scope, str]]) -> dict[tuple[Scope, str], str]:
+        """The last state of the newest job with each idempotency key in its scope.
+
+        Args:
+            requests: ``(scope, idempotency_key)`` pairs (a key means something only inside its scope).
+
+        Returns:
+            ``{(scope, key): status}`` for the pairs that have a record.
+        """
+        keys = sorted({key for _, key in requests})
+        if not keys:
+            return {}
+        with mapped_sql_errors("read jobs"), Session(self._engine) as session:
+            rows = session.exec(select(JobRecord).where(col(JobRecord.idempotency_key).in_(keys))
+                                .order_by(col(JobRecord.created_at))).all()
+        found: dict[tuple[Scope, str], str] = {}
+        for r in rows:
+            assert r.idempotency_key is not None
+            scope = Scope(user_id=r.user_id, agent_id=r.agent_id, run_id=r.run_id)
+            found[(scope, r.idempotency_key)] = r.status
+        return {pair: found[pair] for pair in requests if pair in found}
+
+    def record(self, job_id: str) -> JobRecord | None:
+        """The job's record, or None."""
+        with mapped_sql_errors("read jobs"), Session(self._engine) as session:
+            return session.get(JobRecord, job_id)
+
+    def jobs(self, *, states: list[str] | None = None, limit: int = 100) -> list[JobRecord]:
+        """Job records, oldest update first (the most likely to be stuck), optionally by state."""
+        query = select(JobRecord)
+        if states:
+            query = query.where(col(JobRecord.status).in_(states))
+        with mapped_sql_errors("read jobs"), Session(self._engine) as session:
+            return list(session.exec(query.order_by(col(JobRecord.updated_at)).limit(limit)).all())
+
+    def dead_letter_of(self, job_id: str) -> DeadLetter | None:
+        """The job's dead letter, or None."""
+        with mapped_sql_errors("read dead letters"), Session(self._engine) as session:
+            return session.get(DeadLetter, job_id)
+
     def dead_letter(self, job: AddJob, *, stage: str, error: BaseException, attempts: int) -> None:
         """Keep a failed job for replay (overwrites an earlier letter of the same job)."""
         letter = DeadLetter(job_id=job.job_id, request=job.model_dump_json(), stage=stage,
-                            error=str(error) or type(error).__name__, error_type=type(error).__name__,
+                            error=describe(error), error_type=type(error).__name__,
                             attempts=attempts, failed_at=utcnow())
         with mapped_sql_errors("write dead letter"), Session(self._engine) as session:
             session.merge(letter)

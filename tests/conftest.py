@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 
 from memq.config import Settings, load_settings
-from memq.testing.llm_server import LLMTestServer
-from memq.testing.neo4j_server import Neo4jServer
-from memq.testing.redis_server import RedisServer
+from tests.rigs.llm_server import LLMTestServer
+from tests.rigs.neo4j_server import Neo4jServer
+from cli.redis_server import RedisServer
 
 LOCOMO = Path(__file__).resolve().parents[2] / "shared" / "data" / "locomo10.json"
 requires_locomo = pytest.mark.skipif(not LOCOMO.exists() and not os.environ.get("CI"),
@@ -124,17 +124,16 @@ def producer(settings: Settings, worker: Any) -> Iterator[Any]:
 
 @pytest.fixture()
 def memories(settings: Settings, worker: Any) -> Any:
-    """The synchronous read helpers, sharing the worker's stores (same process)."""
-    from pipeline.clients import build_clients
-    from pipeline.search import MemorySearch
+    """The synchronous reads and deletes, sharing the worker's stores (same process)."""
+    from memories import Memories
 
-    return MemorySearch(build_clients(settings))
+    return Memories(settings)
 
 
 @pytest.fixture()
 def graph(settings: Settings, worker: Any) -> Any:
     """The worker's graph store; skips the test where graph memory is off (no Neo4j on a laptop)."""
-    from pipeline.clients import build_clients
+    from jobs.clients import build_clients
 
     store = build_clients(settings).graph
     if store is None:

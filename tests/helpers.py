@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from memq.models import JobStatus
+from memq.models import JobStatus, Receipt
 
 
-def wait_done(producer: Any, job_id: str, timeout_s: float = 90.0) -> JobStatus:
+def wait_done(producer: Any, receipt: Receipt, timeout_s: float = 90.0) -> JobStatus:
     """Follow one job to succeeded/failed and return its status (fails the test on timeout)."""
-    status: JobStatus = producer.wait([job_id], timeout_s=timeout_s, poll_s=0.05)[0]
-    assert status.done, f"job {job_id} still {status.status} after {timeout_s} s"
+    status: JobStatus = producer.wait([receipt], timeout_s=timeout_s, poll_s=0.05)[0]
+    assert status.done, f"job {receipt.job_id} still {status.status} after {timeout_s} s"
     return status
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from memq.testing.redis_server import RedisServer
+from cli.redis_server import RedisServer
 from producer.backfill import BackfillFormatError, read_jsonl, read_locomo
 from tests.conftest import LOCOMO, requires_locomo
 
@@ -57,7 +57,7 @@ def worker_process(tmp_path: Path, redis_server: RedisServer) -> Iterator[dict[s
     for key in ("MEMQ_LLM__API_BASE", "MEMQ_LLM__API_KEY"):
         env.pop(key, None)
     log = open(tmp_path / "worker.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "memq.cli", "worker", "--loglevel", "WARNING"], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "worker", "--loglevel", "WARNING"], env=env,
                             stdout=log, stderr=subprocess.STDOUT)
     yield env
     proc.terminate()
@@ -74,7 +74,7 @@ def test_backfill_command_runs_every_session_and_a_rerun_enqueues_nothing(tmp_pa
             row = {"conversation_id": item.conversation_id, "session_id": item.session_id, **item.request}
             row.pop("idempotency_key")
             f.write(json.dumps(row) + "\n")
-    cmd = [sys.executable, "-m", "memq.cli", "backfill", str(log), "--wait", "--timeout", "240"]
+    cmd = [sys.executable, "-m", "cli", "backfill", str(log), "--wait", "--timeout", "240"]
     # When it is backfilled and followed to the end
     first = subprocess.run(cmd, env=worker_process, capture_output=True, text=True, timeout=300)
     # Then every job succeeded and events were counted

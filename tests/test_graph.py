@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from memq.models import JobState, Scope
-from memq.testing.llm_server import LLMTestServer
-from memq.testing.neo4j_server import Neo4jServer
+from tests.rigs.llm_server import LLMTestServer
+from tests.rigs.neo4j_server import Neo4jServer
 from producer.backfill import read_locomo
 from stores.graph import InvalidRelationshipType, relationship_type
 from tests.conftest import LOCOMO, requires_locomo
@@ -46,7 +46,7 @@ def test_locomo_sessions_land_as_entities_and_relations_in_their_scope(producer:
     for item in items:
         request = {**item.request, "user_id": user_id, "idempotency_key": None}
         before = llm_server.calls
-        status = wait_done(producer, producer.add_many([request])[0].job_id)
+        status = wait_done(producer, producer.add_many([request])[0])
         assert status.status is JobState.SUCCEEDED, status.error
         calls.append(llm_server.calls - before)
     # Then the speakers and what they named are entities of this scope, with relations between them
@@ -66,7 +66,7 @@ def test_a_contradicting_fact_invalidates_the_old_relation_and_keeps_it(producer
                                                                         user_id: str, llm_server: LLMTestServer) -> None:
     llm_server.script(_graph_reply(["Ann lives in Boston"], [("Ann", "person"), ("Boston", "city")],
                                    [("Ann", "lives in", "Boston")]))
-    first = wait_done(producer, producer.add("I live in Boston.", user_id=user_id).job_id)
+    first = wait_done(producer, producer.add("I live in Boston.", user_id=user_id))
     assert first.relations == [{"source": "ann", "relationship": "LIVES_IN", "destination": "boston"}]
     # When a later fact contradicts it and the decider says so (relation id "0", as shown)
     llm_server.script(_graph_reply(["Ann lives in Denver"], [("Ann", "person"), ("Denver", "city")],
@@ -74,7 +74,7 @@ def test_a_contradicting_fact_invalidates_the_old_relation_and_keeps_it(producer
                       json.dumps({"memory": [{"id": "0", "text": "Ann lives in Denver", "event": "UPDATE",
                                               "old_memory": "Ann lives in Boston"}],
                                   "invalidated_relations": ["0", "9"]}))
-    second = wait_done(producer, producer.add("I moved to Denver.", user_id=user_id).job_id)
+    second = wait_done(producer, producer.add("I moved to Denver.", user_id=user_id))
     assert second.status is JobState.SUCCEEDED
     decide_prompt = json.loads(llm_server.requests[-1]["messages"][-1]["content"].removeprefix("Input:\n"))
     assert decide_prompt["existing_relations"] == [
@@ -91,7 +91,7 @@ def test_an_injected_relationship_type_is_rejected_and_the_graph_is_unchanged(
     before = _everything(graph)
     llm_server.script(_graph_reply(["Ann knows Bob"], [("Ann", "person"), ("Bob", "person")],
                                    [("Ann", INJECTED, "Bob")]))
-    status = wait_done(producer, producer.add("I know Bob.", user_id=user_id).job_id)
+    status = wait_done(producer, producer.add("I know Bob.", user_id=user_id))
     # The memory is stored, the injected relation is not, and nothing else in the graph changed
     assert status.status is JobState.SUCCEEDED and status.relations == []
     after = _everything(graph)
@@ -105,15 +105,13 @@ def test_two_scopes_never_see_each_others_graph(producer: Any, memories: Any, gr
     other = user_id + "-b"
     reply = _graph_reply(["Ann works at Acme"], [("Ann", "person"), ("Acme", "company")], [("Ann", "WORKS_AT", "Acme")])
     llm_server.script(reply, reply)
-    wait_done(producer, producer.add("I work at Acme.", user_id=user_id).job_id)
-    wait_done(producer, producer.add("I work at Acme.", user_id=other).job_id)
+    wait_done(producer, producer.add("I work at Acme.", user_id=user_id))
+    wait_done(producer, producer.add("I work at Acme.", user_id=other))
     mine, theirs = graph.all_relations(Scope(user_id=user_id)), graph.all_relations(Scope(user_id=other))
     assert len(mine) == len(theirs) == 1 and mine[0].rid != theirs[0].rid
-    from pipeline.clients import build_clients
-    from pipeline.manage import MemoryAdmin
+    from memories import Memories
 
-    admin = MemoryAdmin(build_clients(producer.settings))
-    assert admin.delete_all(user_id=user_id)["entities"] == 2
+    assert Memories(producer.settings).delete_all(user_id=user_id)["entities"] == 2
     assert graph.entities(Scope(user_id=user_id)) == [] and memories.get_all(user_id=user_id)["results"] == []
     assert len(graph.all_relations(Scope(user_id=other))) == 1
     assert memories.search("Where does Ann work?", user_id=other)["relations"] == [
@@ -122,29 +120,33 @@ def test_two_scopes_never_see_each_others_graph(producer: Any, memories: Any, gr
 
 def test_deleting_a_memory_leaves_no_orphaned_entity_or_relation(producer: Any, graph: Any, user_id: str,
                                                                  llm_server: LLMTestServer) -> None:
-    from pipeline.clients import build_clients
-    from pipeline.manage import MemoryAdmin
+    from memories import Memories
 
     llm_server.script(_graph_reply(["Ann has a cat named Pixel"], [("Ann", "person"), ("Pixel", "cat")],
                                    [("Ann", "HAS_PET", "Pixel")]))
-    status = wait_done(producer, producer.add("My cat is Pixel.", user_id=user_id).job_id)
-    assert MemoryAdmin(build_clients(producer.settings)).delete(status.results[0].id)
+    status = wait_done(producer, producer.add("My cat is Pixel.", user_id=user_id))
+    assert Memories(producer.settings).delete(status.results[0].id, user_id=user_id)
     assert graph.all_relations(Scope(user_id=user_id), include_invalid=True) == []
     assert graph.entities(Scope(user_id=user_id)) == []
 
 
 def test_a_retried_graph_write_leaves_the_same_graph(producer: Any, graph: Any, user_id: str,
                                                      llm_server: LLMTestServer) -> None:
-    from workers.tasks import write_graph_task
+    from jobs.clients import build_clients
+    from pipeline.apply import write_graph
+    from pipeline.types import Plan
 
     llm_server.script(_graph_reply(["Ann plays tennis with Bob"], [("Ann", "person"), ("Bob", "person")],
                                    [("Ann", "PLAYS_TENNIS_WITH", "Bob")]))
-    job_id = producer.add("I play tennis with Bob.", user_id=user_id).job_id
-    wait_done(producer, job_id)
+    receipt = producer.add("I play tennis with Bob.", user_id=user_id)
+    wait_done(producer, receipt)
     before = _everything(graph), graph.entities(Scope(user_id=user_id))
-    # When the graph task runs again for the same job (a retry or a redelivery)
-    write_graph_task(job_id)
-    write_graph_task(job_id)
+    # When the graph write runs again for the same job (a retry or a redelivery)
+    c = build_clients(producer.settings)
+    job, plan = c.ledger.job(receipt.job_id), c.ledger.output(receipt.job_id, "decide", Plan)
+    assert plan is not None
+    write_graph(job, plan, graph, c.embedder)
+    write_graph(job, plan, graph, c.embedder)
     # Then nothing changed: same nodes, same relations, mention counts not inflated
     assert (_everything(graph), graph.entities(Scope(user_id=user_id))) == before
     assert all(e["mentions"] == 1 for e in before[1])
@@ -158,15 +160,15 @@ def test_neo4j_stopped_mid_job_gives_a_partial_job_that_completes_when_it_return
     try:
         llm_server.script(_graph_reply(["Ann sings in a choir"], [("Ann", "person"), ("Choir", "group")],
                                        [("Ann", "SINGS_IN", "Choir")]))
-        job_id = producer.add("I sing in a choir.", user_id=user_id).job_id
+        receipt = producer.add("I sing in a choir.", user_id=user_id)
         # Then the vector write lands and the job is partial, its memory already searchable
-        status = producer.wait_for(job_id, lambda s: s.status is JobState.PARTIAL and bool(s.results), timeout_s=90)
+        status = producer.wait_for(receipt, lambda s: s.status is JobState.PARTIAL and bool(s.results), timeout_s=90)
         assert status.status is JobState.PARTIAL and status.error_type == "StoreUnavailable", status
-        assert memories.get(status.results[0].id) is not None
+        assert memories.get(status.results[0].id, user_id=user_id) is not None
     finally:
         # When Neo4j comes back
         neo4j_server.start()
     # Then the graph write is retried and the job ends succeeded, with its relation in the graph
-    final = wait_done(producer, job_id, timeout_s=180)
+    final = wait_done(producer, receipt, timeout_s=180)
     assert final.status is JobState.SUCCEEDED
     assert [r.relationship for r in graph.all_relations(Scope(user_id=user_id))] == ["SINGS_IN"]

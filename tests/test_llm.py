@@ -9,9 +9,9 @@ import redis
 
 from memq.config import LLMSettings
 from memq.errors import LLMUnavailable, RateLimited
-from memq.ratelimit import RateLimiter
-from memq.testing.llm_server import LLMTestServer, Reply
-from memq.testing.redis_server import RedisServer
+from broker.ratelimit import RateLimiter
+from tests.rigs.llm_server import LLMTestServer, Reply
+from cli.redis_server import RedisServer
 from pipeline.extract import FactsReply
 from pipeline.llm import LLM
 

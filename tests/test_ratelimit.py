@@ -21,9 +21,9 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from memq.errors import StoreUnavailable, TransientError
-from memq.ratelimit import IDLE_TTL_S, RateLimiter
-from memq.testing.llm_server import LLMTestServer
-from memq.testing.redis_server import RedisServer
+from broker.ratelimit import IDLE_TTL_S, RateLimiter
+from tests.rigs.llm_server import LLMTestServer
+from cli.redis_server import RedisServer
 
 MODEL = "openai/test-model"
 

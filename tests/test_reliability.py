@@ -19,8 +19,8 @@ import pytest
 from memq.config import RedisSettings, Settings
 from memq.errors import BrokerUnavailable
 from memq.models import JobState
-from memq.testing.llm_server import LLMTestServer, Reply
-from memq.testing.redis_server import RedisServer
+from tests.rigs.llm_server import LLMTestServer, Reply
+from cli.redis_server import RedisServer
 from producer import Producer
 from producer.backfill import read_locomo
 from tests.conftest import LOCOMO, requires_locomo
@@ -60,7 +60,7 @@ def test_fifty_concurrent_adds_of_the_same_fact_leave_one_memory(producer: Produ
     # When 50 callers add the same fact for one user at the same moment
     with ThreadPoolExecutor(max_workers=10) as pool:
         receipts = list(pool.map(lambda _: producer.add("I am allergic to peanuts.", user_id=user_id), range(50)))
-    statuses = producer.wait([r.job_id for r in receipts], timeout_s=180, poll_s=0.1)
+    statuses = producer.wait(receipts, timeout_s=180, poll_s=0.1)
     # Then every job succeeded and exactly one memory exists
     assert [s.status for s in statuses] == [JobState.SUCCEEDED] * 50
     stored = memories.get_all(user_id=user_id)["results"]
@@ -73,20 +73,20 @@ def test_twenty_sessions_enqueued_at_once_apply_in_session_order(producer: Produ
     # Given 20 sessions of one user, each changing the same fact, enqueued in one batch
     texts = [f"Ann's current city is city number {n}." for n in range(1, 21)]
     receipts = producer.add_many([{"messages": t, "user_id": user_id} for t in texts])
-    statuses = producer.wait([r.job_id for r in receipts], timeout_s=180, poll_s=0.1)
+    statuses = producer.wait(receipts, timeout_s=180, poll_s=0.1)
     assert all(s.status is JobState.SUCCEEDED for s in statuses)
     # Then the memory holds session 20's fact, and its history went 1 -> 2 -> ... -> 20 in order
     [memory] = memories.get_all(user_id=user_id)["results"]
     assert memory["memory"] == texts[-1]
-    history = memories.history(memory["id"])
+    history = memories.history(memory["id"], user_id=user_id)
     assert [h["event"] for h in history] == ["ADD"] + ["UPDATE"] * 19
     assert [h["new_memory"] for h in history] == texts
 
 
 def test_provider_faults_end_every_job_succeeded_or_dead_lettered_and_replay_completes_them(
         producer: Producer, memories: Any, llm_server: LLMTestServer, user_id: str) -> None:
-    from pipeline.clients import build_clients
-    from pipeline.manage import replay_dead_letters
+    from jobs.admin import replay_dead_letters
+    from jobs.clients import build_clients
 
     # Given a provider that throttles, then errors, then times out, then answers broken JSON
     llm_server.script(*[Reply(status=429, headers={"Retry-After": "1"})] * 3, *[Reply(status=500)] * 3,
@@ -94,7 +94,7 @@ def test_provider_faults_end_every_job_succeeded_or_dead_lettered_and_replay_com
     users = [f"{user_id}-{i}" for i in range(6)]
     receipts = [producer.add(f"I collect stamps from country number {i}.", user_id=u) for i, u in enumerate(users)]
     # Then every job ends succeeded or failed with a dead letter that says why; none is lost
-    statuses = producer.wait([r.job_id for r in receipts], timeout_s=240, poll_s=0.2)
+    statuses = producer.wait(receipts, timeout_s=240, poll_s=0.2)
     assert all(s.done for s in statuses), [s.status for s in statuses]
     failed = {s.job_id for s in statuses if s.status is JobState.FAILED}
     clients = build_clients(producer.settings)
@@ -103,8 +103,8 @@ def test_provider_faults_end_every_job_succeeded_or_dead_lettered_and_replay_com
     assert failed and failed <= set(letters)
     assert all(letters[j].error_type in ("LLMOutputError", "LLMUnavailable") for j in failed)
     # When the provider has recovered and the dead letters are replayed
-    assert sorted(replay_dead_letters(clients.records, clients.jobs, sorted(failed))) == sorted(failed)
-    final = producer.wait([r.job_id for r in receipts], timeout_s=120, poll_s=0.2)
+    assert sorted(replay_dead_letters(clients.ledger, sorted(failed))) == sorted(failed)
+    final = producer.wait(receipts, timeout_s=120, poll_s=0.2)
     # Then every job succeeded, each user has its memory, and the letters are gone
     assert [s.status for s in final] == [JobState.SUCCEEDED] * len(users)
     assert all(memories.get_all(user_id=u)["results"] for u in users)
@@ -114,7 +114,7 @@ def test_provider_faults_end_every_job_succeeded_or_dead_lettered_and_replay_com
 # --- separate worker processes -------------------------------------------------------------------
 
 def _start_worker(env: dict[str, str], log: Path, *, pool: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "memq.cli", "worker", "--pool", pool, "--concurrency",
+    return subprocess.Popen([sys.executable, "-m", "cli", "worker", "--pool", pool, "--concurrency",
                              "1" if pool == "prefork" else "2", "--loglevel", "INFO"],
                             env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -141,7 +141,7 @@ def _sessions(user_id: str, count: int) -> list[dict[str, Any]]:
 
 def _memory_texts(data_dir: Path, user_id: str) -> list[str]:
     code = ("import json,sys; from memq.config import Settings; from pathlib import Path;"
-            "from pipeline.clients import build_clients; from memq.models import Scope;"
+            "from jobs.clients import build_clients; from memq.models import Scope;"
             f"c = build_clients(Settings(data_dir=Path({str(data_dir)!r})));"
             f"print(json.dumps(sorted(m.memory for m in c.vectors.list(Scope(user_id={user_id!r}), limit=10000))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
@@ -161,20 +161,19 @@ def test_a_worker_killed_mid_backfill_loses_nothing_and_ends_like_an_undisturbed
     try:
         # Given a backfill of 8 sessions, and a prefork worker killed with SIGKILL once 2 have finished
         receipts = producer.add_many(_sessions("killed", 8))
-        ids = [r.job_id for r in receipts]
         deadline = time.monotonic() + 120
-        while sum(s.done for s in producer.wait(ids, timeout_s=0)) < 2 and time.monotonic() < deadline:
+        while sum(s.done for s in producer.wait(receipts, timeout_s=0)) < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
         _kill(worker)
-        assert sum(s.done for s in producer.wait(ids, timeout_s=0)) < 8, "the backfill ended before the kill"
+        assert sum(s.done for s in producer.wait(receipts, timeout_s=0)) < 8, "the backfill ended before the kill"
         # When a new worker starts
         worker = _start_worker(env, tmp_path / "worker.log", pool="prefork")
-        statuses = producer.wait(ids, timeout_s=240, poll_s=0.2)
+        statuses = producer.wait(receipts, timeout_s=240, poll_s=0.2)
         # Then every job succeeded
         assert [s.status for s in statuses] == [JobState.SUCCEEDED] * 8, (tmp_path / "worker.log").read_text()[-3000:]
         # And an undisturbed run of the same input leaves the same memories
         calm = producer.add_many(_sessions("calm", 8))
-        assert all(s.status is JobState.SUCCEEDED for s in producer.wait([r.job_id for r in calm], timeout_s=240))
+        assert all(s.status is JobState.SUCCEEDED for s in producer.wait(calm, timeout_s=240))
     finally:
         _kill(worker, signal.SIGTERM)
     killed, calm_texts = _memory_texts(tmp_path / "data", "killed"), _memory_texts(tmp_path / "data", "calm")
@@ -204,7 +203,7 @@ def test_redis_restarted_during_a_backfill_refuses_cleanly_then_resumes_without_
             # Then the first half is recognised, the rest enqueued, and every job succeeds once
             assert [r.duplicate for r in again] == [True] * 3 + [False] * 3
             assert [r.job_id for r in again[:3]] == [r.job_id for r in first]
-            statuses = producer.wait([r.job_id for r in again], timeout_s=240, poll_s=0.2)
+            statuses = producer.wait(again, timeout_s=240, poll_s=0.2)
             assert [s.status for s in statuses] == [JobState.SUCCEEDED] * 6, \
                 (tmp_path / "worker.log").read_text()[-3000:]
         finally:
@@ -218,15 +217,16 @@ def test_dead_letters_are_listed_and_replayed_from_the_command_line(producer: Pr
                                                                     user_id: str) -> None:
     # Given a job that failed for good (the reply never parses)
     llm_server.script(Reply(content="no JSON here"))
-    job_id = producer.add("I play the cello on Tuesdays.", user_id=user_id).job_id
-    assert wait_done(producer, job_id).status is JobState.FAILED
+    receipt = producer.add("I play the cello on Tuesdays.", user_id=user_id)
+    job_id = receipt.job_id
+    assert wait_done(producer, receipt).status is JobState.FAILED
     # When `memq dlq list` runs, Then it shows the job, its stage and why
-    listed = subprocess.run([sys.executable, "-m", "memq.cli", "dlq", "list", "--json"], capture_output=True,
+    listed = subprocess.run([sys.executable, "-m", "cli", "dlq", "list", "--json"], capture_output=True,
                             text=True, check=True, env=os.environ.copy()).stdout
     letters = {row["job_id"]: row for row in map(json.loads, listed.splitlines())}
     assert letters[job_id]["stage"] == "memq.extract" and letters[job_id]["error_type"] == "LLMOutputError"
     # When `memq dlq replay JOB_ID` runs, Then the job runs again and succeeds
-    subprocess.run([sys.executable, "-m", "memq.cli", "dlq", "replay", job_id], check=True, env=os.environ.copy(),
+    subprocess.run([sys.executable, "-m", "cli", "dlq", "replay", job_id], check=True, env=os.environ.copy(),
                    capture_output=True)
-    assert producer.wait_for(job_id, lambda s: s.status is JobState.SUCCEEDED, timeout_s=60).status \
+    assert producer.wait_for(receipt, lambda s: s.status is JobState.SUCCEEDED, timeout_s=60).status \
         is JobState.SUCCEEDED

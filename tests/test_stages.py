@@ -7,7 +7,7 @@ from pathlib import Path
 
 from memq.config import EmbedderSettings, QdrantSettings
 from memq.models import AddJob, Scope
-from memq.testing.llm_server import LLMTestServer
+from tests.rigs.llm_server import LLMTestServer
 from pipeline.retrieve import find_neighbours
 from pipeline.types import Fact
 from stores.embedder import LiteLLMEmbedder

@@ -1,21 +1,28 @@
-"""The Celery app of memq workers: configured from `celeryconfig`, clients built once per process."""
+"""The Celery app of memq workers: configured from `celeryconfig`, stores opened before consuming.
+
+`OwnStores` is a worker boot step that runs before the consumer starts: it opens every store the
+worker will use (thread and solo pools; a prefork parent checks that the embedded Qdrant folder is
+free, its children open it). A worker that cannot, for instance because another process owns the
+embedded Qdrant folder, stops with an error before it takes any task: nothing else may take a job it
+cannot finish.
+"""
 
 from __future__ import annotations
 
 import logging
 from typing import Any
 
-from celery import Celery
+from celery import Celery, bootsteps
 from celery._state import _set_task_join_will_block
-from celery.signals import worker_init, worker_process_init
+from celery.signals import worker_process_init
 
+from jobs.clients import Clients, build_clients
 from memq.config import load_settings
 from memq.errors import StoreUnavailable
-from pipeline.clients import Clients, build_clients
 
 logger = logging.getLogger(__name__)
 
-app = Celery("memq")
+app = Celery("memq", include=["workers.tasks"])
 app.config_from_object("celeryconfig")
 
 
@@ -24,7 +31,7 @@ def clients() -> Clients:
     return build_clients(load_settings())
 
 
-def _start_up() -> None:
+def _open_stores() -> Clients:
     """Build the clients and create the graph schema (idempotent); Neo4j being down only delays it."""
     c = clients()
     if c.graph is not None:
@@ -32,26 +39,41 @@ def _start_up() -> None:
             c.graph.ensure_schema()
         except StoreUnavailable:
             logger.warning("Neo4j unreachable at start-up; its schema is created on first use")
+    return c
 
 
-@worker_init.connect
-def _warm_main(sender: Any = None, **_: Any) -> None:
-    """Thread and solo pools run tasks in the main process: load models before consuming. A prefork
-    parent opens nothing (its children do: a local Qdrant folder must have one owner).
+class OwnStores(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Open the stores before the consumer starts; raise (the worker exits 1) if they cannot be opened.
 
-    Tasks never wait on results, so (as prefork children do) the process does not subscribe to
-    result channels when a task starts a chain.
+    Tasks never wait on results, so the process does not subscribe to result channels either.
     """
-    _set_task_join_will_block(True)
-    pool = str(getattr(sender, "pool_cls", "") or app.conf.worker_pool or "")
-    if "prefork" not in pool.lower():
-        _start_up()
+
+    requires = {"celery.worker.components:Pool"}
+
+    def start(self, worker: Any) -> None:
+        """Open the stores (or, for a prefork parent, check the embedded folder is free).
+
+        Raises:
+            StoreUnavailable: a store cannot be opened (e.g. the folder is owned by another process).
+        """
+        _set_task_join_will_block(True)
+        pool = str(getattr(worker, "pool_cls", "") or app.conf.worker_pool or "")
+        if "prefork" in pool.lower():
+            settings = load_settings()
+            if settings.embedded_qdrant:
+                from stores.qdrant import probe_local_folder
+
+                assert settings.qdrant.path is not None
+                probe_local_folder(settings.qdrant.path)
+            return
+        _open_stores()
+
+
+app.steps["worker"].add(OwnStores)
 
 
 @worker_process_init.connect
-def _warm_child(**_: Any) -> None:
+def _open_in_child(**_: Any) -> None:
     """Prefork children build their own clients (never share clients across fork)."""
-    _start_up()
-
-
-import workers.tasks  # noqa: E402,F401  (registers the tasks on `app`)
+    _set_task_join_will_block(True)
+    _open_stores()

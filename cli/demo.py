@@ -25,7 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from memq.config import Queues, RedisSettings, Settings
-from memq.testing.redis_server import RedisServer
+from cli.redis_server import RedisServer
 
 
 def evidence_ids(evidence: list[Any]) -> set[str]:
@@ -70,8 +70,7 @@ def run_demo(data: Path, conversation: str, questions: int, workdir: Path, conso
     Returns:
         Exit code: 0 when every job succeeded and memories were written, 1 otherwise.
     """
-    from pipeline.clients import build_clients
-    from pipeline.search import MemorySearch
+    from memories import Memories
     from producer import Producer
     from producer.backfill import read_locomo
     from stores.qdrant import close_vector_stores
@@ -102,7 +101,7 @@ def run_demo(data: Path, conversation: str, questions: int, workdir: Path, conso
                     if worker.poll() is not None:
                         raise RuntimeError(f"the worker exited ({worker.returncode}); see {workdir}/worker.log")
 
-                statuses = producer.wait([r.job_id for r in receipts], timeout_s=1800, on_progress=on_progress)
+                statuses = producer.wait(receipts, timeout_s=1800, on_progress=on_progress)
             backfill_s = time.monotonic() - t0
         finally:
             _stop(worker)
@@ -116,10 +115,9 @@ def run_demo(data: Path, conversation: str, questions: int, workdir: Path, conso
             if s.status.value != "succeeded":
                 console.print(f"[red]{s.job_id}: {s.status.value} {s.error_type}: {s.error}[/]")
 
-        clients = build_clients(settings)
-        searcher = MemorySearch(clients)
+        searcher = Memories(settings)
         user_id = items[0].request["user_id"]
-        memories = clients.vectors.count()
+        memories = searcher.vectors.count()
         qa = _questions(data, conversation)
         hits, latencies, embed_ms = 0, [], []
         shown: list[tuple[dict[str, Any], list[dict[str, Any]], bool]] = []
@@ -129,7 +127,7 @@ def run_demo(data: Path, conversation: str, questions: int, workdir: Path, conso
             found = searcher.search(q["question"], user_id=user_id, limit=10)["results"]
             latencies.append((time.perf_counter() - t) * 1000)
             t = time.perf_counter()
-            clients.embedder.embed([q["question"]])
+            searcher.embedder.embed([q["question"]])
             embed_ms.append((time.perf_counter() - t) * 1000)
             gold = evidence_ids(q.get("evidence", []))
             hit = any(gold & set(r["source_message_ids"]) for r in found)

@@ -1,25 +1,25 @@
-"""The clients a worker or a search helper needs, built once per process as a small frozen bundle."""
+"""The clients a worker or a read helper needs, built once per process as a small frozen bundle."""
 
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
 
+from broker.jobstore import JobStore
+from broker.ratelimit import RateLimiter
+from jobs.ledger import JobLedger
 from memq.config import Settings
-from memq.errors import StoreUnavailable
-from memq.jobstore import JobStore
-from memq.ratelimit import RateLimiter
 from pipeline.llm import LLM
 from stores.embedder import Embedder, get_embedder
 from stores.graph import GraphStore, open_graph_store
 from stores.history import HistoryStore, open_history_store, sql_engine
-from stores.records import RecordStore
 from stores.qdrant import VectorStore, open_vector_store
+from stores.records import RecordStore
 
 
 @dataclass(frozen=True)
 class Clients:
-    """Everything a stage may use.
+    """Everything an add job's stages and the read helpers may use.
 
     Attributes:
         settings: the process's settings.
@@ -27,9 +27,9 @@ class Clients:
         vectors: the Qdrant collection.
         history: the SQL history store.
         llm: the model behind extraction and decisions.
-        jobs: job records in Redis (raises `StoreUnavailable` when Redis is down).
+        ledger: job records in Redis and SQL (rides out a Redis restart of up to
+            ``jobs.broker_outage_s`` seconds).
         graph: the Neo4j graph store, or None when graph memory is off (no ``MEMQ_NEO4J__URI``).
-        records: durable job records and dead letters (SQL, the history database).
     """
 
     settings: Settings
@@ -37,9 +37,13 @@ class Clients:
     vectors: VectorStore
     history: HistoryStore
     llm: LLM
-    jobs: JobStore
+    ledger: JobLedger
     graph: GraphStore | None = None
-    records: RecordStore | None = None
+
+    @property
+    def records(self) -> RecordStore:
+        """Durable job records and dead letters (SQL)."""
+        return self.ledger.records
 
 
 _clients: dict[Settings, Clients] = {}
@@ -62,16 +66,17 @@ def build_clients(settings: Settings) -> Clients:
             embedder = get_embedder(settings.embedder)
             assert settings.history.url is not None
             jobs = JobStore.from_url(settings.redis.url, ttl_s=settings.jobs.ttl_s,
-                                     socket_timeout_s=settings.redis.socket_timeout_s, unavailable=StoreUnavailable)
+                                     socket_timeout_s=settings.redis.socket_timeout_s,
+                                     outage_s=settings.jobs.broker_outage_s)
+            history = open_history_store(settings.history.url)
             clients = Clients(
                 settings=settings,
                 embedder=embedder,
                 vectors=open_vector_store(settings.qdrant, embedder.dims),
-                history=open_history_store(settings.history.url),
+                history=history,
                 llm=LLM(settings.llm, embedder=embedder, limiter=RateLimiter(jobs.client)),
-                jobs=jobs,
+                ledger=JobLedger(jobs, RecordStore(sql_engine(settings.history.url)), history),
                 graph=open_graph_store(settings.neo4j),
-                records=RecordStore(sql_engine(settings.history.url)),
             )
             _clients[settings] = clients
         return clients

@@ -1,4 +1,5 @@
-"""The ``memq`` command line: worker, backfill, search, status, history, demo.
+"""The ``memq`` command line: worker, backfill, search, status, history, demo (operators' commands
+``jobs``, ``dlq`` and ``migrate-scope-keys`` are in `cli.ops`).
 
 Commands import the layers they need when they run, so ``memq --help`` stays fast and light.
 """
@@ -9,18 +10,26 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from cli import ops
 from memq.config import Queues, load_settings
 from memq.errors import MemqError
+from memq.models import Receipt
+
+if TYPE_CHECKING:
+    from producer import Producer
 
 app = typer.Typer(help="memq: long-term memory for AI assistants, as a Celery pipeline.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
 console = Console()
+app.add_typer(ops.dlq, name="dlq")
+app.add_typer(ops.jobs, name="jobs")
+app.command(name="migrate-scope-keys")(ops.migrate_scope_keys)
 
 
 def _progress() -> Progress:
@@ -67,18 +76,19 @@ def backfill(
     """
     from producer import Producer
     from producer.backfill import read_backfill
-    from producer.validate import job_id_for_key
     from stores.history import sql_engine
     from stores.records import RecordStore
 
     try:
         items = read_backfill(path, fmt=fmt, conversations=conversation, source=source_id)
         settings = load_settings()
-        assert settings.history.url is not None
-        done = RecordStore(sql_engine(settings.history.url)).states(
-            [job_id_for_key(i.request["idempotency_key"]) for i in items])
-        todo = [i for i in items if done.get(job_id_for_key(i.request["idempotency_key"])) != "succeeded"]
         producer = Producer(settings)
+        jobs = [producer.build(**item.request) for item in items]
+        assert settings.history.url is not None
+        done = RecordStore(sql_engine(settings.history.url)).states_by_key(
+            [(job.scope, str(job.idempotency_key)) for job in jobs])
+        todo = [item for item, job in zip(items, jobs)
+                if done.get((job.scope, str(job.idempotency_key))) != "succeeded"]
         receipts = []
         with _progress() as progress:
             task = progress.add_task("enqueue", total=len(todo))
@@ -90,19 +100,16 @@ def backfill(
         console.print(f"{len(items)} sessions: {len(items) - len(todo)} done before, {fresh} enqueued, "
                       f"{len(receipts) - fresh} already enqueued before")
         if wait and receipts:
-            _follow(producer, [r.job_id for r in receipts], timeout_s)
+            _follow(producer, receipts, timeout_s)
     except MemqError as exc:
         console.print(f"[red]{type(exc).__name__}: {exc}[/]")
         raise typer.Exit(1) from exc
 
 
-def _follow(producer: object, job_ids: list[str], timeout_s: float) -> None:
-    from producer import Producer
-
-    assert isinstance(producer, Producer)
+def _follow(producer: Producer, receipts: list[Receipt], timeout_s: float) -> None:
     with _progress() as progress:
-        task = progress.add_task("jobs done", total=len(job_ids))
-        statuses = producer.wait(job_ids, timeout_s=timeout_s,
+        task = progress.add_task("jobs done", total=len(receipts))
+        statuses = producer.wait(receipts, timeout_s=timeout_s,
                                  on_progress=lambda done, total: progress.update(task, completed=done))
     by_state: dict[str, int] = {}
     events: dict[str, int] = {}
@@ -115,29 +122,37 @@ def _follow(producer: object, job_ids: list[str], timeout_s: float) -> None:
     failed = [s for s in statuses if s.status.value == "failed"]
     for s in failed[:10]:
         console.print(f"[red]failed {s.job_id}: {s.error_type}: {s.error}[/]")
-    if failed or by_state.get("succeeded", 0) != len(job_ids):
+    if failed or by_state.get("succeeded", 0) != len(receipts):
         raise typer.Exit(1)
+
+
+ScopeOption = Annotated[str | None, typer.Option(help="Scope: user id.")]
+AgentOption = Annotated[str | None, typer.Option(help="Scope: agent id.")]
+RunOption = Annotated[str | None, typer.Option(help="Scope: run id.")]
+
+
+def _fail(exc: MemqError) -> typer.Exit:
+    console.print(f"[red]{type(exc).__name__}: {exc!s}[/]")
+    return typer.Exit(1)
 
 
 @app.command()
 def search(
     query: Annotated[str, typer.Argument(help="What to look for.")],
-    user_id: Annotated[str | None, typer.Option(help="Scope: user id.")] = None,
-    agent_id: Annotated[str | None, typer.Option(help="Scope: agent id.")] = None,
-    run_id: Annotated[str | None, typer.Option(help="Scope: run id.")] = None,
+    user_id: ScopeOption = None,
+    agent_id: AgentOption = None,
+    run_id: RunOption = None,
     limit: Annotated[int, typer.Option(help="At most this many results.")] = 10,
     as_json: Annotated[bool, typer.Option("--json", help="Print Mem0's JSON shape.")] = False,
 ) -> None:
     """Search memories of a scope by meaning (in embedded mode, while no worker runs)."""
-    from pipeline.search import MemorySearch
+    from memories import Memories
     from stores.qdrant import close_vector_stores
 
     try:
-        found = MemorySearch.from_settings().search(query, user_id=user_id, agent_id=agent_id, run_id=run_id,
-                                                    limit=limit)
+        found = Memories().search(query, user_id=user_id, agent_id=agent_id, run_id=run_id, limit=limit)
     except MemqError as exc:
-        console.print(f"[red]{type(exc).__name__}: {exc}[/]")
-        raise typer.Exit(1) from exc
+        raise _fail(exc) from exc
     finally:
         close_vector_stores()
     if as_json:
@@ -148,83 +163,36 @@ def search(
 
 
 @app.command()
-def status(job_id: Annotated[str, typer.Argument(help="The job id from add's receipt.")]) -> None:
-    """Print a job's status and events as JSON."""
+def status(
+    job_id: Annotated[str, typer.Argument(help="The job id from add's receipt.")],
+    user_id: ScopeOption = None,
+    agent_id: AgentOption = None,
+    run_id: RunOption = None,
+) -> None:
+    """Print a job's status and events as JSON (the job must belong to the scope given)."""
     from producer import Producer
 
     try:
-        print(Producer().status(job_id).model_dump_json(indent=1))
+        print(Producer().status(job_id, user_id=user_id, agent_id=agent_id, run_id=run_id).model_dump_json(indent=1))
     except MemqError as exc:
-        console.print(f"[red]{type(exc).__name__}: {exc!s}[/]")
-        raise typer.Exit(1) from exc
+        raise _fail(exc) from exc
 
 
 @app.command()
-def history(memory_id: Annotated[str, typer.Argument(help="A memory id.")]) -> None:
-    """Print a memory's history rows as JSON."""
-    from pipeline.search import MemorySearch
-    from stores.qdrant import close_vector_stores
-
-    try:
-        print(json.dumps(MemorySearch.from_settings().history(memory_id), indent=1))
-    finally:
-        close_vector_stores()
-
-
-dlq = typer.Typer(help="Dead letters: jobs that failed for good, kept for replay.", no_args_is_help=True)
-app.add_typer(dlq, name="dlq")
-
-
-def _dead_letter_stores() -> tuple[object, object]:
-    from memq.errors import StoreUnavailable
-    from memq.jobstore import JobStore
-    from stores.history import sql_engine
-    from stores.records import RecordStore
-
-    settings = load_settings()
-    assert settings.history.url is not None
-    jobs = JobStore.from_url(settings.redis.url, ttl_s=settings.jobs.ttl_s, unavailable=StoreUnavailable)
-    return RecordStore(sql_engine(settings.history.url)), jobs
-
-
-@dlq.command("list")
-def dlq_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines.")] = False) -> None:
-    """List dead letters: job, stage, error, attempts, time."""
-    from stores.records import RecordStore
-
-    records, _ = _dead_letter_stores()
-    assert isinstance(records, RecordStore)
-    for letter in records.dead_letters():
-        row = {"job_id": letter.job_id, "stage": letter.stage, "error_type": letter.error_type,
-               "error": letter.error, "attempts": letter.attempts, "failed_at": letter.failed_at.isoformat()}
-        if as_json:
-            print(json.dumps(row))
-        else:
-            console.print(f"{letter.job_id}  {letter.stage}  {letter.error_type}: {letter.error}  "
-                          f"(attempts {letter.attempts}, {row['failed_at']})")
-
-
-@dlq.command("replay")
-def dlq_replay(
-    job_id: Annotated[str | None, typer.Argument(help="The job to run again.")] = None,
-    replay_all: Annotated[bool, typer.Option("--all", help="Replay every dead letter.")] = False,
+def history(
+    memory_id: Annotated[str, typer.Argument(help="A memory id.")],
+    user_id: ScopeOption = None,
+    agent_id: AgentOption = None,
+    run_id: RunOption = None,
 ) -> None:
-    """Run dead-lettered jobs again (one, or --all)."""
-    from memq.jobstore import JobStore
-    from pipeline.manage import replay_dead_letters
-    from stores.records import RecordStore
+    """Print a memory's history rows as JSON ([] for a memory outside the scope given). Reads SQL only."""
+    from memories import Memories
 
-    if (job_id is None) == (not replay_all):
-        console.print("[red]give a JOB_ID or --all[/]")
-        raise typer.Exit(2)
-    records, jobs = _dead_letter_stores()
-    assert isinstance(records, RecordStore) and isinstance(jobs, JobStore)
     try:
-        replayed = replay_dead_letters(records, jobs, None if replay_all else [str(job_id)])
+        print(json.dumps(Memories().history(memory_id, user_id=user_id, agent_id=agent_id, run_id=run_id),
+                         indent=1))
     except MemqError as exc:
-        console.print(f"[red]{type(exc).__name__}: {exc!s}[/]")
-        raise typer.Exit(1) from exc
-    console.print(f"replayed {len(replayed)} jobs")
+        raise _fail(exc) from exc
 
 
 @app.command()
@@ -235,7 +203,7 @@ def demo(
     workdir: Annotated[Path, typer.Option(help="Scratch folder (wiped first).")] = Path(".memq/demo"),
 ) -> None:
     """The main job, embedded: local Redis + worker, backfill a LoCoMo conversation, wait, search."""
-    from memq.demo import run_demo
+    from cli.demo import run_demo
 
     raise typer.Exit(run_demo(data, conversation, questions, workdir, console))
 

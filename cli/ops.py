@@ -1,0 +1,134 @@
+"""Operators' commands: ``memq jobs`` (list, end, restart), ``memq dlq`` (dead letters) and
+``memq migrate-scope-keys``. They take job ids without a scope: they are not for tenants."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.console import Console
+
+from memq.config import load_settings
+from memq.errors import MemqError
+
+if TYPE_CHECKING:
+    from jobs.ledger import JobLedger
+
+console = Console()
+dlq = typer.Typer(help="Dead letters: jobs that failed for good, kept for replay.", no_args_is_help=True)
+jobs = typer.Typer(help="Jobs by state and age; end or restart a stuck one.", no_args_is_help=True)
+
+
+def _ledger() -> JobLedger:
+    """A ledger on the configured Redis and SQL database (no model, no vector store)."""
+    from broker.jobstore import JobStore
+    from jobs.ledger import JobLedger
+    from stores.history import open_history_store, sql_engine
+    from stores.records import RecordStore
+
+    settings = load_settings()
+    assert settings.history.url is not None
+    store = JobStore.from_url(settings.redis.url, ttl_s=settings.jobs.ttl_s,
+                              socket_timeout_s=settings.redis.socket_timeout_s)
+    return JobLedger(store, RecordStore(sql_engine(settings.history.url)), open_history_store(settings.history.url))
+
+
+def _fail(exc: MemqError) -> typer.Exit:
+    console.print(f"[red]{type(exc).__name__}: {exc!s}[/]")
+    return typer.Exit(1)
+
+
+@dlq.command("list")
+def dlq_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines.")] = False) -> None:
+    """List dead letters: job, stage, error, attempts, time."""
+    for letter in _ledger().records.dead_letters():
+        row = {"job_id": letter.job_id, "stage": letter.stage, "error_type": letter.error_type,
+               "error": letter.error, "attempts": letter.attempts, "failed_at": letter.failed_at.isoformat()}
+        if as_json:
+            print(json.dumps(row))
+        else:
+            console.print(f"{letter.job_id}  {letter.stage}  {letter.error_type}: {letter.error}  "
+                          f"(attempts {letter.attempts}, {row['failed_at']})")
+
+
+@dlq.command("replay")
+def dlq_replay(
+    job_id: Annotated[str | None, typer.Argument(help="The job to run again.")] = None,
+    replay_all: Annotated[bool, typer.Option("--all", help="Replay every dead letter.")] = False,
+) -> None:
+    """Run dead-lettered jobs again (one, or --all)."""
+    from jobs.admin import replay_dead_letters
+
+    if (job_id is None) == (not replay_all):
+        console.print("[red]give a JOB_ID or --all[/]")
+        raise typer.Exit(2)
+    try:
+        replayed = replay_dead_letters(_ledger(), None if replay_all else [str(job_id)])
+    except MemqError as exc:
+        raise _fail(exc) from exc
+    console.print(f"replayed {len(replayed)} jobs")
+
+
+@jobs.command("list")
+def jobs_list(
+    state: Annotated[list[str] | None, typer.Option(help="Only this state (repeatable): queued, running, "
+                                                       "partial, succeeded, failed.")] = None,
+    limit: Annotated[int, typer.Option(help="At most this many jobs.")] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines.")] = False,
+) -> None:
+    """Jobs by state and age, the longest idle first (from SQL, and Redis for live jobs)."""
+    from jobs.admin import list_jobs
+
+    try:
+        rows = list_jobs(_ledger(), states=state, limit=limit)
+    except MemqError as exc:
+        raise _fail(exc) from exc
+    for r in rows:
+        if as_json:
+            print(json.dumps(r.__dict__))
+        else:
+            console.print(f"{r.job_id}  {r.status:<9} {r.stage or '-':<16} age {r.age_s:7.0f} s  idle {r.idle_s:7.0f} s"
+                          + (f"  {r.error_type}" if r.error_type else "") + (f"  [dim]{r.waiting}[/]" if r.waiting else ""))
+
+
+@jobs.command("fail")
+def jobs_fail(job_id: Annotated[str, typer.Argument(help="The job to end.")]) -> None:
+    """End a stuck job as failed (kept as a dead letter); its scope moves on."""
+    from jobs.admin import end_job
+
+    try:
+        outcome = end_job(_ledger(), job_id)
+    except MemqError as exc:
+        raise _fail(exc) from exc
+    console.print(f"job {job_id}: " + ("failed" if outcome == "ok" else f"unchanged ({outcome})"))
+
+
+@jobs.command("retry")
+def jobs_retry(job_id: Annotated[str, typer.Argument(help="The job to run again.")]) -> None:
+    """Run a job again from its start, at the end of its scope's order; its scope moves on."""
+    from jobs.admin import restart_job
+
+    try:
+        restart_job(_ledger(), job_id)
+    except MemqError as exc:
+        raise _fail(exc) from exc
+    console.print(f"job {job_id}: queued again")
+
+
+def migrate_scope_keys() -> None:
+    """Re-key the graph's entities and relations written before scope keys became injective (run once,
+    with workers stopped, after upgrading from a memq whose scope keys looked like ``u=a|a=|r=``)."""
+    from stores.graph import open_graph_store
+
+    graph = open_graph_store(load_settings().neo4j)
+    if graph is None:
+        console.print("graph memory is off (no MEMQ_NEO4J__URI): nothing to migrate")
+        return
+    try:
+        moved = graph.migrate_scope_keys()
+    except MemqError as exc:
+        raise _fail(exc) from exc
+    finally:
+        graph.close()
+    console.print(f"re-keyed {moved} entities")

@@ -1,0 +1,226 @@
+"""An add job's life, from its start message to its end, as plain functions over explicit clients.
+
+Read this module top to bottom to follow one job: each function is one task of the job; it reads
+what the earlier stages stored (through the ledger), calls the pure stage logic in `pipeline/`, and
+returns what happens next as a transition (`jobs.transitions`). It changes nothing itself:
+`jobs.ledger.JobLedger.commit` records the transition and queues the next task in one atomic step,
+and `workers.tasks` (Celery only) turns errors into `retry`, `requeue` or `fail` transitions.
+
+    start -> caption -> extract -> decide -> write_vectors  } -> finalize
+                                     |    -> write_graph    }
+                                     '-> Deferred until every earlier job of the scope has finished
+
+Every function is safe to run again for the same job (redelivery, duplicates): a finished job is
+skipped, a stage whose output is stored reuses it (so a retried stage never asks the model twice),
+and writes use deterministic ids. A job's decide and writes run only in its scope's turn, and see
+and touch only memories whose scope equals the job's exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+from pydantic import BaseModel
+
+from broker.messages import Next
+from jobs.clients import Clients
+from jobs.transitions import Advance, Deferred, Finished, Joined, Retry, Skip, Transition
+from memq.errors import StoreUnavailable
+from memq.models import AddJob, JobState
+from pipeline import apply, caption as caption_stage, decide as decide_stage, extract as extract_stage
+from pipeline import finalize as finalize_stage, graph_plan, retrieve
+from pipeline.types import CaptionedMessages, ExtractedFacts, LLMUsage, Plan, WriteResult
+from stores.graph import RelationRecord
+
+logger = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=BaseModel)
+
+START, CAPTION, EXTRACT, DECIDE = "memq.start", "memq.caption", "memq.extract", "memq.decide"
+WRITE_VECTORS, WRITE_GRAPH, FINALIZE = "memq.write_vectors", "memq.write_graph", "memq.finalize"
+WRITES = ("write_vectors", "write_graph")
+"""The store writes that run in parallel; finalize waits for all of them."""
+
+SCOPE_WAIT_BASE_S = 1.0
+"""First backstop wait (seconds) of a decide waiting for its scope's turn; it doubles with every wait
+up to ``jobs.scope_wait_max_s``. The decide is normally woken earlier, when the job before it ends."""
+
+
+def start(job_id: str, c: Clients) -> Transition:
+    """Open the job's durable record and queue its caption stage.
+
+    Raises:
+        InvalidJob: the request is missing or does not validate (never retried).
+    """
+    job = c.ledger.job(job_id)
+    if c.ledger.meta(job_id).finished:
+        return Skip("finished")
+    return Advance("start", None, (Next(CAPTION),), record=job)
+
+
+def caption(job_id: str, c: Clients) -> Transition:
+    """Images in messages become text (`pipeline.caption`); then extract."""
+    if c.ledger.meta(job_id).finished:
+        return Skip("finished")
+    out = c.ledger.output(job_id, "caption", CaptionedMessages) or caption_stage.caption(c.ledger.job(job_id))
+    return Advance("caption", out, (Next(EXTRACT),))
+
+
+def extract(job_id: str, c: Clients) -> Transition:
+    """Facts (and, with graph memory, entities and relations) from the messages, in one model call.
+
+    Extraction may run in parallel for many jobs of one scope; only decide waits for its turn.
+
+    Raises:
+        LLMUnavailable, RateLimited, LLMOutputError, InvalidJob: from the model call.
+    """
+    if c.ledger.meta(job_id).finished:
+        return Skip("finished")
+    out = c.ledger.output(job_id, "extract", ExtractedFacts)
+    if out is None:
+        captioned = _stored(c, job_id, "caption", CaptionedMessages)
+        out = extract_stage.extract_facts(c.ledger.job(job_id), captioned, c.llm, graph=c.graph is not None)
+    return Advance("extract", out, (Next(DECIDE),))
+
+
+def decide(job_id: str, c: Clients) -> Transition:
+    """ADD / UPDATE / DELETE / NONE for the job's facts, once every earlier job of its scope has ended;
+    then both store writes, in parallel.
+
+    Neighbours are the memories whose scope equals the job's exactly (a job of ``agent_id=bot``
+    never sees, and so never changes, ``user_id=carol, agent_id=bot``'s memories).
+
+    Raises:
+        LLMUnavailable, RateLimited, LLMOutputError: from the model call.
+        StoreUnavailable: Qdrant is unreachable.
+    """
+    meta = c.ledger.meta(job_id)
+    if meta.finished or meta.stale:
+        return Skip("finished" if meta.finished else "already applied")
+    if not meta.turn:
+        wait_s = min(c.settings.jobs.scope_wait_max_s, SCOPE_WAIT_BASE_S * 2 ** min(meta.deferrals, 16))
+        return Deferred(Next(DECIDE), backstop_s=wait_s * random.uniform(0.8, 1.2))
+    plan = c.ledger.output(job_id, "decide", Plan)
+    if plan is None:
+        job = c.ledger.job(job_id)
+        facts = _stored(c, job_id, "extract", ExtractedFacts)
+        near = retrieve.find_neighbours(facts.facts, job.scope, c.embedder, c.vectors,
+                                        top_k=c.settings.jobs.neighbours_top_k)
+        plan = decide_stage.decide(job, facts, near, c.llm, c.embedder, relations=_relations(c, job, facts))
+    return Advance("decide", plan, (Next(WRITE_VECTORS), Next(WRITE_GRAPH)))
+
+
+def write_vectors(job_id: str, c: Clients) -> Transition:
+    """Apply the plan to Qdrant (idempotent upserts and deletes, only in the job's exact scope).
+
+    Raises:
+        StoreUnavailable: Qdrant is unreachable (retried; the job is ``partial`` meanwhile).
+    """
+    return _write(job_id, c, "write_vectors", lambda job, plan: apply.write_vectors(job, plan, c.vectors))
+
+
+def write_graph(job_id: str, c: Clients) -> Transition:
+    """Apply the plan's graph change to Neo4j (skipped while graph memory is off).
+
+    Raises:
+        StoreUnavailable: Neo4j is unreachable (retried; once the vectors are in, the job is
+            ``partial`` with its memories published, and its scope moves on).
+    """
+    return _write(job_id, c, "write_graph", lambda job, plan: apply.write_graph(job, plan, c.graph, c.embedder))
+
+
+def finalize(job_id: str, c: Clients) -> Transition:
+    """History rows, the job's result in Mem0's shape, status ``succeeded``; its scope moves on."""
+    if c.ledger.meta(job_id).finished:
+        return Skip("finished")
+    return _published(job_id, c, JobState.SUCCEEDED)
+
+
+# --- what the worker's error handling asks for ---------------------------------------------------
+
+def retry(job_id: str, c: Clients, task: str, error: BaseException, *, attempt: int, countdown_s: float) -> Transition:
+    """Run `task` again after `countdown_s` seconds, as attempt `attempt` + 1.
+
+    A store write that retries makes the job ``partial``; if the vectors have already landed, the
+    job's memories, history and result are published now and its scope moves on, so a Neo4j outage
+    never holds back the job's memories or the next jobs of its scope.
+    """
+    step = Next(task, countdown_s=countdown_s, retries=attempt + 1)
+    if task not in (WRITE_VECTORS, WRITE_GRAPH):
+        return Retry(step, error=error, stage=task)
+    if "write_vectors" in c.ledger.written(job_id):
+        return _published(job_id, c, JobState.PARTIAL, error=error, stage=task, then=step)
+    return Retry(step, error=error, stage=task, status=JobState.PARTIAL)
+
+
+def requeue(task: str, wait_s: float, *, attempt: int) -> Transition:
+    """Run `task` again after `wait_s` seconds without counting an attempt (the shared rate limiter
+    had no budget yet)."""
+    return Retry(Next(task, countdown_s=wait_s, retries=attempt))
+
+
+def fail(job_id: str, c: Clients, task: str, error: BaseException, *, attempts: int) -> Transition:
+    """End the job as ``failed``: its error recorded, a dead letter kept for replay, its scope moved on."""
+    try:
+        job: AddJob | None = c.ledger.job(job_id)
+    except Exception:  # noqa: BLE001  (a job whose request is gone or invalid still fails, without a letter)
+        job = None
+    return Finished(JobState.FAILED, job, error=error, stage=task, attempts=attempts)
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+def _stored(c: Clients, job_id: str, stage: str, model: type[M]) -> M:
+    out = c.ledger.output(job_id, stage, model)
+    if out is None:
+        raise RuntimeError(f"job {job_id}: stage {stage!r} has no stored output")
+    return out
+
+
+def _relations(c: Clients, job: AddJob, facts: ExtractedFacts) -> list[RelationRecord] | None:
+    """Existing relations for the decider; None when graph memory is off. If Neo4j is down the job goes
+    on without them (no relation can be invalidated) so that the vector write is not held up."""
+    if c.graph is None:
+        return None
+    try:
+        return c.graph.relations_of(job.scope, graph_plan.graph_keys(facts))
+    except StoreUnavailable:
+        logger.warning("job %s: Neo4j unreachable while deciding; no relation can be invalidated", job.job_id)
+        return []
+
+
+def _write(job_id: str, c: Clients, write: str, run: Callable[[AddJob, Plan], WriteResult]) -> Transition:
+    meta = c.ledger.meta(job_id)
+    if meta.finished:
+        return Skip("finished")
+    if c.ledger.output(job_id, write, WriteResult) is not None:
+        return Skip("written before")
+    if meta.stale and write == "write_vectors":
+        return Skip("already applied")
+    started = time.perf_counter()
+    result = run(c.ledger.job(job_id), _stored_plan(c, job_id))
+    result = result.model_copy(update={"duration_ms": (time.perf_counter() - started) * 1000})
+    return Joined(write, result, expected=len(WRITES), finalize=Next(FINALIZE))
+
+
+def _stored_plan(c: Clients, job_id: str) -> Plan:
+    return _stored(c, job_id, "decide", Plan)
+
+
+def _published(job_id: str, c: Clients, state: JobState, *, error: BaseException | None = None,
+               stage: str = "done", then: Next | None = None) -> Finished:
+    """The job's events published: history rows, results, counts, relations (succeeded or partial)."""
+    job = c.ledger.job(job_id)
+    plan = _stored_plan(c, job_id)
+    extracted = c.ledger.output(job_id, "extract", ExtractedFacts)
+    usage = (extracted.usage if extracted is not None else LLMUsage()) + plan.usage
+    relations = [{"source": r.source, "relationship": r.relationship, "destination": r.destination}
+                 for r in (plan.graph.relations if plan.graph else [])]
+    return Finished(state, job, results=finalize_stage.results(plan), counts=finalize_stage.event_counts(plan),
+                    relations=relations, history=finalize_stage.history_rows(job, plan), error=error,
+                    stage=stage if state is JobState.PARTIAL else "done", then=then, llm_calls=usage.calls,
+                    prompt_tokens=usage.prompt_tokens)

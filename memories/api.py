@@ -1,0 +1,223 @@
+"""Synchronous reads and deletes of memories, in Mem0's shapes; no queue is involved.
+
+`search` embeds the query (one call) and queries Qdrant with the scope as a filter and, with graph
+memory on, Neo4j for the valid relations of the entities most related to the query, both at once.
+Results come in Mem0's shape: ``{"results": [item, ...], "relations": [{source, relationship,
+destination}, ...]}``.
+
+**Scope on every call.** Each read and delete takes the caller's scope (``user_id`` / ``agent_id`` /
+``run_id``, at least one), with Mem0's read semantics: a memory is visible when every id the caller
+gives equals the memory's (`Scope.covers`). Id-based calls (`get`, `history`, `delete`) answer for a
+memory outside the caller's scope exactly as for an unknown id (None, [], False), so a caller cannot
+even learn that it exists.
+
+Stores are opened on first use: `history` needs only the SQL database (no embedder, no Qdrant). In
+embedded mode (Qdrant local mode) the vector store belongs to one process: run these helpers inside
+the worker's process (as the tests do) or while no worker runs (as ``memq search`` and the demo do).
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from functools import cached_property
+from typing import Any
+
+from memq.config import Settings, load_settings
+from memq.errors import InvalidRequest
+from memq.models import MemoryEvent, MemoryItem, Scope, utcnow
+from memq.scope import make_scope
+from stores.embedder import Embedder, get_embedder
+from stores.graph import GraphStore, open_graph_store
+from stores.history import HistoryRecord, HistoryStore, open_history_store
+from stores.qdrant import VectorStore, open_vector_store
+
+__all__ = ["Memories"]
+
+_executor: ThreadPoolExecutor | None = None
+_executor_lock = threading.Lock()
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _executor
+    with _executor_lock:
+        if _executor is None:
+            _executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="memq-graph-search")
+        return _executor
+
+
+def _item(item: MemoryItem) -> dict[str, Any]:
+    dumped: dict[str, Any] = item.model_dump(mode="json")
+    return dumped
+
+
+class Memories:
+    """Reads and deletes over one process's stores, each checked against the caller's scope.
+
+    Args:
+        settings: memq settings (the environment's when omitted). Stores are the process-wide
+            instances for these settings (shared with a worker running in the same process).
+    """
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings or load_settings()
+
+    # --- stores, opened on first use ----------------------------------------------------------
+
+    @cached_property
+    def embedder(self) -> Embedder:
+        """The embedder (loads the model on first use)."""
+        return get_embedder(self.settings.embedder)
+
+    @cached_property
+    def vectors(self) -> VectorStore:
+        """The Qdrant collection."""
+        return open_vector_store(self.settings.qdrant, self.embedder.dims)
+
+    @cached_property
+    def history_store(self) -> HistoryStore:
+        """The SQL history store."""
+        assert self.settings.history.url is not None
+        return open_history_store(self.settings.history.url)
+
+    @cached_property
+    def graph(self) -> GraphStore | None:
+        """The Neo4j graph store, or None when graph memory is off."""
+        return open_graph_store(self.settings.neo4j)
+
+    def _scope(self, user_id: object, agent_id: object, run_id: object) -> Scope:
+        return make_scope(user_id=user_id, agent_id=agent_id, run_id=run_id,
+                          max_chars=self.settings.limits.max_scope_id_chars)
+
+    # --- reads --------------------------------------------------------------------------------
+
+    def search(self, query: str, *, user_id: str | None = None, agent_id: str | None = None,
+               run_id: str | None = None, limit: int = 100, filters: Mapping[str, Any] | None = None,
+               threshold: float | None = None) -> dict[str, list[dict[str, Any]]]:
+        """Memories of a scope by meaning.
+
+        Args:
+            query: the text to search for (non-empty).
+            user_id, agent_id, run_id: the caller's scope; at least one.
+            limit: at most this many results (1..1000).
+            filters: metadata equality filters (``{"topic": "food"}`` or ``{"topic": ["a", "b"]}``).
+            threshold: minimum cosine similarity (-1..1).
+
+        Returns:
+            ``{"results": [{id, memory, hash, metadata, score, created_at, updated_at, user_id, agent_id,
+            run_id, actor_id, role, source_message_ids}], "relations": [{source, relationship,
+            destination}]}``, results best score first; relations empty when graph memory is off.
+
+        Raises:
+            MissingScope, InvalidScope: no or a bad scope id.
+            InvalidRequest: empty query, bad limit, or a filter on a key memq owns.
+            StoreUnavailable: Qdrant or Neo4j is unreachable, or Qdrant's folder is held by another process.
+        """
+        scope = self._scope(user_id, agent_id, run_id)
+        if not isinstance(query, str) or not query.strip():
+            raise InvalidRequest("query must be a non-empty string", field="query")
+        if not 1 <= limit <= 1000:
+            raise InvalidRequest("limit must be between 1 and 1000", field="limit")
+        vector = self.embedder.embed([query])[0]
+        graph = self.graph
+        related = _pool().submit(graph.search, scope, vector, query) if graph is not None else None
+        hits = self.vectors.search(vector, scope, limit=limit, threshold=threshold, filters=filters)
+        relations = [{"source": r.source, "relationship": r.relationship, "destination": r.destination}
+                     for r in (related.result() if related is not None else [])]
+        return {"results": [_item(h) for h in hits], "relations": relations}
+
+    def get_all(self, *, user_id: str | None = None, agent_id: str | None = None, run_id: str | None = None,
+                limit: int = 100, filters: Mapping[str, Any] | None = None) -> dict[str, list[dict[str, Any]]]:
+        """Up to `limit` memories of a scope, oldest first, in the shape of `search` (no scores).
+
+        Raises:
+            MissingScope, InvalidScope: no or a bad scope id.
+        """
+        scope = self._scope(user_id, agent_id, run_id)
+        return {"results": [_item(m) for m in self.vectors.list(scope, limit=limit, filters=filters)],
+                "relations": []}
+
+    def _owned(self, memory_id: str, scope: Scope) -> MemoryItem | None:
+        if not isinstance(memory_id, str) or not memory_id:
+            raise InvalidRequest("memory_id must be a non-empty string", field="memory_id")
+        try:
+            uuid.UUID(memory_id)
+        except ValueError:
+            return None  # memory ids are UUIDs: anything else is unknown
+        items = self.vectors.retrieve([memory_id])
+        if not items or not scope.covers(items[0].user_id, items[0].agent_id, items[0].run_id):
+            return None
+        return items[0]
+
+    def get(self, memory_id: str, *, user_id: str | None = None, agent_id: str | None = None,
+            run_id: str | None = None) -> dict[str, Any] | None:
+        """One memory by id, or None when there is none in the caller's scope.
+
+        Raises:
+            MissingScope, InvalidScope: no or a bad scope id.
+        """
+        item = self._owned(memory_id, self._scope(user_id, agent_id, run_id))
+        return _item(item) if item is not None else None
+
+    def history(self, memory_id: str, *, user_id: str | None = None, agent_id: str | None = None,
+                run_id: str | None = None) -> list[dict[str, Any]]:
+        """A memory's events, oldest first, as far as the caller's scope covers them: ``[{id, memory_id,
+        old_memory, new_memory, event, created_at, updated_at, is_deleted, actor_id, role, job_id,
+        user_id, agent_id, run_id}]`` ([] for an unknown id or another scope's memory). Reads SQL only.
+
+        Raises:
+            MissingScope, InvalidScope: no or a bad scope id.
+        """
+        scope = self._scope(user_id, agent_id, run_id)
+        rows = self.history_store.history(memory_id)
+        return [h.model_dump(mode="json") for h in rows if scope.covers(h.user_id, h.agent_id, h.run_id)]
+
+    # --- deletes ------------------------------------------------------------------------------
+
+    def delete(self, memory_id: str, *, user_id: str | None = None, agent_id: str | None = None,
+               run_id: str | None = None) -> bool:
+        """Delete one memory everywhere: its point, its support of relations (relations left without
+        support and entities left without relations go too) and a DELETE history row.
+
+        Returns:
+            True if it existed in the caller's scope (False for an unknown id or another scope's).
+
+        Raises:
+            MissingScope, InvalidScope: no or a bad scope id.
+            StoreUnavailable: a store is unreachable (nothing is half-deleted in Qdrant: the point goes last).
+        """
+        item = self._owned(memory_id, self._scope(user_id, agent_id, run_id))
+        if item is None:
+            return False
+        owner = Scope(user_id=item.user_id, agent_id=item.agent_id, run_id=item.run_id)
+        if self.graph is not None:
+            self.graph.forget_memories(owner, [memory_id])
+        now = utcnow()
+        self.history_store.add([HistoryRecord(
+            id=str(uuid.uuid4()), memory_id=memory_id, old_memory=item.memory, new_memory=None,
+            event=MemoryEvent.DELETE.value, created_at=now, updated_at=now, is_deleted=True, actor_id=item.actor_id,
+            role=item.role, job_id="api:delete", user_id=owner.user_id, agent_id=owner.agent_id,
+            run_id=owner.run_id)])
+        self.vectors.delete([memory_id])
+        return True
+
+    def delete_all(self, *, user_id: str | None = None, agent_id: str | None = None,
+                   run_id: str | None = None) -> dict[str, int]:
+        """Delete every memory, entity and relation the caller's scope covers.
+
+        Returns:
+            ``{"memories": n, "entities": m}`` deleted.
+
+        Raises:
+            MissingScope, InvalidScope: no or a bad scope id (never deletes everything).
+            StoreUnavailable: a store is unreachable.
+        """
+        scope = self._scope(user_id, agent_id, run_id)
+        entities = self.graph.delete_scope(scope) if self.graph is not None else 0
+        deleted = 0
+        while batch := self.vectors.list(scope, limit=256):
+            self.vectors.delete([m.id for m in batch])
+            deleted += len(batch)
+        return {"memories": deleted, "entities": entities}

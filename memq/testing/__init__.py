@@ -1,1 +1,0 @@
-"""Test rigs that start real services for memq's tests and benchmarks."""
