@@ -313,13 +313,15 @@ class JobStore:
         ttl_s: lifetime of a finished job's records, in seconds.
         outage_s: how long a call keeps retrying while Redis is unreachable (seconds; 0: fail at
             once, as the producer does; workers ride out a Redis restart).
+        messages: the task-message builder (its routes decide the queues).
     """
 
-    def __init__(self, client: redis.Redis, *, ttl_s: int, outage_s: float = 0.0) -> None:
+    def __init__(self, client: redis.Redis, *, ttl_s: int, outage_s: float = 0.0,
+                 messages: TaskMessages | None = None) -> None:
         self._r = client
         self._ttl_s = ttl_s
         self._outage_s = outage_s
-        self._messages = TaskMessages()
+        self._messages = messages or TaskMessages()
         self._enqueue = client.register_script(_ENQUEUE_LUA)
         self._step = client.register_script(_STEP_LUA)
         self._join = client.register_script(_JOIN_LUA)
@@ -496,7 +498,7 @@ class JobStore:
     def _pairs(self, job_id: str, steps: Sequence[Next], parent_id: str | None) -> list[str | bytes]:
         out: list[str | bytes] = []
         for step in steps:
-            out += [step.queue, self._messages.build(job_id, step, parent_id=parent_id)]
+            out += [self._messages.queue(step), self._messages.build(job_id, step, parent_id=parent_id)]
         return out
 
     def step(self, job_id: str, *, stage: str, output: BaseModel | None, marker: str,
@@ -534,7 +536,7 @@ class JobStore:
         Raises:
             BrokerUnavailable: Redis stayed unreachable.
         """
-        queue, message = finalize.queue, self._messages.build(job_id, finalize, parent_id=parent_id)
+        queue, message = self._messages.queue(finalize), self._messages.build(job_id, finalize, parent_id=parent_id)
         args: list[str | bytes | int] = [job_id, utcnow().isoformat(), write, output.model_dump_json(), expected,
                                          queue, message]
         return _text(self._call(lambda: self._join(keys=[], args=args)))
@@ -556,7 +558,7 @@ class JobStore:
         wake = self._messages.build(job_id, decide, parent_id=parent_id)
         backstop = Next(decide.task, countdown_s=backstop_s, retries=decide.retries)
         args: list[str | bytes] = [
-                job_id, utcnow().isoformat(), decide.queue, wake, backstop.queue,
+                job_id, utcnow().isoformat(), self._messages.queue(decide), wake, self._messages.queue(backstop),
                 self._messages.build(job_id, backstop, parent_id=parent_id),
                 "waiting for %d earlier job(s) of its scope; next to finish: job %s"]
         return _text(self._call(lambda: self._defer(keys=[], args=args)))
@@ -572,7 +574,7 @@ class JobStore:
             BrokerUnavailable: Redis stayed unreachable.
         """
         args = [job_id, utcnow().isoformat(), stage, describe(error) if error else "",
-                type(error).__name__ if error else "", status.value if status else "", step.queue,
+                type(error).__name__ if error else "", status.value if status else "", self._messages.queue(step),
                 self._messages.build(job_id, step, parent_id=parent_id)]
         return _text(self._call(lambda: self._retry(keys=[], args=args)))
 
@@ -606,7 +608,7 @@ class JobStore:
             describe(error) if error else "", type(error).__name__ if error else "", stage, self._ttl_s,
             "1" if terminal else "0"]
         if then is not None:
-            args += [then.queue, self._messages.build(job_id, then, parent_id=parent_id)]
+            args += [self._messages.queue(then), self._messages.build(job_id, then, parent_id=parent_id)]
         return _text(self._call(lambda: self._finish(keys=[], args=args)))
 
 

@@ -57,7 +57,19 @@ class Next:
 
 
 class TaskMessages:
-    """Serializes the messages of memq's tasks, each carrying only the job id as its argument."""
+    """Serializes the messages of memq's tasks, each carrying only the job id as its argument.
+
+    Args:
+        routes: task name -> queue, overriding `Queues.ROUTES` (operators' tools and tests that park
+            a task in a queue no worker reads).
+    """
+
+    def __init__(self, routes: dict[str, str] | None = None) -> None:
+        self._routes = {**Queues.ROUTES, **(routes or {})}
+
+    def queue(self, step: Next) -> str:
+        """The queue `step` goes to."""
+        return self._routes[step.task]
 
     def build(self, job_id: str, step: Next, *, parent_id: str | None = None) -> bytes:
         """Serialize the message that runs `step` for `job_id`.
@@ -68,7 +80,7 @@ class TaskMessages:
             parent_id: the Celery id of the task that sends it (Flower links them).
 
         Returns:
-            The message as UTF-8 JSON bytes, ready to ``LPUSH`` onto `step.queue`.
+            The message as UTF-8 JSON bytes, ready to ``LPUSH`` onto `queue(step)`.
         """
         start_id = start_task_id(job_id)
         task_id = start_id if step.task == START_TASK and not step.retries else str(uuid.uuid4())
@@ -91,7 +103,7 @@ class TaskMessages:
                 "correlation_id": task_id,
                 "reply_to": "",
                 "delivery_mode": 2,
-                "delivery_info": {"exchange": "", "routing_key": step.queue},
+                "delivery_info": {"exchange": "", "routing_key": self.queue(step)},
                 "priority": 0,
                 "body_encoding": "base64",
                 "delivery_tag": str(uuid.uuid4()),
@@ -102,4 +114,4 @@ class TaskMessages:
     def start(self, job_id: str) -> tuple[str, bytes]:
         """The queue and message that start `job_id` (what the producer pushes)."""
         step = Next(START_TASK)
-        return step.queue, self.build(job_id, step)
+        return self.queue(step), self.build(job_id, step)

@@ -32,18 +32,20 @@ class RedisServer:
         appendonly: turn on AOF persistence (``appendfsync everysec``), as a production broker must.
         data_dir: folder for AOF/RDB files; a temporary one when None.
         start_timeout_s: how long to wait for PING (seconds).
+        debug_command: allow ``DEBUG`` from loopback clients (tests use ``DEBUG SLEEP`` to make Redis slow).
 
     Raises:
         RedisServerError: ``redis-server`` is not on PATH or does not start.
     """
 
     def __init__(self, port: int | None = None, *, appendonly: bool = False, data_dir: Path | None = None,
-                 start_timeout_s: float = 10.0) -> None:
+                 start_timeout_s: float = 10.0, debug_command: bool = False) -> None:
         self.port = port or free_port()
         self.appendonly = appendonly
         self._tmp = None if data_dir else tempfile.TemporaryDirectory(prefix="memq-redis-")
         self.data_dir = data_dir or Path(self._tmp.name)  # type: ignore[union-attr]
         self.start_timeout_s = start_timeout_s
+        self.debug_command = debug_command
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -60,6 +62,8 @@ class RedisServer:
         args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir),
                 "--save", "", "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "everysec",
                 "--protected-mode", "yes", "--loglevel", "warning"]
+        if self.debug_command:
+            args += ["--enable-debug-command", "local"]
         self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
         deadline = time.monotonic() + self.start_timeout_s

@@ -25,6 +25,7 @@ from producer import Producer
 from producer.backfill import read_locomo
 from tests.conftest import LOCOMO, requires_locomo
 from tests.helpers import wait_done
+from tests.rigs.workers import start_worker, stop_worker, worker_env
 
 
 def _json_input(prompt: str) -> dict[str, Any]:
@@ -113,27 +114,6 @@ def test_provider_faults_end_every_job_succeeded_or_dead_lettered_and_replay_com
 
 # --- separate worker processes -------------------------------------------------------------------
 
-def _start_worker(env: dict[str, str], log: Path, *, pool: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "cli", "worker", "--pool", pool, "--concurrency",
-                             "1" if pool == "prefork" else "2", "--loglevel", "INFO"],
-                            env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def _kill(proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, sig)
-        proc.wait(60)
-
-
-def _worker_env(redis_url: str, data_dir: Path) -> dict[str, str]:
-    env = {**os.environ, "MEMQ_REDIS__URL": redis_url, "MEMQ_DATA_DIR": str(data_dir),
-           "MEMQ_LLM__MODEL": "memq-offline/heuristic-v1", "MEMQ_REDIS__VISIBILITY_TIMEOUT_S": "4",
-           "MEMQ_JOBS__RETRY_BACKOFF_MAX_S": "4"}
-    for key in ("MEMQ_LLM__API_BASE", "MEMQ_LLM__API_KEY", "MEMQ_NEO4J__URI", "MEMQ_NEO4J__PASSWORD"):
-        env.pop(key, None)
-    return env
-
-
 def _sessions(user_id: str, count: int) -> list[dict[str, Any]]:
     return [{**i.request, "user_id": user_id, "idempotency_key": f"{user_id}:{i.session_id}"}
             for i in read_locomo(LOCOMO, conversations=["conv-26"])[:count]]
@@ -145,7 +125,7 @@ def _memory_texts(data_dir: Path, user_id: str) -> list[str]:
             f"c = build_clients(Settings(data_dir=Path({str(data_dir)!r})));"
             f"print(json.dumps(sorted(m.memory for m in c.vectors.list(Scope(user_id={user_id!r}), limit=10000))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env=_worker_env("redis://127.0.0.1:1/0", data_dir))
+                         env=worker_env("redis://127.0.0.1:1/0", data_dir))
     texts: list[str] = json.loads(out.stdout.strip().splitlines()[-1])
     return texts
 
@@ -154,20 +134,20 @@ def _memory_texts(data_dir: Path, user_id: str) -> list[str]:
 def test_a_worker_killed_mid_backfill_loses_nothing_and_ends_like_an_undisturbed_run(
         redis_server: RedisServer, tmp_path: Path, settings: Settings) -> None:
     url = redis_server.url.rsplit("/", 1)[0] + "/7"
-    env = _worker_env(url, tmp_path / "data")
+    env = worker_env(url, tmp_path / "data")
     producer = Producer(settings.model_copy(update={"redis": RedisSettings(url=url)}))
     producer._jobs.client.flushdb()
-    worker = _start_worker(env, tmp_path / "worker.log", pool="prefork")
+    worker = start_worker(env, tmp_path / "worker.log", pool="prefork")
     try:
         # Given a backfill of 8 sessions, and a prefork worker killed with SIGKILL once 2 have finished
         receipts = producer.add_many(_sessions("killed", 8))
         deadline = time.monotonic() + 120
         while sum(s.done for s in producer.wait(receipts, timeout_s=0)) < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
-        _kill(worker)
+        stop_worker(worker, signal.SIGKILL)
         assert sum(s.done for s in producer.wait(receipts, timeout_s=0)) < 8, "the backfill ended before the kill"
         # When a new worker starts
-        worker = _start_worker(env, tmp_path / "worker.log", pool="prefork")
+        worker = start_worker(env, tmp_path / "worker.log", pool="prefork")
         statuses = producer.wait(receipts, timeout_s=240, poll_s=0.2)
         # Then every job succeeded
         assert [s.status for s in statuses] == [JobState.SUCCEEDED] * 8, (tmp_path / "worker.log").read_text()[-3000:]
@@ -175,7 +155,7 @@ def test_a_worker_killed_mid_backfill_loses_nothing_and_ends_like_an_undisturbed
         calm = producer.add_many(_sessions("calm", 8))
         assert all(s.status is JobState.SUCCEEDED for s in producer.wait(calm, timeout_s=240))
     finally:
-        _kill(worker, signal.SIGTERM)
+        stop_worker(worker)
     killed, calm_texts = _memory_texts(tmp_path / "data", "killed"), _memory_texts(tmp_path / "data", "calm")
     assert killed and killed == calm_texts
 
@@ -184,11 +164,11 @@ def test_a_worker_killed_mid_backfill_loses_nothing_and_ends_like_an_undisturbed
 def test_redis_restarted_during_a_backfill_refuses_cleanly_then_resumes_without_duplicates(
         tmp_path: Path, settings: Settings) -> None:
     with RedisServer(appendonly=True, data_dir=tmp_path / "redis") as server:
-        env = _worker_env(server.url, tmp_path / "data")
+        env = worker_env(server.url, tmp_path / "data")
         producer = Producer(settings.model_copy(update={"redis": RedisSettings(url=server.url,
                                                                                 socket_timeout_s=1)}))
         sessions = _sessions("restart", 6)
-        worker = _start_worker(env, tmp_path / "worker.log", pool="threads")
+        worker = start_worker(env, tmp_path / "worker.log", pool="threads")
         try:
             # Given half of a backfill enqueued
             first = producer.add_many(sessions[:3])
@@ -207,7 +187,7 @@ def test_redis_restarted_during_a_backfill_refuses_cleanly_then_resumes_without_
             assert [s.status for s in statuses] == [JobState.SUCCEEDED] * 6, \
                 (tmp_path / "worker.log").read_text()[-3000:]
         finally:
-            _kill(worker, signal.SIGTERM)
+            stop_worker(worker)
     texts = _memory_texts(tmp_path / "data", "restart")
     assert texts and len(texts) == len(set(texts))
 
