@@ -152,7 +152,7 @@ class RateLimiter:
         try:
             yield
         except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise StoreUnavailable(f"Redis is unreachable (rate limiter): {exc}") from exc
+            raise StoreUnavailable(f"Redis is unreachable (rate limiter): {type(exc).__name__}") from exc
 
     def _run(self, model: str, op: str, *args: int | float) -> float:
         with self._mapped():

@@ -159,10 +159,15 @@ class JobFailed(PipelineError):
         error_type: the class name of the error that failed the job.
     """
 
-    def __init__(self, job_id: str, stage: str, error_type: str) -> None:
-        super().__init__(f"job {job_id} failed in {stage}: {error_type}", job_id=job_id)
+    def __init__(self, message: str, *, job_id: str | None = None, stage: str = "", error_type: str = "") -> None:
+        super().__init__(message, job_id=job_id)
         self.stage = stage
         self.error_type = error_type
+
+    @classmethod
+    def of(cls, job_id: str, stage: str, error_type: str) -> JobFailed:
+        """``job <id> failed in <stage>: <error class>``."""
+        return cls(f"job {job_id} failed in {stage}: {error_type}", job_id=job_id, stage=stage, error_type=error_type)
 
 
 def describe(error: BaseException) -> str:

@@ -59,7 +59,8 @@ def parse_reply(text: str, model: type[M]) -> M:
     try:
         return model.model_validate_json(repaired if isinstance(repaired, str) else "")
     except ValidationError as exc:
-        raise LLMOutputError(f"reply does not fit {model.__name__}: {exc.error_count()} errors", reply=text) from exc
+        # `from None`: pydantic's error quotes the reply, which may quote the prompt (user data)
+        raise LLMOutputError(f"reply does not fit {model.__name__}: {exc.error_count()} errors", reply=text) from None
 
 
 class LLM:

@@ -50,7 +50,9 @@ def relationship_type(raw: str) -> str:
     """
     normalized = _SEPARATORS.sub("_", raw.strip()).upper()
     if not _TYPE.fullmatch(normalized):
-        raise InvalidRelationshipType(f"relationship type {raw[:80]!r} is not [A-Z][A-Z0-9_]* after normalization")
+        # the type comes from the model and may quote user text: the message never holds it
+        raise InvalidRelationshipType(f"a relationship type of {len(raw)} characters is not [A-Z][A-Z0-9_]* "
+                                      "after normalization")
     return normalized
 
 

@@ -57,7 +57,7 @@ def mapped_sql_errors(what: str) -> Iterator[None]:
     try:
         yield
     except OperationalError as exc:
-        raise StoreUnavailable(f"history {what}: {exc.orig!r}") from exc
+        raise StoreUnavailable(f"history {what}: {type(exc.orig).__name__}") from exc
     except SQLAlchemyError as exc:
         raise StoreError(f"history {what}: {type(exc).__name__}") from exc
 

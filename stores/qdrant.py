@@ -149,11 +149,11 @@ def _mapped(what: str) -> Iterator[None]:
     except UnexpectedResponse as exc:
         if exc.status_code is not None and exc.status_code >= 500:
             raise StoreUnavailable(f"Qdrant {what}: HTTP {exc.status_code}") from exc
-        raise StoreError(f"Qdrant {what}: HTTP {exc.status_code}: {exc.content[:200]!r}") from exc
+        raise StoreError(f"Qdrant {what}: HTTP {exc.status_code}") from exc  # the body may quote payloads
     except (ResponseHandlingException, httpx.TransportError, ConnectionError, TimeoutError) as exc:
-        raise StoreUnavailable(f"Qdrant {what}: {type(exc).__name__}: {exc}") from exc
+        raise StoreUnavailable(f"Qdrant {what}: {type(exc).__name__}") from exc
     except (ValueError, AssertionError) as exc:
-        raise StoreError(f"Qdrant {what}: {exc}") from exc
+        raise StoreError(f"Qdrant {what}: {type(exc).__name__}") from exc
 
 
 class VectorStore:

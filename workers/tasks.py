@@ -28,7 +28,15 @@ from jobs.clients import Clients
 from jobs.transitions import Finished, Retry, Transition
 from broker.messages import Next
 from memq.config import load_settings
-from memq.errors import BrokerUnavailable, JobFailed, LLMUnavailable, RateLimited, StoreUnavailable, TransientError
+from memq.errors import (
+    BrokerUnavailable,
+    JobFailed,
+    LLMUnavailable,
+    PipelineError,
+    RateLimited,
+    StoreUnavailable,
+    TransientError,
+)
 from memq.models import JobState
 from workers.app import app, clients
 
@@ -76,8 +84,12 @@ class StageTask(Task):  # type: ignore[misc]
         except BrokerUnavailable as exc:
             logger.warning("job %s: Redis unreachable in %s; the task will be delivered again", job_id, self.name)
             raise Reject(str(exc), requeue=True) from None
+        except Exception as exc:  # noqa: BLE001  (a bug or a permanent store error while recording)
+            logger.debug("job %s: %s could not record its outcome", job_id, self.name, exc_info=True)
+            raise PipelineError(f"job {job_id}: {self.name} could not record its outcome ({type(exc).__name__}); "
+                                "see `memq jobs list`", job_id=job_id) from None
         if isinstance(change, Finished) and change.state is JobState.FAILED and outcome == "ok":
-            raise JobFailed(job_id, self.name, type(change.error).__name__) from None
+            raise JobFailed.of(job_id, self.name, type(change.error).__name__) from None
         return outcome
 
     def _retry_or_fail(self, job_id: str, c: Clients, exc: TransientError, attempt: int) -> Transition:

@@ -18,12 +18,11 @@ def worker_env(redis_url: str, data_dir: Path, **extra: str) -> dict[str, str]:
         data_dir: ``MEMQ_DATA_DIR`` (embedded Qdrant and SQLite).
         extra: more ``MEMQ_*`` variables (they win over the defaults here).
     """
-    env = {**os.environ, "MEMQ_REDIS__URL": redis_url, "MEMQ_DATA_DIR": str(data_dir),
-           "MEMQ_LLM__MODEL": "memq-offline/heuristic-v1", "MEMQ_REDIS__VISIBILITY_TIMEOUT_S": "4",
-           "MEMQ_JOBS__RETRY_BACKOFF_MAX_S": "4", **extra}
-    for key in ("MEMQ_LLM__API_BASE", "MEMQ_LLM__API_KEY", "MEMQ_NEO4J__URI", "MEMQ_NEO4J__PASSWORD"):
-        env.pop(key, None)
-    return env
+    env = {k: v for k, v in os.environ.items() if k not in (
+        "MEMQ_LLM__API_BASE", "MEMQ_LLM__API_KEY", "MEMQ_NEO4J__URI", "MEMQ_NEO4J__PASSWORD")}
+    return {**env, "MEMQ_REDIS__URL": redis_url, "MEMQ_DATA_DIR": str(data_dir),
+            "MEMQ_LLM__MODEL": "memq-offline/heuristic-v1", "MEMQ_REDIS__VISIBILITY_TIMEOUT_S": "4",
+            "MEMQ_JOBS__RETRY_BACKOFF_MAX_S": "4", **extra}
 
 
 def start_worker(env: dict[str, str], log: Path, *, pool: str = "threads") -> subprocess.Popen[bytes]:
