@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from memq.checks import check_list_args, check_search_args
 from memq.config import Settings, load_settings
 from memq.errors import InvalidRequest
 from memq.scope import make_scope
@@ -76,6 +77,7 @@ class MemorySearch:
             InvalidRequest: empty query, bad limit, or a filter on a key memq owns.
             StoreUnavailable: Qdrant or Neo4j is unreachable, or Qdrant's folder is held by another process.
         """
+        check_search_args(query, limit=limit, threshold=threshold, filters=filters, limits=self._c.settings.limits)
         scope = make_scope(user_id=user_id, agent_id=agent_id, run_id=run_id,
                            max_chars=self._c.settings.limits.max_scope_id_chars)
         if not isinstance(query, str) or not query.strip():
@@ -102,6 +104,7 @@ class MemorySearch:
         Raises:
             MissingScope, InvalidScope: no or a bad scope id.
         """
+        check_list_args(limit=limit, filters=filters)
         scope = make_scope(user_id=user_id, agent_id=agent_id, run_id=run_id,
                            max_chars=self._c.settings.limits.max_scope_id_chars)
         return {"results": [_item(m) for m in self._c.vectors.list(scope, limit=limit, filters=filters)],
