@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 from typing import Any
 
+from memq.checks import check_list_args, check_search_args
 from memq.config import Settings, load_settings
 from memq.errors import InvalidRequest
 from memq.models import MemoryEvent, MemoryItem, Scope, utcnow
@@ -112,14 +113,12 @@ class Memories:
 
         Raises:
             MissingScope, InvalidScope: no or a bad scope id.
-            InvalidRequest: empty query, bad limit, or a filter on a key memq owns.
+            InvalidSearch: an empty or too long query, a bad limit or threshold.
+            InvalidFilter: filters that are not a dict of scalar values, or a filter on a key memq owns.
             StoreUnavailable: Qdrant or Neo4j is unreachable, or Qdrant's folder is held by another process.
         """
+        check_search_args(query, limit=limit, threshold=threshold, filters=filters, limits=self.settings.limits)
         scope = self._scope(user_id, agent_id, run_id)
-        if not isinstance(query, str) or not query.strip():
-            raise InvalidRequest("query must be a non-empty string", field="query")
-        if not 1 <= limit <= 1000:
-            raise InvalidRequest("limit must be between 1 and 1000", field="limit")
         vector = self.embedder.embed([query])[0]
         graph = self.graph
         related = _pool().submit(graph.search, scope, vector, query) if graph is not None else None
@@ -134,7 +133,9 @@ class Memories:
 
         Raises:
             MissingScope, InvalidScope: no or a bad scope id.
+            InvalidSearch, InvalidFilter: a bad limit or filter.
         """
+        check_list_args(limit=limit, filters=filters)
         scope = self._scope(user_id, agent_id, run_id)
         return {"results": [_item(m) for m in self.vectors.list(scope, limit=limit, filters=filters)],
                 "relations": []}

@@ -95,12 +95,43 @@ class EmbedderSettings(_Group):
 
 
 class LimitsSettings(_Group):
-    """Producer-side validation limits."""
+    """Limits on what a caller may send: add requests (checked by the producer before anything is
+    enqueued) and reads (search, get_all). A value over its limit raises a named `InvalidRequest`."""
 
-    max_message_chars: int = Field(default=20_000, gt=0)
-    max_messages: int = Field(default=500, gt=0)
-    max_scope_id_chars: int = Field(default=128, gt=0)
-    max_metadata_bytes: int = Field(default=16_384, gt=0)
+    max_message_chars: int = Field(default=20_000, gt=0, description="Text characters of one message.")
+    max_messages: int = Field(default=500, gt=0, description="Messages in one add.")
+    max_content_parts: int = Field(default=100, gt=0, description="Text and image parts of one message.")
+    max_scope_id_chars: int = Field(default=128, gt=0, description="Characters of a user_id, agent_id or run_id.")
+    max_metadata_bytes: int = Field(default=16_384, gt=0, description="Metadata size as UTF-8 JSON.")
+    max_metadata_depth: int = Field(
+        default=32, gt=0, le=100,
+        description="Nesting levels of metadata objects and arrays (``{\"a\": 1}`` is 1). The worker parses "
+                    "the stored job with pydantic-core, whose JSON parser refuses documents nested deeper than "
+                    "about 200 levels, and the job wraps metadata a few levels down: 100 at most keeps a margin.")
+    max_name_chars: int = Field(default=256, gt=0, description="Characters of a message's `name` (the speaker, "
+                                "stored as each memory's actor_id and in every history row).")
+    max_message_id_chars: int = Field(default=256, gt=0, description="Characters of a message's `id` (provenance, "
+                                      "copied into every memory's source_message_ids).")
+    max_prompt_chars: int = Field(default=20_000, gt=0, description="Characters of a custom extraction prompt "
+                                  "(about 5k tokens; the built-in prompt is under 1,100 characters).")
+    max_image_url_chars: int = Field(
+        default=2_000_000, gt=0,
+        description="Characters of one image URL. http(s) URLs are short; a base64 ``data:`` URL is 4/3 of the "
+                    "image's bytes, so this admits a ~1.5 MB image, more than a vision model keeps (they "
+                    "downscale to about 2048 px). The request is stored in Redis and re-read by every stage: "
+                    "pass bigger images by http(s) URL.")
+    max_request_chars: int = Field(
+        default=200_000, gt=0,
+        description="Characters of text in one add: every message's text, name and id, plus the prompt. The "
+                    "extract stage sends it all to the model in one call: ~50k tokens at ~4 characters a token "
+                    "leaves room for instructions and the reply in a 128k-token context.")
+    max_request_image_url_chars: int = Field(
+        default=8_000_000, gt=0,
+        description="Characters of all image URLs of one add together (four ``data:`` URLs at the per-image "
+                    "limit): bounds the job stored in Redis, which every stage re-reads.")
+    max_idempotency_key_chars: int = Field(default=512, gt=0, description="Characters of an idempotency key.")
+    max_query_chars: int = Field(default=8_000, gt=0, description="Characters of a search query (one embedding "
+                                 "input; API embedders take at most ~8k tokens, the offline one reads 256).")
 
 
 class JobSettings(_Group):

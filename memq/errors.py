@@ -5,11 +5,16 @@
     MemqError
     ├── InvalidRequest (ValueError)   a bad add/search request, raised before anything is enqueued
     │   ├── MissingScope              no user_id / agent_id / run_id
-    │   ├── InvalidScope              a scope id that is empty, too long or not a string
+    │   ├── InvalidScope              a scope id that is empty, too long, not a string or not valid text
     │   ├── EmptyMessages             no message, or only empty text
-    │   ├── InvalidMessage            unknown role, non-text content, malformed message
-    │   ├── MessageTooLarge           a message over `limits.max_message_chars`
-    │   └── InvalidMetadata           metadata that is not a JSON object or is too large
+    │   ├── InvalidMessage            unknown role, non-text content, malformed message, invalid text
+    │   ├── MessageTooLarge           a message's text, name, id or image URL over its limit
+    │   ├── RequestTooLarge           an add's text or image URLs together over their limit
+    │   ├── InvalidMetadata           metadata that is not a JSON object, too large or too deep
+    │   ├── InvalidTimestamp          a timestamp of the wrong type or outside the years memq handles
+    │   ├── InvalidOption             infer, memory_type, prompt or idempotency_key of a bad type or value
+    │   ├── InvalidSearch             a search/get_all query, limit or threshold of a bad type or value
+    │   └── InvalidFilter             search/get_all filters: not a dict, a key memq owns, a bad value
     ├── JobNotFound (KeyError)        no record for that job id
     ├── BrokerUnavailable             Redis refused or timed out while enqueuing; nothing was enqueued
     └── PipelineError                 raised inside workers; the job records it
@@ -50,7 +55,7 @@ class MissingScope(InvalidRequest):
 
 
 class InvalidScope(InvalidRequest):
-    """A scope id is empty, too long, or not a string."""
+    """A scope id is empty, too long, not a string, or not valid text (control characters, lone surrogates)."""
 
 
 class EmptyMessages(InvalidRequest):
@@ -58,15 +63,40 @@ class EmptyMessages(InvalidRequest):
 
 
 class InvalidMessage(InvalidRequest):
-    """A message has an unknown role, non-text content, or an unknown shape."""
+    """A message has an unknown role, non-text content, an unknown shape, or a string that is not valid
+    text (a lone surrogate cannot be encoded as UTF-8; U+0000 cannot be stored in a SQL text column)."""
 
 
 class MessageTooLarge(InvalidRequest):
-    """A message is longer than the configured limit (characters)."""
+    """A message's text, name, id or an image URL is longer than its limit (characters)."""
+
+
+class RequestTooLarge(InvalidRequest):
+    """An add's text (messages, names, ids, prompt) or its image URLs add up to more than their limit."""
 
 
 class InvalidMetadata(InvalidRequest):
-    """Metadata is not a JSON object of JSON values, or is too large."""
+    """Metadata is not a JSON object of JSON values (string keys, finite numbers, 64-bit integers, valid
+    text), is too large, or is nested too deep."""
+
+
+class InvalidTimestamp(InvalidRequest):
+    """A timestamp is not a datetime, an ISO-8601 string or finite epoch seconds, or lies outside the
+    years the pipeline can compute with (see `memq.checks.EARLIEST_TIMESTAMP`)."""
+
+
+class InvalidOption(InvalidRequest):
+    """An add option (infer, memory_type, prompt, idempotency_key) has the wrong type, is empty, too long,
+    or is not valid text."""
+
+
+class InvalidSearch(InvalidRequest):
+    """A search or get_all argument is bad: the query (empty, too long, not valid text), `limit` (not an
+    int in range) or `threshold` (not a real number in range)."""
+
+
+class InvalidFilter(InvalidRequest):
+    """Search or get_all filters are not a dict of string keys to scalar values, or name a key memq owns."""
 
 
 class JobNotFound(MemqError, KeyError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from memq.checks import check_text
 from memq.errors import InvalidScope, MissingScope
 from memq.models import Scope
 
@@ -13,7 +14,8 @@ def check_scope_id(name: str, value: object, max_chars: int) -> str | None:
         The id, or None when `value` is None.
 
     Raises:
-        InvalidScope: not a string, empty, longer than `max_chars`, or with control characters.
+        InvalidScope: not a string, empty, longer than `max_chars`, with control characters, or not valid
+            text (a lone surrogate).
     """
     if value is None:
         return None
@@ -25,6 +27,7 @@ def check_scope_id(name: str, value: object, max_chars: int) -> str | None:
         raise InvalidScope(f"{name} is {len(value)} characters; the limit is {max_chars}", field=name)
     if any(ord(c) < 32 for c in value):
         raise InvalidScope(f"{name} contains control characters", field=name)
+    check_text(value, name, InvalidScope)
     return value
 
 

@@ -18,10 +18,13 @@ from memq.errors import (
     EmptyMessages,
     InvalidMessage,
     InvalidMetadata,
+    InvalidOption,
     InvalidRequest,
     InvalidScope,
+    InvalidTimestamp,
     MessageTooLarge,
     MissingScope,
+    RequestTooLarge,
 )
 from cli.redis_server import RedisServer
 from producer import Producer
@@ -31,12 +34,14 @@ HEAVY = ("litellm", "qdrant_client", "neo4j", "torch", "sentence_transformers", 
 
 @pytest.fixture()
 def quiet_db(redis_server: RedisServer, settings: Settings) -> Iterator[tuple[Producer, redis.Redis]]:
-    """A producer on Redis database 3, which no worker reads, and a client to inspect it."""
+    """A producer on Redis database 3, which no worker reads, with small size limits, and a client to
+    inspect it."""
     url = redis_server.url.rsplit("/", 1)[0] + "/3"
     client = redis.Redis.from_url(url)
     client.flushdb()
-    p = Producer(settings.model_copy(update={"redis": RedisSettings(url=url),
-                                             "limits": LimitsSettings(max_message_chars=200)}))
+    limits = LimitsSettings(max_message_chars=200, max_request_chars=1_000, max_image_url_chars=2_000,
+                            max_request_image_url_chars=3_000)
+    p = Producer(settings.model_copy(update={"redis": RedisSettings(url=url), "limits": limits}))
     yield p, client
     p.close()
     client.flushdb()
@@ -48,6 +53,18 @@ def test_importing_the_producer_loads_no_model_vector_or_graph_library() -> None
     code = f"import sys, producer; print([m for m in {HEAVY!r} if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
+
+
+def _image(data: str) -> dict[str, Any]:
+    return {"type": "image_url", "image_url": {"url": "data:image/png;base64," + data}}
+
+
+def _nested(levels: int) -> dict[str, Any]:
+    """Metadata `levels` + 1 objects deep: ``{"k": {"k": ... {"v": 1}}}``."""
+    value: dict[str, Any] = {"v": 1}
+    for _ in range(levels):
+        value = {"k": value}
+    return value
 
 
 BAD_REQUESTS: list[tuple[str, Any, dict[str, Any], type[InvalidRequest]]] = [
@@ -67,9 +84,62 @@ BAD_REQUESTS: list[tuple[str, Any, dict[str, Any], type[InvalidRequest]]] = [
     ("metadata not a dict", "I like tea", {"user_id": "u", "metadata": ["a"]}, InvalidMetadata),
     ("metadata forging a scope", "I like tea", {"user_id": "u", "metadata": {"user_id": "other"}}, InvalidMetadata),
     ("metadata with NaN", "I like tea", {"user_id": "u", "metadata": {"x": float("nan")}}, InvalidMetadata),
-    ("bad timestamp", "I like tea", {"user_id": "u", "timestamp": "yesterday"}, InvalidRequest),
+    ("bad timestamp", "I like tea", {"user_id": "u", "timestamp": "yesterday"}, InvalidTimestamp),
     ("procedural memory without agent", "I like tea", {"user_id": "u", "memory_type": "procedural_memory"},
      MissingScope),
+    # unbounded fields: each has a limit
+    ("speaker name over its limit", [{"role": "user", "content": "hi", "name": "n" * 257}], {"user_id": "u"},
+     MessageTooLarge),
+    ("message id over its limit", [{"role": "user", "content": "hi", "id": "i" * 257}], {"user_id": "u"},
+     MessageTooLarge),
+    ("prompt over its limit", "I like tea", {"user_id": "u", "prompt": "p" * 20_001}, InvalidOption),
+    ("image URL over its limit", [{"role": "user", "content": [_image("A" * 2_001)]}], {"user_id": "u"},
+     MessageTooLarge),
+    ("too many content parts", [{"role": "user", "content": [{"type": "text", "text": "a"}] * 101}],
+     {"user_id": "u"}, MessageTooLarge),
+    ("text of the whole add over its limit", [{"role": "user", "content": "x" * 199}] * 6, {"user_id": "u"},
+     RequestTooLarge),
+    ("image URLs of the whole add over their limit",
+     [{"role": "user", "content": [_image("A" * 1_600), _image("B" * 1_600)]}], {"user_id": "u"}, RequestTooLarge),
+    # accepted before, but the worker could not process it
+    ("metadata deeper than the worker reads", "I like tea", {"user_id": "u", "metadata": _nested(220)},
+     InvalidMetadata),
+    ("metadata one level over the depth limit", "I like tea", {"user_id": "u", "metadata": _nested(32)},
+     InvalidMetadata),
+    ("timestamp a month after year 1", "I like tea", {"user_id": "u", "timestamp": "0001-01-15"}, InvalidTimestamp),
+    ("timestamp that is year 0 in UTC", "I like tea", {"user_id": "u", "timestamp": "0001-01-01T00:00:00+05:00"},
+     InvalidTimestamp),
+    ("timestamp that is year 10000 in UTC", "I like tea",
+     {"user_id": "u", "timestamp": "9999-12-31T23:59:59-05:00"}, InvalidTimestamp),
+    # wrong error classes before: pydantic, Python or serialization errors
+    ("lone surrogate in content", "I like tea \ud800", {"user_id": "u"}, InvalidMessage),
+    ("lone surrogate in a text part", [{"role": "user", "content": [{"type": "text", "text": "\udfff"}]}],
+     {"user_id": "u"}, InvalidMessage),
+    ("lone surrogate in a speaker name", [{"role": "user", "content": "hi", "name": "A\ud83d"}], {"user_id": "u"},
+     InvalidMessage),
+    ("lone surrogate in a scope id", "I like tea", {"user_id": "u\ud800"}, InvalidScope),
+    ("lone surrogate in a metadata key", "I like tea", {"user_id": "u", "metadata": {"\udc00": 1}}, InvalidMetadata),
+    ("lone surrogate in a metadata value", "I like tea", {"user_id": "u", "metadata": {"k": ["\udc00"]}},
+     InvalidMetadata),
+    ("lone surrogate in the prompt", "I like tea", {"user_id": "u", "prompt": "Extract \ud800"}, InvalidOption),
+    ("lone surrogate in the idempotency key", "I like tea", {"user_id": "u", "idempotency_key": "k\ud800"},
+     InvalidOption),
+    ("NUL in content", "I like\x00 tea", {"user_id": "u"}, InvalidMessage),
+    ("300-deep metadata", "I like tea", {"user_id": "u", "metadata": _nested(300)}, InvalidMetadata),
+    ("metadata deeper than Python's recursion limit", "I like tea", {"user_id": "u", "metadata": _nested(2_000)},
+     InvalidMetadata),
+    ("nested metadata key that is not a string", "I like tea", {"user_id": "u", "metadata": {"a": {1: "b"}}},
+     InvalidMetadata),
+    ("metadata integer beyond 64 bits", "I like tea", {"user_id": "u", "metadata": {"n": 2**64}}, InvalidMetadata),
+    ("epoch timestamp 1e20", "I like tea", {"user_id": "u", "timestamp": 1e20}, InvalidTimestamp),
+    ("epoch timestamp before year 1", "I like tea", {"user_id": "u", "timestamp": -1e11}, InvalidTimestamp),
+    ("epoch timestamp too big for a float", "I like tea", {"user_id": "u", "timestamp": 10**400}, InvalidTimestamp),
+    ("epoch timestamp in milliseconds", "I like tea", {"user_id": "u", "timestamp": 1_714_557_600_000},
+     InvalidTimestamp),
+    ("timestamp of another type", "I like tea", {"user_id": "u", "timestamp": [2024, 5, 1]}, InvalidTimestamp),
+    ("role that is not a string", [{"role": ["user"], "content": "hi"}], {"user_id": "u"}, InvalidMessage),
+    ("infer that is not a bool", "I like tea", {"user_id": "u", "infer": "yes"}, InvalidOption),
+    ("unknown memory type", "I like tea", {"user_id": "u", "memory_type": "semantic"}, InvalidOption),
 ]
 
 
@@ -82,8 +152,8 @@ def test_a_bad_request_raises_a_named_error_and_enqueues_nothing(
     # When the bad request is added
     with pytest.raises(error) as raised:
         producer.add(messages, **kwargs)
-    # Then the error says what is wrong, and Redis holds nothing at all
-    assert str(raised.value)
+    # Then the error says what is wrong and where, and Redis holds nothing at all
+    assert str(raised.value) and raised.value.field
     assert client.dbsize() == 0
 
 
