@@ -70,10 +70,14 @@ def dlq_replay(
     console.print(f"replayed {len(replayed)} jobs")
 
 
+UNFINISHED = ["queued", "running", "partial"]
+
+
 @jobs.command("list")
 def jobs_list(
     state: Annotated[list[str] | None, typer.Option(help="Only this state (repeatable): queued, running, "
-                                                       "partial, succeeded, failed.")] = None,
+                                                       "partial, succeeded, failed. Default: the unfinished ones.")] = None,
+    every: Annotated[bool, typer.Option("--all", help="Every state, finished jobs included.")] = False,
     limit: Annotated[int, typer.Option(help="At most this many jobs.")] = 50,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines.")] = False,
 ) -> None:
@@ -81,7 +85,7 @@ def jobs_list(
     from jobs.admin import list_jobs
 
     try:
-        rows = list_jobs(_ledger(), states=state, limit=limit)
+        rows = list_jobs(_ledger(), states=None if every else (state or UNFINISHED), limit=limit)
     except MemqError as exc:
         raise _fail(exc) from exc
     for r in rows:
