@@ -30,11 +30,10 @@ from broker.messages import Next
 from jobs.clients import Clients
 from jobs.transitions import Advance, Deferred, Finished, Joined, Retry, Skip, Transition
 from memq.errors import StoreUnavailable
-from memq.models import AddJob, JobState
+from memq.models import AddJob, JobState, Relation
 from pipeline import apply, caption as caption_stage, decide as decide_stage, extract as extract_stage
 from pipeline import finalize as finalize_stage, graph_plan, retrieve
 from pipeline.types import CaptionedMessages, ExtractedFacts, LLMUsage, Plan, WriteResult
-from stores.graph import RelationRecord
 
 logger = logging.getLogger(__name__)
 
@@ -181,7 +180,7 @@ def _stored(c: Clients, job_id: str, stage: str, model: type[M]) -> M:
     return out
 
 
-def _relations(c: Clients, job: AddJob, facts: ExtractedFacts) -> list[RelationRecord] | None:
+def _relations(c: Clients, job: AddJob, facts: ExtractedFacts) -> list[Relation] | None:
     """Existing relations for the decider; None when graph memory is off. If Neo4j is down the job goes
     on without them (no relation can be invalidated) so that the vector write is not held up."""
     if c.graph is None:
@@ -218,8 +217,7 @@ def _published(job_id: str, c: Clients, state: JobState, *, error: BaseException
     plan = _stored_plan(c, job_id)
     extracted = c.ledger.output(job_id, "extract", ExtractedFacts)
     usage = (extracted.usage if extracted is not None else LLMUsage()) + plan.usage
-    relations = [{"source": r.source, "relationship": r.relationship, "destination": r.destination}
-                 for r in (plan.graph.relations if plan.graph else [])]
+    relations = [r.triple() for r in (plan.graph.relations if plan.graph else [])]
     return Finished(state, job, results=finalize_stage.results(plan), counts=finalize_stage.event_counts(plan),
                     relations=relations, history=finalize_stage.history_rows(job, plan), error=error,
                     stage=stage if state is JobState.PARTIAL else "done", then=then, llm_calls=usage.calls,

@@ -123,8 +123,7 @@ class Memories:
         graph = self.graph
         related = _pool().submit(graph.search, scope, vector, query) if graph is not None else None
         hits = self.vectors.search(vector, scope, limit=limit, threshold=threshold, filters=filters)
-        relations = [{"source": r.source, "relationship": r.relationship, "destination": r.destination}
-                     for r in (related.result() if related is not None else [])]
+        relations = [r.triple() for r in (related.result() if related is not None else [])]
         return {"results": [_item(h) for h in hits], "relations": relations}
 
     def get_all(self, *, user_id: str | None = None, agent_id: str | None = None, run_id: str | None = None,

@@ -143,6 +143,33 @@ class Scope(_Frozen):
                    ((self.user_id, user_id), (self.agent_id, agent_id), (self.run_id, run_id)))
 
 
+class Relation(_Frozen):
+    """A graph edge: ``source`` -[``relationship``]-> ``destination``; the one type for a relation
+    wherever it is, from the model's reply to the graph and back.
+
+    As extracted, the ends are entity names and the type is the model's; once planned (see
+    `pipeline.graph_plan`) the ends are entity keys, the type is normalized, and it has its id and
+    the memories that support it; as read back it says whether it still holds.
+
+    Attributes:
+        source, relationship, destination: the edge.
+        rid: its id (deterministic per job and position), once planned or stored.
+        memory_ids: the memories supporting it (deleting all of them removes it).
+        valid: False once a later fact contradicted it (kept for history, never shown by reads).
+    """
+
+    source: str = Field(min_length=1)
+    relationship: str = Field(min_length=1)
+    destination: str = Field(min_length=1)
+    rid: str | None = None
+    memory_ids: list[str] = Field(default_factory=list)
+    valid: bool = True
+
+    def triple(self) -> dict[str, str]:
+        """``{"source", "relationship", "destination"}``: Mem0's shape in results and prompts."""
+        return {"source": self.source, "relationship": self.relationship, "destination": self.destination}
+
+
 class AddJob(_Frozen):
     """A validated add request, stored in Redis under its `job_id` (tasks carry only the id)."""
 

@@ -7,7 +7,7 @@ import logging
 from memq.models import AddJob, MemoryEvent
 from pipeline.types import Plan, WriteResult
 from stores.embedder import Embedder
-from stores.graph import EntityWrite, GraphStore, GraphWrite, RelationWrite, entity_key
+from stores.graph import EntityWrite, GraphStore, GraphWrite, entity_key
 from stores.qdrant import MemoryPoint, VectorStore
 
 logger = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ def write_vectors(job: AddJob, plan: Plan, vectors: VectorStore) -> WriteResult:
     points = [
         MemoryPoint(id=a.memory_id, vector=a.vector, memory=a.memory, scope=job.scope, created_at=a.created_at,
                     updated_at=when if a.event is MemoryEvent.UPDATE else None, metadata=a.metadata,
-                    actor_id=a.actor_id, role=a.role, source_message_ids=a.source_ids, job_id=job.job_id)
+                    actor_id=a.actor_id, role=a.role, source_message_ids=a.source_message_ids, job_id=job.job_id)
         for a in plan.actions if a.event in (MemoryEvent.ADD, MemoryEvent.UPDATE) and a.memory_id not in foreign
     ]
     deleted = [a.memory_id for a in plan.actions if a.event is MemoryEvent.DELETE and a.memory_id not in foreign]
@@ -85,8 +85,7 @@ def write_graph(job: AddJob, plan: Plan, graph: GraphStore | None, embedder: Emb
         job_id=job.job_id, scope=job.scope, when=job.timestamp or job.enqueued_at,
         entities=[EntityWrite(key=entity_key(e.name), name=e.name, entity_type=e.entity_type, embedding=v)
                   for e, v in zip(g.entities, vectors)],
-        relations=[RelationWrite(rid=r.rid, source=r.source, relationship=r.relationship,
-                                 destination=r.destination, memory_ids=r.memory_ids) for r in g.relations],
+        relations=g.relations,
         invalidated=g.invalidated, deleted_memory_ids=deleted,
     ))
     return WriteResult(store="neo4j", upserted=len(g.entities) + len(g.relations), deleted=len(g.invalidated))

@@ -18,13 +18,12 @@ from datetime import datetime
 
 from pydantic import BaseModel, Field
 
-from memq.models import AddJob, MemoryEvent, MemoryItem
+from memq.models import AddJob, MemoryEvent, MemoryItem, Relation
 from pipeline.llm import LLM
 from pipeline.retrieve import Neighbourhood
 from pipeline.graph_plan import build_graph_plan
-from pipeline.types import Action, ExtractedFacts, Fact, GraphPlan, Plan, Relation
+from pipeline.types import Action, ExtractedFacts, Fact, GraphPlan, Plan
 from stores.embedder import Embedder
-from stores.graph import RelationRecord
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +77,7 @@ def memory_id(job_id: str, position: int) -> str:
 
 
 def build_user_prompt(existing: Sequence[MemoryItem], facts: Sequence[Fact],
-                      relations: Sequence[RelationRecord] | None = None,
+                      relations: Sequence[Relation] | None = None,
                       new_relations: Sequence[Relation] = ()) -> str:
     """The user prompt: existing memories under ids "0".."n-1" and the new facts (and, with graph
     memory, existing relations under ids "0".."m-1" and the new relations), as JSON."""
@@ -89,7 +88,7 @@ def build_user_prompt(existing: Sequence[MemoryItem], facts: Sequence[Fact],
     if relations is not None:
         payload["existing_relations"] = [{"id": str(i), "source": r.source, "relationship": r.relationship,
                                           "destination": r.destination} for i, r in enumerate(relations)]
-        payload["new_relations"] = [r.model_dump() for r in new_relations]
+        payload["new_relations"] = [r.triple() for r in new_relations]
     return "Input:\n" + json.dumps(payload, ensure_ascii=False, indent=1)
 
 
@@ -128,25 +127,25 @@ class _Planner:
     def add(self, position: int, text: str, vector: list[float]) -> Action:
         fact = self.source_of(vector)
         return Action(event=MemoryEvent.ADD, memory_id=memory_id(self.job.job_id, position), memory=text,
-                      vector=vector, created_at=self.when, metadata=self.metadata, source_ids=fact.source_ids,
+                      vector=vector, created_at=self.when, metadata=self.metadata, source_message_ids=fact.source_message_ids,
                       actor_id=fact.actor_id, role=fact.role)
 
     def update(self, old: MemoryItem, text: str, vector: list[float]) -> Action:
         fact = self.source_of(vector)
-        sources = list(dict.fromkeys([*old.source_message_ids, *fact.source_ids]))
+        sources = list(dict.fromkeys([*old.source_message_ids, *fact.source_message_ids]))
         return Action(event=MemoryEvent.UPDATE, memory_id=old.id, memory=text, previous_memory=old.memory,
                       vector=vector, created_at=old.created_at or self.when,
-                      metadata={**old.metadata, **self.metadata}, source_ids=sources,
+                      metadata={**old.metadata, **self.metadata}, source_message_ids=sources,
                       actor_id=fact.actor_id, role=fact.role)
 
     def keep(self, old: MemoryItem, event: MemoryEvent) -> Action:
         return Action(event=event, memory_id=old.id, memory=old.memory, previous_memory=old.memory,
                       created_at=old.created_at or self.when, metadata=old.metadata,
-                      source_ids=old.source_message_ids, actor_id=old.actor_id, role=old.role)
+                      source_message_ids=old.source_message_ids, actor_id=old.actor_id, role=old.role)
 
 
 def decide(job: AddJob, extracted: ExtractedFacts, neighbourhood: Neighbourhood, llm: LLM,
-           embedder: Embedder, *, relations: Sequence[RelationRecord] | None = None) -> Plan:
+           embedder: Embedder, *, relations: Sequence[Relation] | None = None) -> Plan:
     """Decide what the job's facts do to memory (and, with graph memory, which relations they contradict).
 
     Args:

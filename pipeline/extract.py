@@ -15,7 +15,8 @@ from pydantic import BaseModel, Field, field_validator
 
 from memq.models import AddJob, Message, Role
 from pipeline.llm import LLM
-from pipeline.types import CaptionedMessages, Entity, ExtractedFacts, Fact, Relation
+from memq.models import Relation
+from pipeline.types import CaptionedMessages, Entity, ExtractedFacts, Fact
 
 INSTRUCTIONS = """You keep long-term memory for an assistant. Read the conversation and write down the \
 facts worth remembering about the people in it: personal details, preferences and dislikes, plans and \
@@ -119,7 +120,7 @@ def _speaker(messages: list[Message], indexes: list[int]) -> tuple[str | None, s
 def verbatim_facts(messages: list[Message]) -> ExtractedFacts:
     """``infer=False``: every non-system message with text becomes a fact as written, no model call."""
     ids = message_ids(messages)
-    facts = [Fact(text=m.text.strip(), source_ids=[ids[i]], actor_id=m.name, role=m.role.value)
+    facts = [Fact(text=m.text.strip(), source_message_ids=[ids[i]], actor_id=m.name, role=m.role.value)
              for i, m in enumerate(messages) if m.role is not Role.SYSTEM and m.text.strip()]
     return ExtractedFacts(facts=facts)
 
@@ -149,7 +150,7 @@ def extract_facts(job: AddJob, captioned: CaptionedMessages, llm: LLM, *, graph:
     if job.memory_type == "procedural_memory":
         reply, usage = llm.complete_json(PROCEDURAL_INSTRUCTIONS + "\n\n" + PROCEDURAL_FORMAT,
                                          build_user_prompt("procedural_summary", messages, when), ProceduralReply)
-        return ExtractedFacts(facts=[Fact(text=reply.summary.strip(), source_ids=ids, role="assistant")],
+        return ExtractedFacts(facts=[Fact(text=reply.summary.strip(), source_message_ids=ids, role="assistant")],
                               usage=usage)
     if graph:
         system = (job.prompt or INSTRUCTIONS) + "\n\n" + GRAPH_INSTRUCTIONS + "\n\n" + GRAPH_REPLY_FORMAT
@@ -166,7 +167,7 @@ def extract_facts(job: AddJob, captioned: CaptionedMessages, llm: LLM, *, graph:
         seen.add(text.lower())
         indexes = sorted({i for i in f.sources if 0 <= i < len(messages)}) or list(range(len(messages)))
         actor_id, role = _speaker(messages, indexes)
-        facts.append(Fact(text=text, source_ids=[ids[i] for i in indexes], actor_id=actor_id, role=role))
+        facts.append(Fact(text=text, source_message_ids=[ids[i] for i in indexes], actor_id=actor_id, role=role))
     if not graph:
         return ExtractedFacts(facts=facts, usage=usage)
     entities = [Entity(name=e.name.strip(), entity_type=e.entity_type.strip().lower() or "entity")

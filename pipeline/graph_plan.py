@@ -14,8 +14,9 @@ import uuid
 from collections.abc import Sequence
 
 from memq.models import MemoryEvent
-from pipeline.types import Action, Entity, ExtractedFacts, GraphPlan, GraphRelation
-from stores.graph import InvalidRelationshipType, RelationRecord, entity_key, relationship_type
+from memq.models import Relation
+from pipeline.types import Action, Entity, ExtractedFacts, GraphPlan
+from stores.graph import InvalidRelationshipType, entity_key, relationship_type
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ def _supporters(source: str, destination: str, actions: Sequence[Action]) -> lis
 
 
 def build_graph_plan(job_id: str, extracted: ExtractedFacts, actions: Sequence[Action],
-                     shown: Sequence[RelationRecord], invalidated_ids: Sequence[str]) -> GraphPlan:
+                     shown: Sequence[Relation], invalidated_ids: Sequence[str]) -> GraphPlan:
     """The job's graph change.
 
     Args:
@@ -58,7 +59,7 @@ def build_graph_plan(job_id: str, extracted: ExtractedFacts, actions: Sequence[A
         key = entity_key(e.name)
         if key and key not in entities:
             entities[key] = e
-    relations: list[GraphRelation] = []
+    relations: list[Relation] = []
     seen: set[tuple[str, str, str]] = set()
     rejected = 0
     for r in extracted.relations:
@@ -73,12 +74,12 @@ def build_graph_plan(job_id: str, extracted: ExtractedFacts, actions: Sequence[A
         seen.add((source, rel_type, destination))
         for key, name in ((source, r.source), (destination, r.destination)):
             entities.setdefault(key, Entity(name=name.strip()))
-        relations.append(GraphRelation(
+        relations.append(Relation(
             rid=str(uuid.uuid5(RELATION_ID_NAMESPACE, f"{job_id}:{len(relations)}")), source=source,
             relationship=rel_type, destination=destination, memory_ids=_supporters(source, destination, actions)))
     if rejected:
         logger.warning("job %s: dropped %d relations with invalid relationship types", job_id, rejected)
-    by_small_id = {str(i): r.rid for i, r in enumerate(shown)}
+    by_small_id = {str(i): r.rid for i, r in enumerate(shown) if r.rid}
     invalidated = sorted({by_small_id[i.strip()] for i in invalidated_ids if i.strip() in by_small_id})
     return GraphPlan(entities=list(entities.values()), relations=relations, invalidated=invalidated,
                      rejected=rejected)

@@ -6,7 +6,7 @@ from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
-from memq.models import MemoryEvent, Message
+from memq.models import MemoryEvent, Message, Relation
 
 
 class _Stage(BaseModel):
@@ -37,13 +37,13 @@ class Fact(_Stage):
 
     Attributes:
         text: the fact, one self-contained sentence.
-        source_ids: ids of the messages it came from (caller's ids or positions).
+        source_message_ids: ids of the messages it came from (caller's ids or positions).
         actor_id: the speaker (message ``name``) when all sources share one.
         role: the role of the source messages when all share one.
     """
 
     text: str = Field(min_length=1)
-    source_ids: list[str] = Field(default_factory=list)
+    source_message_ids: list[str] = Field(default_factory=list)
     actor_id: str | None = None
     role: str | None = None
 
@@ -53,14 +53,6 @@ class Entity(_Stage):
 
     name: str = Field(min_length=1)
     entity_type: str = "entity"
-
-
-class Relation(_Stage):
-    """A graph edge extracted from messages: ``source`` -[``relationship``]-> ``destination`` (names)."""
-
-    source: str = Field(min_length=1)
-    relationship: str = Field(min_length=1)
-    destination: str = Field(min_length=1)
 
 
 class ExtractedFacts(_Stage):
@@ -83,7 +75,7 @@ class Action(_Stage):
         vector: embedding of `memory` for ADD/UPDATE; empty otherwise.
         created_at: creation time to write (kept from the existing memory on UPDATE).
         metadata: payload metadata to write.
-        source_ids, actor_id, role: provenance.
+        source_message_ids, actor_id, role: provenance.
     """
 
     event: MemoryEvent
@@ -93,26 +85,16 @@ class Action(_Stage):
     vector: list[float] = Field(default_factory=list)
     created_at: datetime
     metadata: dict[str, JsonValue] = Field(default_factory=dict)
-    source_ids: list[str] = Field(default_factory=list)
+    source_message_ids: list[str] = Field(default_factory=list)
     actor_id: str | None = None
     role: str | None = None
-
-
-class GraphRelation(_Stage):
-    """A relation ready to merge: entity keys, a normalized type, the memories supporting it."""
-
-    rid: str
-    source: str
-    relationship: str
-    destination: str
-    memory_ids: list[str] = Field(default_factory=list)
 
 
 class GraphPlan(_Stage):
     """What the job does to the graph (see `stores.graph.GraphWrite`)."""
 
     entities: list[Entity] = Field(default_factory=list)
-    relations: list[GraphRelation] = Field(default_factory=list)
+    relations: list[Relation] = Field(default_factory=list, description="Planned: keys, normalized types, rids.")
     invalidated: list[str] = Field(default_factory=list, description="rids of contradicted relations.")
     rejected: int = Field(default=0, description="Relations dropped for an invalid relationship type.")
 

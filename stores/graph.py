@@ -32,7 +32,7 @@ from neo4j.exceptions import TransientError as Neo4jTransientError
 
 from memq.config import Neo4jSettings
 from memq.errors import StoreError, StoreUnavailable
-from memq.models import Scope
+from memq.models import Relation, Scope
 
 _TYPE = re.compile(r"[A-Z][A-Z0-9_]{0,63}")
 _SEPARATORS = re.compile(r"[\s\-]+")
@@ -72,17 +72,6 @@ class EntityWrite:
 
 
 @dataclass(frozen=True)
-class RelationWrite:
-    """A relation to merge between two entity keys; `rid` is used only when it is created."""
-
-    rid: str
-    source: str
-    relationship: str
-    destination: str
-    memory_ids: Sequence[str]
-
-
-@dataclass(frozen=True)
 class GraphWrite:
     """Everything one job does to the graph, applied in one transaction.
 
@@ -90,7 +79,7 @@ class GraphWrite:
         job_id: the job (recorded on what it creates).
         scope: whose graph.
         when: the job's time (UTC), used for created_at/updated_at/invalid_at.
-        entities, relations: what to merge.
+        entities, relations: what to merge (relations planned: entity keys, normalized types, rids).
         invalidated: ``rid`` s of relations the job's facts contradict.
         deleted_memory_ids: memories the job deleted; relations they alone supported go, and so do
             entities left without any relation.
@@ -100,20 +89,9 @@ class GraphWrite:
     scope: Scope
     when: datetime
     entities: Sequence[EntityWrite] = ()
-    relations: Sequence[RelationWrite] = ()
+    relations: Sequence[Relation] = ()
     invalidated: Sequence[str] = ()
     deleted_memory_ids: Sequence[str] = field(default_factory=tuple)
-
-
-@dataclass(frozen=True)
-class RelationRecord:
-    """A stored relation as reads return it."""
-
-    rid: str
-    source: str
-    relationship: str
-    destination: str
-    valid: bool = True
 
 
 @contextmanager
@@ -225,7 +203,7 @@ class GraphStore:
         with _mapped("write"), self._driver.session(database=self._database) as session:
             session.execute_write(work)
 
-    def relations_of(self, scope: Scope, keys: Sequence[str], *, limit: int = 50) -> list[RelationRecord]:
+    def relations_of(self, scope: Scope, keys: Sequence[str], *, limit: int = 50) -> list[Relation]:
         """Valid relations touching any of the entity `keys` in exactly this scope (for the decider).
 
         Raises:
@@ -243,10 +221,10 @@ class GraphStore:
                 "  endNode(x).name AS destination",
                 keys=list(keys), limit=limit, **_scope_params(scope),
             )
-        return [RelationRecord(**r) for r in rows]
+        return [Relation(**r) for r in rows]
 
     def search(self, scope: Scope, vector: Sequence[float], query: str, *, limit: int = 20,
-               threshold: float = 0.5, top_entities: int = 5) -> list[RelationRecord]:
+               threshold: float = 0.5, top_entities: int = 5) -> list[Relation]:
         """Valid relations of the entities most related to a query, in the query's scope only.
 
         Entities are matched by cosine similarity of their name embedding (>= `threshold`) or by their
@@ -270,9 +248,9 @@ class GraphStore:
                 vector=list(vector), query=query.lower(), threshold=threshold, top=top_entities, limit=limit,
                 **_scope_params(scope),
             )
-        return [RelationRecord(**r) for r in rows]
+        return [Relation(**r) for r in rows]
 
-    def all_relations(self, scope: Scope, *, include_invalid: bool = False) -> list[RelationRecord]:
+    def all_relations(self, scope: Scope, *, include_invalid: bool = False) -> list[Relation]:
         """Every relation of exactly this scope (tests, exports), oldest first."""
         with _mapped("read"):
             rows = self._run(
@@ -282,7 +260,7 @@ class GraphStore:
                 "  x.valid AS valid ORDER BY x.created_at, x.rid",
                 all=include_invalid, **_scope_params(scope),
             )
-        return [RelationRecord(**r) for r in rows]
+        return [Relation(**r) for r in rows]
 
     def entities(self, scope: Scope) -> list[dict[str, Any]]:
         """Entities of exactly this scope: ``{key, name, entity_type, mentions}``, by key."""
