@@ -35,7 +35,7 @@ buckets need longer to refill or its block lasts longer, so unused models leave 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import redis
@@ -49,8 +49,11 @@ IDLE_TTL_S = 120
 
 _LIMITER_LUA = """
 local key, op, idle_ms = KEYS[1], ARGV[1], tonumber(ARGV[2])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local now = tonumber(ARGV[3])
+if now == nil then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
 
 local function fmt(x) return string.format('%.6f', x) end
 
@@ -75,20 +78,20 @@ local function keep(s)
 end
 
 if op == 'acquire' then
-  local rpm, tpm, tokens, burst_s = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+  local rpm, tpm, tokens, burst_s = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
   local rcap, tcap = cap(rpm, burst_s), cap(tpm, burst_s)
   local wait = 0
   local blocked = tonumber(redis.call('HGET', key, 'blocked_until'))
-  if blocked ~= nil and blocked > now then wait = blocked - now end
+  if blocked ~= nil and blocked > now + 1e-9 then wait = blocked - now end
   local r, k = 0, 0
   if rpm > 0 then
     r = level('r_', rpm, rcap)
-    if r < 1 then wait = math.max(wait, (1 - r) * 60 / rpm) end
+    if r < 1 - 1e-9 then wait = math.max(wait, (1 - r) * 60 / rpm) end  -- 1e-9: float noise, not budget
   end
   if tpm > 0 then
     k = level('t_', tpm, tcap)
     local need = math.min(tokens, tcap)
-    if k < need then wait = math.max(wait, (need - k) * 60 / tpm) end
+    if k < need - 1e-9 then wait = math.max(wait, (need - k) * 60 / tpm) end
   end
   if wait > 0 then return fmt(math.max(wait, 0.000001)) end
   local live = 0
@@ -103,7 +106,7 @@ if op == 'acquire' then
   if rpm > 0 or tpm > 0 then keep(live) end
   return '0'
 elseif op == 'block' then
-  local untl = now + tonumber(ARGV[3])
+  local untl = now + tonumber(ARGV[4])
   local cur = tonumber(redis.call('HGET', key, 'blocked_until'))
   if cur == nil or cur < untl then
     redis.call('HSET', key, 'blocked_until', fmt(untl))
@@ -112,7 +115,7 @@ elseif op == 'block' then
   keep(cur - now)
   return fmt(cur - now)
 elseif op == 'adjust' then
-  local tpm, delta, burst_s = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+  local tpm, delta, burst_s = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
   local tcap = cap(tpm, burst_s)
   local k = math.min(tcap, level('t_', tpm, tcap) - delta)
   redis.call('HSET', key, 't_level', fmt(k), 't_ts', fmt(now))
@@ -137,11 +140,16 @@ class RateLimiter:
     Args:
         client: a `redis.Redis` client; every limiter on the same Redis and `key_prefix` shares budgets.
         key_prefix: prefix of the per-model keys (``{key_prefix}:{model}``).
+        clock: the time, in seconds, to use instead of Redis's own (``TIME``); for tests, which then
+            move time themselves and do not depend on how fast a loaded machine runs. Every limiter
+            sharing keys must use the same clock.
     """
 
-    def __init__(self, client: redis.Redis, *, key_prefix: str = "memq:ratelimit") -> None:
+    def __init__(self, client: redis.Redis, *, key_prefix: str = "memq:ratelimit",
+                 clock: Callable[[], float] | None = None) -> None:
         self._r = client
         self._prefix = key_prefix
+        self._clock = clock
         self._script = client.register_script(_LIMITER_LUA)
 
     def _key(self, model: str) -> str:
@@ -156,7 +164,8 @@ class RateLimiter:
 
     def _run(self, model: str, op: str, *args: int | float) -> float:
         with self._mapped():
-            raw = self._script(keys=[self._key(model)], args=[op, IDLE_TTL_S * 1000, *args])
+            now = f"{self._clock():.6f}" if self._clock is not None else ""
+            raw = self._script(keys=[self._key(model)], args=[op, IDLE_TTL_S * 1000, now, *args])
         return float(raw)
 
     def acquire(self, model: str, *, rpm: int | None, tpm: int | None, tokens: int, burst_s: float = 60.0) -> float:

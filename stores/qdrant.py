@@ -353,6 +353,17 @@ def open_vector_store(settings: QdrantSettings, dims: int) -> VectorStore:
         return store
 
 
+def close_vector_store(store: VectorStore) -> None:
+    """Close one store `open_vector_store` made and forget it (other stores of the process stay open).
+
+    Stores sharing its client (same local folder, other collection) are forgotten too.
+    """
+    with _stores_lock:
+        for key in [k for k, s in _stores.items() if s._client is store._client]:
+            del _stores[key]
+        store.close()
+
+
 def close_vector_stores() -> None:
     """Close every client `open_vector_store` made in this process (tests, shutdown)."""
     with _stores_lock:

@@ -34,13 +34,13 @@ RUN = uuid.uuid4().hex[:8]
 
 
 @pytest.fixture()
-def quiet(redis_server: RedisServer, settings: Settings) -> Iterator[tuple[Producer, redis.Redis]]:
+def quiet(redis_server: RedisServer) -> Iterator[tuple[Producer, redis.Redis]]:
     """A producer with the default limits on Redis database 3, which no worker reads, and a client to
     inspect it."""
     url = redis_server.url.rsplit("/", 1)[0] + "/3"
     client = redis.Redis.from_url(url)
     client.flushdb()
-    p = Producer(settings.model_copy(update={"redis": RedisSettings(url=url)}))
+    p = Producer(Settings(redis=RedisSettings(url=url)))  # Redis only: no worker, no model
     yield p, client
     p.close()
     client.flushdb()

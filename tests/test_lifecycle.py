@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -39,6 +38,16 @@ def _until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
         time.sleep(0.05)
+
+
+def _asleep(client: redis.Redis) -> bool:
+    """True when Redis does not answer a PING within the client's (short) socket timeout."""
+    try:
+        client.ping()
+        return False
+    except redis.TimeoutError:
+        client.connection_pool.disconnect()
+        return True
 
 
 def _consumed(client: redis.Redis, tags: list[str]) -> bool:
@@ -147,13 +156,16 @@ def test_an_enqueue_that_timed_out_is_retried_safely_with_the_same_key(slow_redi
     client = redis.Redis.from_url(slow_redis.url)
     producer.add("warm up the script cache", user_id="u")
     # Given Redis busy for 1 s, longer than the producer's socket timeout
-    sleeper = threading.Thread(target=lambda: redis.Redis.from_url(slow_redis.url).execute_command("DEBUG", "SLEEP", "1"))
-    sleeper.start()
-    time.sleep(0.1)  # let DEBUG SLEEP reach the server first
+    busy = redis.Connection(host="127.0.0.1", port=slow_redis.port)
+    busy.send_command("DEBUG", "SLEEP", "1")  # the reply is read once it wakes up
+    probe = redis.Redis.from_url(slow_redis.url, socket_timeout=0.05)
+    _until(lambda: _asleep(probe), 5, "Redis to be busy")
     # When an add times out, Then the producer says BrokerUnavailable ...
     with pytest.raises(BrokerUnavailable):
         producer.add("I play the oboe.", user_id="u", idempotency_key="req-42")
-    sleeper.join()
+    busy.read_response()
+    busy.disconnect()
+    probe.close()
     # ... although Redis ran the enqueue once it woke up
     assert client.llen("memq.light") == 2
     # When the caller retries with the same key, Then it gets that job back and nothing is enqueued twice

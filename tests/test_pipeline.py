@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from memq.errors import MissingScope
+from memq.errors import InvalidFilter, MissingScope
 from memq.models import JobState, MemoryEvent
 from tests.rigs.llm_server import LLMTestServer, Reply
 from tests.helpers import decisions_reply, facts_reply, wait_done
@@ -153,7 +153,7 @@ def test_search_filters_by_metadata_and_refuses_scope_keys(producer: Any, memori
                                      metadata={"topic": "work"}))
     found = memories.search("what does the user like", user_id=user_id, filters={"topic": "work"})["results"]
     assert found and all(m["metadata"]["topic"] == "work" for m in found)
-    with pytest.raises(Exception, match="reserved"):
+    with pytest.raises(InvalidFilter, match="reserved"):
         memories.search("x", user_id=user_id, filters={"user_id": "someone-else"})
 
 

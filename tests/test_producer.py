@@ -33,7 +33,7 @@ HEAVY = ("litellm", "qdrant_client", "neo4j", "torch", "sentence_transformers", 
 
 
 @pytest.fixture()
-def quiet_db(redis_server: RedisServer, settings: Settings) -> Iterator[tuple[Producer, redis.Redis]]:
+def quiet_db(redis_server: RedisServer) -> Iterator[tuple[Producer, redis.Redis]]:
     """A producer on Redis database 3, which no worker reads, with small size limits, and a client to
     inspect it."""
     url = redis_server.url.rsplit("/", 1)[0] + "/3"
@@ -41,7 +41,7 @@ def quiet_db(redis_server: RedisServer, settings: Settings) -> Iterator[tuple[Pr
     client.flushdb()
     limits = LimitsSettings(max_message_chars=200, max_request_chars=1_000, max_image_url_chars=2_000,
                             max_request_image_url_chars=3_000)
-    p = Producer(settings.model_copy(update={"redis": RedisSettings(url=url), "limits": limits}))
+    p = Producer(Settings(redis=RedisSettings(url=url), limits=limits))  # Redis only: no worker, no model
     yield p, client
     p.close()
     client.flushdb()
@@ -188,10 +188,10 @@ def test_message_text_never_travels_in_the_task_message(quiet_db: tuple[Producer
     assert b"4321" in client.get(f"memq:job:{receipt.job_id}:request")
 
 
-def test_add_many_enqueues_a_batch_in_one_round_trip(settings: Settings) -> None:
+def test_add_many_enqueues_a_batch_in_one_round_trip() -> None:
     # Given a Redis server that only this producer talks to
     with RedisServer() as server:
-        producer = Producer(settings.model_copy(update={"redis": RedisSettings(url=server.url)}))
+        producer = Producer(Settings(redis=RedisSettings(url=server.url)))
         client = redis.Redis.from_url(server.url)
         producer.add("warm up the script cache", user_id="u")
 
@@ -212,10 +212,10 @@ def test_add_many_enqueues_a_batch_in_one_round_trip(settings: Settings) -> None
         client.close()
 
 
-def test_the_producer_raises_broker_unavailable_when_redis_is_down(settings: Settings) -> None:
+def test_the_producer_raises_broker_unavailable_when_redis_is_down() -> None:
     # Given a Redis that was running and is now stopped
     server = RedisServer().start()
-    producer = Producer(settings.model_copy(update={"redis": RedisSettings(url=server.url, socket_timeout_s=1)}))
+    producer = Producer(Settings(redis=RedisSettings(url=server.url, socket_timeout_s=1)))
     server.close()
     # When an add is attempted, Then it fails loudly
     with pytest.raises(BrokerUnavailable):

@@ -172,7 +172,9 @@ def test_redis_restarted_during_a_backfill_refuses_cleanly_then_resumes_without_
         try:
             # Given half of a backfill enqueued
             first = producer.add_many(sessions[:3])
-            time.sleep(0.5)
+            deadline = time.monotonic() + 120  # until the worker has taken up the first job
+            while producer.wait(first, timeout_s=0)[0].status is JobState.QUEUED and time.monotonic() < deadline:
+                time.sleep(0.05)
             # When Redis goes down, Then the producer says so and nothing is half enqueued
             server.stop()
             with pytest.raises(BrokerUnavailable):

@@ -11,7 +11,7 @@ from tests.rigs.llm_server import LLMTestServer
 from pipeline.retrieve import find_neighbours
 from pipeline.types import Fact
 from stores.embedder import LiteLLMEmbedder
-from stores.qdrant import MemoryPoint, close_vector_stores, open_vector_store
+from stores.qdrant import MemoryPoint, close_vector_store, open_vector_store
 
 
 def test_a_jobs_facts_are_embedded_in_one_request_and_neighbours_stay_in_scope(
@@ -35,7 +35,7 @@ def test_a_jobs_facts_are_embedded_in_one_request_and_neighbours_stay_in_scope(
     assert len(llm_server.embedding_requests) == 1 and len(llm_server.embedding_requests[0]["input"]) == 5
     assert len(near.fact_vectors) == 5
     assert {m.memory for m in near.memories} == {"ann likes green tea", "ann works at the bank"}
-    close_vector_stores()
+    close_vector_store(store)  # only this test's store: the session worker's stays open
 
 
 def test_an_add_job_round_trips_through_json_unchanged() -> None:

@@ -13,7 +13,7 @@ from memq.config import QdrantSettings
 from memq.errors import InvalidRequest, StoreError, StoreUnavailable
 from memq.models import Scope
 from stores.history import HistoryRecord, open_history_store
-from stores.qdrant import MemoryPoint, VectorStore, close_vector_stores, open_vector_store
+from stores.qdrant import MemoryPoint, VectorStore, close_vector_store, open_vector_store
 
 NOW = datetime(2024, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
 
@@ -30,7 +30,7 @@ def _point(i: int, user: str, dims: int = 4) -> MemoryPoint:
 def store(tmp_path: Path) -> VectorStore:
     s = open_vector_store(QdrantSettings(path=tmp_path / "q", collection="t"), dims=4)
     yield s
-    close_vector_stores()
+    close_vector_store(s)  # only this test's store: the session worker's stays open
 
 
 def test_points_round_trip_with_mem0_payload_keys_and_scope_filtering(store: VectorStore) -> None:
@@ -40,16 +40,18 @@ def test_points_round_trip_with_mem0_payload_keys_and_scope_filtering(store: Vec
     assert [h.memory for h in hits][:1] == ["memory 0"] and {h.user_id for h in hits} == {"ann"}
     assert hits[0].hash and hits[0].metadata == {"n": 0} and hits[0].source_message_ids == ["0"]
     assert store.count(Scope(user_id="ann")) == 2
-    with pytest.raises(InvalidRequest):
+    with pytest.raises(InvalidRequest, match="reserved"):
         store.search([1.0, 0, 0, 0], Scope(user_id="ann"), limit=1, filters={"data": "x"})
 
 
 def test_a_collection_with_another_vector_size_is_refused(tmp_path: Path) -> None:
-    open_vector_store(QdrantSettings(path=tmp_path / "q", collection="t"), dims=4).ensure_collection()
-    close_vector_stores()
+    first = open_vector_store(QdrantSettings(path=tmp_path / "q", collection="t"), dims=4)
+    first.ensure_collection()
+    close_vector_store(first)
+    second = open_vector_store(QdrantSettings(path=tmp_path / "q", collection="t"), dims=8)
     with pytest.raises(StoreError, match="size 4"):
-        open_vector_store(QdrantSettings(path=tmp_path / "q", collection="t"), dims=8).ensure_collection()
-    close_vector_stores()
+        second.ensure_collection()
+    close_vector_store(second)
 
 
 def test_a_second_process_cannot_open_the_embedded_store_and_is_told_why(store: VectorStore, tmp_path: Path) -> None:

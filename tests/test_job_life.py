@@ -1,0 +1,99 @@
+"""An add job's life driven by hand, without Celery: each function of `jobs.add` returns what runs next,
+and the ledger commits it. The ledger here routes every task to a queue no worker reads, so nothing
+but the test moves the job."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from broker.jobstore import JobStore
+from broker.messages import TaskMessages
+from jobs import add
+from jobs.clients import Clients, build_clients
+from jobs.ledger import JobLedger
+from jobs.transitions import Advance, Deferred, Finished, Joined, Retry, Skip
+from memq.config import Queues, Settings
+from memq.errors import StoreUnavailable
+from memq.models import JobState, MemoryEvent
+from producer import Producer
+
+PARKED = "memq.parked-by-hand"
+
+
+@pytest.fixture()
+def by_hand(settings: Settings, worker: Any) -> Iterator[Clients]:
+    """The session's clients with a ledger whose messages all go to `PARKED`."""
+    c = build_clients(settings)
+    parked = JobStore(c.ledger.jobs.client, ttl_s=settings.jobs.ttl_s,
+                      messages=TaskMessages(routes={task: PARKED for task in Queues.ROUTES}))
+    yield dataclasses.replace(c, ledger=JobLedger(parked, c.ledger.records, c.ledger.history))
+    parked.client.delete(PARKED)
+
+
+def _enqueue(c: Clients, settings: Settings, text: str, user_id: str) -> str:
+    [(job_id, _)] = c.ledger.jobs.enqueue([Producer(settings).build(text, user_id=user_id, infer=False)])
+    return job_id
+
+
+def test_each_stage_returns_what_runs_next_and_a_finished_job_skips_them_all(
+        by_hand: Clients, settings: Settings, memories: Any, user_id: str) -> None:
+    job_id = _enqueue(by_hand, settings, "Hana teaches piano on Mondays.", user_id)
+    # When the stages run in order, each committed by hand
+    for life, then in ((add.start, ["memq.caption"]), (add.caption, ["memq.extract"]),
+                       (add.extract, ["memq.decide"]), (add.decide, ["memq.write_vectors", "memq.write_graph"])):
+        step = life(job_id, by_hand)
+        # Then each says which tasks follow
+        assert isinstance(step, Advance) and [n.task for n in step.then] == then, step
+        assert by_hand.ledger.commit(job_id, step) == "ok"
+    for write in (add.write_vectors, add.write_graph):
+        joined = write(job_id, by_hand)
+        assert isinstance(joined, Joined)
+        by_hand.ledger.commit(job_id, joined)
+    done = add.finalize(job_id, by_hand)
+    assert isinstance(done, Finished) and done.state is JobState.SUCCEEDED
+    assert [r.event for r in done.results or []] == [MemoryEvent.ADD]
+    by_hand.ledger.commit(job_id, done)
+    # And the job is succeeded, its memory stored
+    assert by_hand.ledger.jobs.status(job_id).status is JobState.SUCCEEDED
+    assert [m["memory"] for m in memories.get_all(user_id=user_id)["results"]] == ["Hana teaches piano on Mondays."]
+    # And every stage delivered again is skipped
+    for life in (add.start, add.caption, add.extract, add.decide, add.write_vectors, add.write_graph, add.finalize):
+        assert isinstance(life(job_id, by_hand), Skip)
+
+
+def test_decide_is_deferred_until_the_earlier_job_of_the_scope_has_ended(
+        by_hand: Clients, settings: Settings, user_id: str) -> None:
+    first = _enqueue(by_hand, settings, "Ivo runs marathons.", user_id)
+    second = _enqueue(by_hand, settings, "Ivo runs ultramarathons too.", user_id)
+    for life in (add.start, add.caption, add.extract):
+        by_hand.ledger.commit(second, life(second, by_hand))
+    # When the later job reaches decide while the first has not ended
+    waiting = add.decide(second, by_hand)
+    # Then it is deferred (a scope's order, not a rate limit), and the ledger parks it
+    assert isinstance(waiting, Deferred) and waiting.decide.task == "memq.decide"
+    assert by_hand.ledger.commit(second, waiting) == "deferred"
+    assert first in (by_hand.ledger.jobs.status(second).waiting or "")
+    # When the first job ends (here: failed by an operator), Then the later one's turn has come
+    by_hand.ledger.commit(first, add.fail(first, by_hand, "memq.start", StoreUnavailable("test"), attempts=1))
+    assert isinstance(add.decide(second, by_hand), Advance)
+
+
+def test_a_store_write_that_retries_after_the_vectors_landed_publishes_the_job_as_partial(
+        by_hand: Clients, settings: Settings, user_id: str) -> None:
+    job_id = _enqueue(by_hand, settings, "Jun grows bonsai trees.", user_id)
+    for life in (add.start, add.caption, add.extract, add.decide, add.write_vectors):
+        by_hand.ledger.commit(job_id, life(job_id, by_hand))
+    # When the graph write fails with a transient error after the vectors landed
+    step = add.retry(job_id, by_hand, "memq.write_graph", StoreUnavailable("Neo4j down"), attempt=0, countdown_s=5)
+    # Then the job is published as partial (its memories, history and result) and the write retried
+    assert isinstance(step, Finished) and step.state is JobState.PARTIAL and step.then is not None
+    assert step.then.task == "memq.write_graph" and step.then.retries == 1 and step.results
+    by_hand.ledger.commit(job_id, step)
+    assert by_hand.ledger.jobs.status(job_id).status is JobState.PARTIAL
+    # And another stage's transient error is a plain retry, counted
+    other = add.retry(job_id, by_hand, "memq.extract", StoreUnavailable("x"), attempt=2, countdown_s=1)
+    assert isinstance(other, Retry) and other.step.retries == 3
