@@ -65,6 +65,8 @@ def worker_process(tmp_path: Path, redis_server: RedisServer) -> Iterator[dict[s
     log.close()
 
 
+@pytest.mark.faults
+@pytest.mark.timeout(300)
 def test_backfill_command_runs_every_session_and_a_rerun_enqueues_nothing(tmp_path: Path,
                                                                          worker_process: dict[str, str]) -> None:
     # Given the first three sessions of conv-26 as a JSONL chat log

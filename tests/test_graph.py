@@ -152,6 +152,8 @@ def test_a_retried_graph_write_leaves_the_same_graph(producer: Any, graph: Any, 
     assert all(e["mentions"] == 1 for e in before[1])
 
 
+@pytest.mark.faults
+@pytest.mark.timeout(240)
 def test_neo4j_stopped_mid_job_gives_a_partial_job_that_completes_when_it_returns(
         producer: Any, memories: Any, graph: Any, neo4j_server: Neo4jServer, user_id: str,
         llm_server: LLMTestServer) -> None:

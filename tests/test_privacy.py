@@ -59,6 +59,7 @@ def flower(tmp_path: Path, redis_server: RedisServer) -> Iterator[tuple[str, str
     proc.wait(30)
 
 
+@pytest.mark.timeout(240)
 def test_a_marker_in_the_messages_never_reaches_logs_errors_task_results_or_flower(
         flower: tuple[str, str], tmp_path: Path, llm_server: LLMTestServer, settings: Settings) -> None:
     url, base = flower

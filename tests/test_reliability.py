@@ -131,6 +131,8 @@ def _memory_texts(data_dir: Path, user_id: str) -> list[str]:
 
 
 @requires_locomo
+@pytest.mark.faults
+@pytest.mark.timeout(300)
 def test_a_worker_killed_mid_backfill_loses_nothing_and_ends_like_an_undisturbed_run(
         redis_server: RedisServer, tmp_path: Path, settings: Settings) -> None:
     url = redis_server.url.rsplit("/", 1)[0] + "/7"
@@ -161,6 +163,8 @@ def test_a_worker_killed_mid_backfill_loses_nothing_and_ends_like_an_undisturbed
 
 
 @requires_locomo
+@pytest.mark.faults
+@pytest.mark.timeout(300)
 def test_redis_restarted_during_a_backfill_refuses_cleanly_then_resumes_without_duplicates(
         tmp_path: Path, settings: Settings) -> None:
     with RedisServer(appendonly=True, data_dir=tmp_path / "redis") as server:
