@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -27,6 +25,7 @@ from memq.models import JobState
 from producer import Producer
 from tests.conftest import _need
 from tests.rigs.llm_server import LLMTestServer, Reply
+from tests.rigs.workers import start_worker, stop_worker, worker_env
 
 REPO = Path(__file__).resolve().parents[1]
 MARKER = "PRIVATE-" + uuid.uuid4().hex
@@ -42,36 +41,6 @@ def _wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> Non
         if time.monotonic() > deadline:
             pytest.fail(f"{what}: not within {timeout_s} s")
         time.sleep(0.05)
-
-
-def _worker_env(redis_url: str, data_dir: Path, llm: LLMTestServer | None = None) -> dict[str, str]:
-    """A worker's environment: the offline heuristic model, or the LLM test server when given."""
-    env = {**os.environ, "MEMQ_REDIS__URL": redis_url, "MEMQ_DATA_DIR": str(data_dir),
-           "MEMQ_LLM__MODEL": "memq-offline/heuristic-v1", "MEMQ_JOBS__RETRY_BACKOFF_MAX_S": "2"}
-    for key in ("MEMQ_LLM__API_BASE", "MEMQ_LLM__API_KEY", "MEMQ_NEO4J__URI", "MEMQ_NEO4J__PASSWORD"):
-        env.pop(key, None)
-    if llm is not None:
-        env.update({"MEMQ_LLM__MODEL": "openai/test-model", "MEMQ_LLM__API_BASE": llm.url,
-                    "MEMQ_LLM__API_KEY": "test-key", "MEMQ_LLM__TIMEOUT_S": "30"})
-    return env
-
-
-def _start_worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    """``memq worker`` (thread pool, 2 threads, INFO log) as its own process group."""
-    return subprocess.Popen([sys.executable, "-m", "cli", "worker", "--pool", "threads", "--concurrency", "2",
-                             "--loglevel", "INFO"], cwd=REPO, env=env, stdout=open(log, "ab"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def _stop_worker(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the worker's process group; SIGKILL it if it is still up after 30 s."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(30)
 
 
 def _tail(log: Path) -> str:
@@ -100,9 +69,12 @@ def test_a_worker_holding_an_unacked_message_keeps_consuming_through_three_redis
 
     log = tmp_path / "worker.log"
     with LLMTestServer(default=lambda prompt: json.dumps(answer(prompt))) as llm:
-        env = _worker_env(aof_redis.url, tmp_path / "data", llm)
+        # (a visibility timeout longer than the test, so that no sweep redelivers the held message)
+        env = worker_env(aof_redis.url, tmp_path / "data", MEMQ_LLM__MODEL="openai/test-model",
+                         MEMQ_LLM__API_BASE=llm.url, MEMQ_LLM__API_KEY="test-key", MEMQ_LLM__TIMEOUT_S="60",
+                         MEMQ_REDIS__VISIBILITY_TIMEOUT_S="300")
         producer = Producer(Settings(redis=RedisSettings(url=aof_redis.url), data_dir=tmp_path / "data"))
-        worker = _start_worker(env, log)
+        worker = start_worker(env, log)
         try:
             # Given a worker that has finished a first job
             first = producer.wait([producer.add("I like tea.", user_id="warm-up")], timeout_s=240)
@@ -125,12 +97,12 @@ def test_a_worker_holding_an_unacked_message_keeps_consuming_through_three_redis
                 if status.status is not JobState.SUCCEEDED:
                     assert worker.poll() is not None, f"round {n}: up and idle for {LIVENESS_S} s\n{_tail(log)}"
                     assert worker.returncode != 0, _tail(log)
-                    worker = _start_worker(env, log)
+                    worker = start_worker(env, log)
                     status = producer.wait([probe], timeout_s=240, poll_s=0.1)[0]
                 assert status.status is JobState.SUCCEEDED, f"round {n}: {status.status}\n{_tail(log)}"
                 producer.wait([busy], timeout_s=2 * SLOW_CALL_S)  # its outcome is not this test's concern
         finally:
-            _stop_worker(worker)
+            stop_worker(worker)
             producer.close()
 
 
@@ -221,7 +193,7 @@ def test_malformed_messages_go_to_the_poison_list_and_the_worker_goes_on_consumi
     with RedisServer() as server:
         client = redis.Redis.from_url(server.url)
         producer = Producer(Settings(redis=RedisSettings(url=server.url), data_dir=tmp_path / "data"))
-        worker = _start_worker(_worker_env(server.url, tmp_path / "data"), log)
+        worker = start_worker(worker_env(server.url, tmp_path / "data"), log)
         try:
             # Given a worker that has finished a first job
             first = producer.wait([producer.add("I like tea.", user_id="warm-up")], timeout_s=240)
@@ -244,6 +216,6 @@ def test_malformed_messages_go_to_the_poison_list_and_the_worker_goes_on_consumi
             # And the log names no message content
             assert MARKER not in log.read_text(errors="replace")
         finally:
-            _stop_worker(worker)
+            stop_worker(worker)
             producer.close()
             client.close()
