@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -63,6 +64,8 @@ LIVENESS_S = 15.0
 """After Redis is back, a worker consumes again or has exited within this many seconds."""
 
 
+@pytest.mark.faults
+@pytest.mark.timeout(600)
 def test_a_worker_holding_an_unacked_message_keeps_consuming_through_three_redis_restarts(
         aof_redis: RedisServer, tmp_path: Path) -> None:
     from pipeline.offline_model import answer
@@ -121,9 +124,17 @@ def test_a_channel_closed_after_its_connection_was_collected_keeps_its_unacked_m
     Consumer(channel, [queue], callbacks=[lambda body, message: received.append(message)]).consume()
     broadcast = Queue("liveness.bcast", Exchange("liveness.bcast", type="fanout"), auto_delete=True)
     Consumer(conn.channel(), [broadcast], callbacks=[lambda body, message: None], no_ack=True).consume()
-    conn.drain_events(timeout=5)
+
+    def delivered() -> bool:
+        try:
+            conn.drain_events(timeout=0.2)
+        except socket.timeout:
+            pass
+        return len(received) == 1
+
+    _wait_for(delivered, 10, "the message delivered")
     conn.transport.cycle.on_poll_start()  # sends BRPOP and SUBSCRIBE, as the event loop does
-    assert len(received) == 1 and channel._in_poll
+    assert channel._in_poll
     # When Redis goes away and the connection is torn down as Celery does after a connection loss
     aof_redis.stop()
     conn.collect(socket_timeout=1)
@@ -187,6 +198,8 @@ def _malformed() -> dict[str, bytes]:
     }
 
 
+@pytest.mark.faults
+@pytest.mark.timeout(420)
 def test_malformed_messages_go_to_the_poison_list_and_the_worker_goes_on_consuming(tmp_path: Path) -> None:
     _need("redis-server")
     log = tmp_path / "worker.log"
