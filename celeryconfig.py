@@ -12,6 +12,9 @@ from memq.config import Queues, load_settings
 _settings = load_settings()
 
 broker_url = _settings.redis.url
+# Celery's consumer on memq's Redis transport (broker/): a lost connection never leaves a worker up and
+# idle, a malformed message goes to the memq:poison list instead of ending the worker.
+worker_consumer = "broker.consumer:Consumer"
 result_backend = _settings.redis.backend_url
 broker_connection_retry_on_startup = True
 # s: a killed worker's unacked tasks come back after this; longer than the longest stage and its countdowns
