@@ -29,6 +29,7 @@ app = typer.Typer(help="memq: long-term memory for AI assistants, as a Celery pi
 console = Console()
 app.add_typer(ops.dlq, name="dlq")
 app.add_typer(ops.jobs, name="jobs")
+app.add_typer(ops.poison, name="poison")
 app.command(name="migrate-scope-keys")(ops.migrate_scope_keys)
 
 

@@ -1,5 +1,5 @@
-"""Operators' commands: ``memq jobs`` (list, end, restart), ``memq dlq`` (dead letters) and
-``memq migrate-scope-keys``. They take job ids without a scope: they are not for tenants."""
+"""Operators' commands: ``memq jobs`` (list, end, restart), ``memq dlq`` (dead letters), ``memq poison``
+(malformed broker messages moved aside) and ``memq migrate-scope-keys``. They take job ids without a scope: they are not for tenants."""
 
 from __future__ import annotations
 
@@ -136,3 +136,20 @@ def migrate_scope_keys() -> None:
     finally:
         graph.close()
     console.print(f"re-keyed {moved} entities")
+
+
+poison = typer.Typer(help="Poison messages: broker messages no worker could run, moved aside.", no_args_is_help=True)
+
+
+@poison.command("list")
+def poison_list(
+    limit: Annotated[int, typer.Option(help="At most this many messages.")] = 20,
+    show: Annotated[bool, typer.Option("--show", help="Print their raw bytes (may hold user data).")] = False,
+) -> None:
+    """How many messages were moved aside, and the newest of them (sizes, or the bytes with --show)."""
+    from broker.poison import poison_count, poison_messages
+
+    client = _ledger().jobs.client
+    console.print(f"{poison_count(client)} poison messages moved aside ever")
+    for raw in poison_messages(client, limit):
+        print(raw.decode(errors="replace") if show else f"{len(raw)} bytes")

@@ -228,6 +228,10 @@ def test_malformed_messages_go_to_the_poison_list_and_the_worker_goes_on_consumi
                 assert sum(tag.encode() in raw for raw in kept) == 1, tag
             # And the log names no message content
             assert MARKER not in log.read_text(errors="replace")
+            # And an operator sees them counted with `memq poison list`
+            listed = subprocess.run([sys.executable, "-m", "cli", "poison", "list"], capture_output=True, text=True,
+                                    env=worker_env(server.url, tmp_path / "data"), timeout=60)
+            assert f"{len(malformed)} poison messages" in listed.stdout and MARKER not in listed.stdout
         finally:
             stop_worker(worker)
             producer.close()

@@ -1,0 +1,201 @@
+"""The Lua scripts behind `broker.jobstore`: each change of a job's state is one of them, so it is atomic
+(Redis runs a script without interleaving) and done in one round trip.
+
+Every script but ENQUEUE first checks that the job exists and has not finished (``"missing"`` /
+``"finished"``); every one may run twice safely (a reply lost with the connection is retried).
+`ADVANCE` is prepended to each: it marks a sequence number of a scope done, moves ``applied`` over
+contiguous done numbers, and pushes the decide of the job whose turn it now is.
+"""
+
+ADVANCE = """
+local function advance(scope, seq)
+  local base = 'memq:scope:' .. scope
+  local applied = tonumber(redis.call('GET', base .. ':applied') or '0')
+  if seq <= applied then return applied end
+  redis.call('SADD', base .. ':done', seq)
+  local moved = false
+  while redis.call('SREM', base .. ':done', tostring(applied + 1)) == 1 do
+    applied = applied + 1
+    redis.call('HDEL', base .. ':order', applied)
+    moved = true
+  end
+  if moved then
+    redis.call('SET', base .. ':applied', applied)
+    local nxt = tostring(applied + 1)
+    local wake = redis.call('HMGET', base .. ':waiting', nxt, nxt .. ':q')
+    if wake[1] and wake[2] then
+      redis.call('LPUSH', wake[2], wake[1])
+      redis.call('HDEL', base .. ':waiting', nxt, nxt .. ':q')
+    end
+  end
+  return applied
+end
+local function finished(status) return status == 'succeeded' or status == 'failed' end
+"""
+
+# ARGV: now (ISO), now (epoch s), replay flag, then per job: id, request JSON, queue, message, scope key,
+#       scope ids JSON, idempotency slot ("" for none)
+ENQUEUE = ADVANCE + """
+local now, epoch, replay = ARGV[1], ARGV[2], ARGV[3] == '1'
+local out = {}
+local n = (#ARGV - 3) / 7
+for i = 0, n - 1 do
+  local b = 4 + i * 7
+  local id, req, queue, msg, scope, ids, idem = ARGV[b], ARGV[b+1], ARGV[b+2], ARGV[b+3], ARGV[b+4], ARGV[b+5], ARGV[b+6]
+  local jk = 'memq:job:' .. id
+  local existing = false
+  if replay then
+    local h = redis.call('HMGET', jk, 'scope', 'seq')
+    if h[1] and h[2] then advance(h[1], tonumber(h[2])) end
+    redis.call('DEL', jk .. ':steps', jk .. ':written')
+    redis.call('HDEL', jk, 'error', 'error_type', 'results', 'counts', 'relations', 'stage', 'waiting', 'deferrals')
+    for _, stage in ipairs({'caption', 'extract', 'decide', 'write_vectors', 'write_graph'}) do
+      redis.call('PERSIST', jk .. ':stage:' .. stage)
+    end
+    redis.call('PERSIST', jk)
+    if idem ~= '' then redis.call('PERSIST', idem) end
+  elseif idem ~= '' then
+    existing = redis.call('GET', idem)
+    if not existing then redis.call('SET', idem, id) end
+  end
+  if existing then
+    out[#out + 1] = existing
+    out[#out + 1] = 0
+  else
+    redis.call('SET', jk .. ':request', req)
+    local seq = redis.call('INCR', 'memq:scope:' .. scope .. ':seq')
+    redis.call('HSET', 'memq:scope:' .. scope .. ':order', seq, id)
+    local fields = {'status', 'queued', 'updated_at', now, 'seq', seq, 'scope', scope, 'ids', ids, 'idem', idem}
+    if replay then
+      redis.call('HSETNX', jk, 'created_at', now)
+    else
+      fields[#fields + 1] = 'created_at'
+      fields[#fields + 1] = now
+    end
+    redis.call('HSET', jk, unpack(fields))
+    redis.call('ZADD', 'memq:jobs:live', epoch, id)
+    redis.call('LPUSH', queue, msg)
+    out[#out + 1] = id
+    out[#out + 1] = 1
+  end
+end
+return out
+"""
+
+# ARGV: id, now, stage label, output name, output JSON, marker, n, then n (queue, message) pairs
+STEP = ADVANCE + """
+local id, now, label, out_name, out_json, marker = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local jk = 'memq:job:' .. id
+local status = redis.call('HGET', jk, 'status')
+if not status then return 'missing' end
+if finished(status) then return 'finished' end
+if out_name ~= '' then redis.call('SET', jk .. ':stage:' .. out_name, out_json, 'NX') end
+local push = true
+if marker ~= '' then push = redis.call('HSETNX', jk .. ':steps', marker, '1') == 1 end
+if push then
+  for i = 0, tonumber(ARGV[7]) - 1 do redis.call('LPUSH', ARGV[8 + 2 * i], ARGV[9 + 2 * i]) end
+end
+local fields = {'updated_at', now}
+if label ~= '' then fields[#fields + 1] = 'stage'; fields[#fields + 1] = label end
+if status == 'queued' then fields[#fields + 1] = 'status'; fields[#fields + 1] = 'running' end
+redis.call('HSET', jk, unpack(fields))
+redis.call('HDEL', jk, 'waiting')
+if push then return 'ok' end
+return 'done-before'
+"""
+
+# ARGV: id, now, write name, output JSON, expected writes, finalize queue, finalize message
+JOIN = ADVANCE + """
+local id, now, write, out_json, expected = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
+local jk = 'memq:job:' .. id
+local status = redis.call('HGET', jk, 'status')
+if not status then return 'missing' end
+if finished(status) then return 'finished' end
+redis.call('SET', jk .. ':stage:' .. write, out_json, 'NX')
+redis.call('SADD', jk .. ':written', write)
+redis.call('HSET', jk, 'updated_at', now)
+if redis.call('SCARD', jk .. ':written') >= expected and redis.call('HSETNX', jk .. ':steps', 'finalize', '1') == 1 then
+  redis.call('LPUSH', ARGV[6], ARGV[7])
+  return 'joined'
+end
+return 'ok'
+"""
+
+# ARGV: id, now, wake queue, wake message (no countdown), backstop queue, backstop message, text
+DEFER = ADVANCE + """
+local id, now = ARGV[1], ARGV[2]
+local jk = 'memq:job:' .. id
+local h = redis.call('HMGET', jk, 'status', 'scope', 'seq')
+if not h[1] then return 'missing' end
+if finished(h[1]) then return 'finished' end
+local base = 'memq:scope:' .. h[2]
+local seq = tonumber(h[3])
+local applied = tonumber(redis.call('GET', base .. ':applied') or '0')
+if applied >= seq then return 'stale' end
+if applied == seq - 1 then
+  redis.call('LPUSH', ARGV[3], ARGV[4])
+  return 'now'
+end
+redis.call('HSET', base .. ':waiting', tostring(seq), ARGV[4], tostring(seq) .. ':q', ARGV[3])
+redis.call('LPUSH', ARGV[5], ARGV[6])
+local blocker = redis.call('HGET', base .. ':order', tostring(applied + 1)) or '?'
+local text = string.format(ARGV[7], seq - 1 - applied, blocker)
+redis.call('HSET', jk, 'waiting', text, 'updated_at', now)
+redis.call('HINCRBY', jk, 'deferrals', 1)
+return 'deferred'
+"""
+
+# ARGV: id, now, stage label, error, error type, status ('' keeps it), queue, message
+RETRY = ADVANCE + """
+local id, now = ARGV[1], ARGV[2]
+local jk = 'memq:job:' .. id
+local status = redis.call('HGET', jk, 'status')
+if not status then return 'missing' end
+if finished(status) then return 'finished' end
+local fields = {'updated_at', now}
+if ARGV[3] ~= '' then fields[#fields + 1] = 'stage'; fields[#fields + 1] = ARGV[3] end
+if ARGV[4] ~= '' then
+  fields[#fields + 1] = 'error'; fields[#fields + 1] = ARGV[4]
+  fields[#fields + 1] = 'error_type'; fields[#fields + 1] = ARGV[5]
+end
+if ARGV[6] ~= '' then fields[#fields + 1] = 'status'; fields[#fields + 1] = ARGV[6] end
+redis.call('HSET', jk, unpack(fields))
+redis.call('LPUSH', ARGV[7], ARGV[8])
+return 'ok'
+"""
+
+# ARGV: id, now, status, results, counts, relations, error, error type, stage label, ttl (s), terminal ('1'/'0'),
+#       then an optional (queue, message) to push (a retry of a partial job's write)
+FINISH = ADVANCE + """
+local id, now, status, ttl, terminal = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[10]), ARGV[11] == '1'
+local jk = 'memq:job:' .. id
+local h = redis.call('HMGET', jk, 'status', 'scope', 'seq', 'idem')
+if not h[1] then return 'missing' end
+if finished(h[1]) then return 'finished' end
+local fields = {'status', status, 'updated_at', now, 'stage', ARGV[9]}
+if ARGV[4] ~= '' then
+  fields[#fields + 1] = 'results'; fields[#fields + 1] = ARGV[4]
+  fields[#fields + 1] = 'counts'; fields[#fields + 1] = ARGV[5]
+  fields[#fields + 1] = 'relations'; fields[#fields + 1] = ARGV[6]
+end
+if ARGV[7] ~= '' then
+  fields[#fields + 1] = 'error'; fields[#fields + 1] = ARGV[7]
+  fields[#fields + 1] = 'error_type'; fields[#fields + 1] = ARGV[8]
+else
+  redis.call('HDEL', jk, 'error', 'error_type')
+end
+redis.call('HSET', jk, unpack(fields))
+redis.call('HDEL', jk, 'waiting')
+if h[2] and h[3] then advance(h[2], tonumber(h[3])) end
+if ARGV[12] then redis.call('LPUSH', ARGV[12], ARGV[13]) end
+if terminal then
+  local keys = {jk, jk .. ':request', jk .. ':steps', jk .. ':written'}
+  for _, stage in ipairs({'caption', 'extract', 'decide', 'write_vectors', 'write_graph'}) do
+    keys[#keys + 1] = jk .. ':stage:' .. stage
+  end
+  if h[4] and h[4] ~= '' then keys[#keys + 1] = h[4] end
+  for _, k in ipairs(keys) do redis.call('EXPIRE', k, ttl) end
+  redis.call('ZREM', 'memq:jobs:live', id)
+end
+return 'ok'
+"""
