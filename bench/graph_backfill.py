@@ -48,14 +48,14 @@ def main() -> None:
             producer = Producer(settings)
             started = time.monotonic()
             receipts = producer.add_many([i.request for i in items])
-            statuses = producer.wait([r.job_id for r in receipts], timeout_s=1800)
+            statuses = producer.wait(receipts, timeout_s=1800)
             wall_s = time.monotonic() - started
         calls, tokens, graph_ms, vector_ms = [], [], [], []
         for r in receipts:
-            extracted = c.jobs.load_stage(r.job_id, "extract", ExtractedFacts)
-            plan = c.jobs.load_stage(r.job_id, "decide", Plan)
-            graph = c.jobs.load_stage(r.job_id, "write_graph", WriteResult)
-            vectors = c.jobs.load_stage(r.job_id, "write_vectors", WriteResult)
+            extracted = c.ledger.output(r.job_id, "extract", ExtractedFacts)
+            plan = c.ledger.output(r.job_id, "decide", Plan)
+            graph = c.ledger.output(r.job_id, "write_graph", WriteResult)
+            vectors = c.ledger.output(r.job_id, "write_vectors", WriteResult)
             assert extracted and plan and graph and vectors
             calls.append(extracted.usage.calls + plan.usage.calls)
             tokens.append(extracted.usage.prompt_tokens + plan.usage.prompt_tokens)

@@ -55,7 +55,7 @@ def main() -> None:
             producer = Producer(load_settings())
             started = time.monotonic()
             receipts = producer.add_many(requests)
-            statuses = producer.wait([r.job_id for r in receipts], timeout_s=3600, poll_s=1.0)
+            statuses = producer.wait(receipts, timeout_s=3600, poll_s=1.0)
             elapsed_s = time.monotonic() - started
         answered = server.calls - server.rate_limited
         duplicates = 0

@@ -196,8 +196,9 @@ def _write(job_id: str, c: Clients, write: str, run: Callable[[AddJob, Plan], Wr
     meta = c.ledger.meta(job_id)
     if meta.finished:
         return Skip("finished")
-    if c.ledger.output(job_id, write, WriteResult) is not None:
-        return Skip("written before")
+    done = c.ledger.output(job_id, write, WriteResult)
+    if done is not None:  # landed before (a redelivery, or a replayed job): join again, idempotently
+        return Joined(write, done, expected=len(WRITES), finalize=Next(FINALIZE))
     if meta.stale and write == "write_vectors":
         return Skip("already applied")
     started = time.perf_counter()

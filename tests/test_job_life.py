@@ -97,3 +97,30 @@ def test_a_store_write_that_retries_after_the_vectors_landed_publishes_the_job_a
     # And another stage's transient error is a plain retry, counted
     other = add.retry(job_id, by_hand, "memq.extract", StoreUnavailable("x"), attempt=2, countdown_s=1)
     assert isinstance(other, Retry) and other.step.retries == 3
+
+
+def test_a_replayed_job_whose_vectors_had_landed_joins_again_and_succeeds(
+        by_hand: Clients, settings: Settings, memories: Any, user_id: str) -> None:
+    from jobs.admin import replay_dead_letters
+
+    job_id = _enqueue(by_hand, settings, "Kai builds wooden boats.", user_id)
+    for life in (add.start, add.caption, add.extract, add.decide, add.write_vectors):
+        by_hand.ledger.commit(job_id, life(job_id, by_hand))
+    # Given the job failed for good in its graph write, after its vectors landed
+    by_hand.ledger.commit(job_id, add.fail(job_id, by_hand, "memq.write_graph", StoreUnavailable("down"), attempts=11))
+    assert by_hand.ledger.jobs.status(job_id).status is JobState.FAILED
+    # When its dead letter is replayed and it runs again
+    assert replay_dead_letters(by_hand.ledger, [job_id]) == [job_id]
+    for life in (add.start, add.caption, add.extract, add.decide):
+        assert isinstance(step := life(job_id, by_hand), Advance), step
+        by_hand.ledger.commit(job_id, step)
+    # Then the write that had landed joins again (it is not written twice), and the job succeeds
+    again = add.write_vectors(job_id, by_hand)
+    assert isinstance(again, Joined)
+    by_hand.ledger.commit(job_id, again)
+    by_hand.ledger.commit(job_id, add.write_graph(job_id, by_hand))
+    done = add.finalize(job_id, by_hand)
+    assert isinstance(done, Finished) and done.state is JobState.SUCCEEDED
+    by_hand.ledger.commit(job_id, done)
+    assert by_hand.ledger.jobs.status(job_id).status is JobState.SUCCEEDED
+    assert len(memories.get_all(user_id=user_id)["results"]) == 1
