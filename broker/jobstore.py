@@ -57,9 +57,6 @@ from memq.models import AddJob, JobState, JobStatus, MemoryResult, Scope, utcnow
 M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
 
-STAGES = ("caption", "extract", "decide", "write_vectors", "write_graph")
-"""Stage outputs kept with a job (their keys get the job's TTL when it finishes)."""
-
 LIVE_KEY = "memq:jobs:live"
 
 def idempotency_slot(scope: Scope, key: str) -> str:
@@ -248,11 +245,6 @@ class JobStore:
     def written(self, job_id: str) -> set[str]:
         """Names of the job's store writes that have landed."""
         return {_text(m) for m in self._call(lambda: self._r.smembers(f"{_key(job_id)}:written"))}
-
-    def applied(self, scope: Scope) -> int:
-        """Highest sequence number of the scope below which every job has finished (0: none)."""
-        value = self._call(lambda: self._r.get(f"memq:scope:{scope.key()}:applied"))
-        return int(value) if value is not None else 0
 
     def status(self, job_id: str, scope: Scope | None = None) -> JobStatus:
         """A job's current record, if the caller's scope covers the job's.

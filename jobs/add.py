@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=BaseModel)
 
-START, CAPTION, EXTRACT, DECIDE = "memq.start", "memq.caption", "memq.extract", "memq.decide"
+CAPTION, EXTRACT, DECIDE = "memq.caption", "memq.extract", "memq.decide"
 WRITE_VECTORS, WRITE_GRAPH, FINALIZE = "memq.write_vectors", "memq.write_graph", "memq.finalize"
 WRITES = ("write_vectors", "write_graph")
 """The store writes that run in parallel; finalize waits for all of them."""

@@ -81,14 +81,6 @@ class RecordStore:
             session.add(record)
             session.commit()
 
-    def states(self, job_ids: list[str]) -> dict[str, str]:
-        """``{job_id: status}`` for the ids that have a record."""
-        if not job_ids:
-            return {}
-        with mapped_sql_errors("read jobs"), Session(self._engine) as session:
-            rows = session.exec(select(JobRecord).where(col(JobRecord.job_id).in_(job_ids))).all()
-            return {r.job_id: r.status for r in rows}
-
     def states_by_key(self, requests: list[tuple[Scope, str]]) -> dict[tuple[Scope, str], str]:
         """The last state of the newest job with each idempotency key in its scope.
 
