@@ -9,6 +9,11 @@ the graph write time next to the vector write time measured in the same run.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: the test rigs live in tests/rigs
+
 import argparse
 import json
 import os

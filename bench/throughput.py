@@ -10,6 +10,11 @@ the same RPM. Reports throughput as a fraction of the limit (target >= 0.9), 429
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: the test rigs live in tests/rigs
+
 import argparse
 import json
 import os

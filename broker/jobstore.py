@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -132,6 +133,7 @@ class JobStore:
         self._defer = client.register_script(scripts.DEFER)
         self._retry = client.register_script(scripts.RETRY)
         self._finish = client.register_script(scripts.FINISH)
+        self._release = client.register_script(scripts.RELEASE)
 
     @classmethod
     def from_url(cls, url: str, *, ttl_s: int, socket_timeout_s: float = 5.0, outage_s: float = 0.0) -> JobStore:
@@ -291,6 +293,31 @@ class JobStore:
         """Unfinished jobs, oldest first: ``(job_id, enqueued_at epoch seconds)``."""
         rows: list[Any] = self._call(lambda: self._r.zrange(LIVE_KEY, 0, limit - 1, withscores=True))
         return [(_text(job_id), float(score)) for job_id, score in rows]
+
+    # --- leases -------------------------------------------------------------------------------
+
+    def lease(self, job_id: str, stage: str, *, ttl_s: float) -> str | None:
+        """Take the right to compute a stage of the job (one delivery at a time asks the model).
+
+        Args:
+            job_id: the job.
+            stage: the stage (``"extract"``).
+            ttl_s: seconds after which the lease lapses by itself (a holder that died).
+
+        Returns:
+            A token to give back to `release`, or None when another delivery holds the lease.
+
+        Raises:
+            BrokerUnavailable: Redis stayed unreachable.
+        """
+        token = uuid.uuid4().hex
+        taken = self._call(lambda: self._r.set(f"{_key(job_id)}:lease:{stage}", token, nx=True,
+                                               px=max(1, int(ttl_s * 1000))))
+        return token if taken else None
+
+    def release(self, job_id: str, stage: str, token: str) -> None:
+        """Give a lease back (only if it is still this token's)."""
+        self._call(lambda: self._release(keys=[f"{_key(job_id)}:lease:{stage}"], args=[token]))
 
     # --- transitions --------------------------------------------------------------------------
 

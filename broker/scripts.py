@@ -24,7 +24,9 @@ local function advance(scope, seq)
     local nxt = tostring(applied + 1)
     local wake = redis.call('HMGET', base .. ':waiting', nxt, nxt .. ':q')
     if wake[1] and wake[2] then
-      redis.call('LPUSH', wake[2], wake[1])
+      -- RPUSH: kombu consumes with BRPOP from the right, so the woken decide runs next in its queue
+      -- (its scope has been waiting for it), instead of behind every queued extraction
+      redis.call('RPUSH', wake[2], wake[1])
       redis.call('HDEL', base .. ':waiting', nxt, nxt .. ':q')
     end
   end
@@ -133,7 +135,7 @@ local seq = tonumber(h[3])
 local applied = tonumber(redis.call('GET', base .. ':applied') or '0')
 if applied >= seq then return 'stale' end
 if applied == seq - 1 then
-  redis.call('LPUSH', ARGV[3], ARGV[4])
+  redis.call('RPUSH', ARGV[3], ARGV[4])
   return 'now'
 end
 redis.call('HSET', base .. ':waiting', tostring(seq), ARGV[4], tostring(seq) .. ':q', ARGV[3])
@@ -198,4 +200,10 @@ if terminal then
   redis.call('ZREM', 'memq:jobs:live', id)
 end
 return 'ok'
+"""
+
+# KEYS: the lease; ARGV: the holder's token. Delete the lease only if it is still the holder's.
+RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
 """

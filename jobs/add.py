@@ -12,7 +12,8 @@ and `workers.tasks` (Celery only) turns errors into `retry`, `requeue` or `fail`
 
 Every function is safe to run again for the same job (redelivery, duplicates): a finished job is
 skipped, a stage whose output is stored reuses it (so a retried stage never asks the model twice),
-and writes use deterministic ids. A job's decide and writes run only in its scope's turn, and see
+two deliveries of one stage never ask the model at the same time (a lease: the second waits, then
+reuses the first one's output), and writes use deterministic ids. A job's decide and writes run only in its scope's turn, and see
 and touch only memories whose scope equals the job's exactly.
 """
 
@@ -29,7 +30,7 @@ from pydantic import BaseModel
 from broker.messages import Next
 from jobs.clients import Clients
 from jobs.transitions import Advance, Deferred, Finished, Joined, Retry, Skip, Transition
-from memq.errors import StoreUnavailable
+from memq.errors import StageBusy, StoreUnavailable
 from memq.models import AddJob, JobState, Relation
 from pipeline import apply, caption as caption_stage, decide as decide_stage, extract as extract_stage
 from pipeline import finalize as finalize_stage, graph_plan, retrieve
@@ -43,6 +44,9 @@ CAPTION, EXTRACT, DECIDE = "memq.caption", "memq.extract", "memq.decide"
 WRITE_VECTORS, WRITE_GRAPH, FINALIZE = "memq.write_vectors", "memq.write_graph", "memq.finalize"
 WRITES = ("write_vectors", "write_graph")
 """The store writes that run in parallel; finalize waits for all of them."""
+
+BUSY_WAIT_S = 2.0
+"""Seconds a duplicate delivery waits while another delivery computes the same stage."""
 
 SCOPE_WAIT_BASE_S = 1.0
 """First backstop wait (seconds) of a decide waiting for its scope's turn; it doubles with every wait
@@ -76,13 +80,17 @@ def extract(job_id: str, c: Clients) -> Transition:
 
     Raises:
         LLMUnavailable, RateLimited, LLMOutputError, InvalidJob: from the model call.
+        StageBusy: another delivery of this stage is computing it (re-queued, not an attempt).
     """
     if c.ledger.meta(job_id).finished:
         return Skip("finished")
     out = c.ledger.output(job_id, "extract", ExtractedFacts)
     if out is None:
-        captioned = _stored(c, job_id, "caption", CaptionedMessages)
-        out = extract_stage.extract_facts(c.ledger.job(job_id), captioned, c.llm, graph=c.graph is not None)
+        with c.ledger.computing(job_id, "extract", ttl_s=_lease_s(c)) as mine:
+            if not mine:
+                raise StageBusy("another delivery is extracting", retry_after_s=BUSY_WAIT_S, job_id=job_id)
+            captioned = _stored(c, job_id, "caption", CaptionedMessages)
+            out = extract_stage.extract_facts(c.ledger.job(job_id), captioned, c.llm, graph=c.graph is not None)
     return Advance("extract", out, (Next(DECIDE),))
 
 
@@ -96,6 +104,7 @@ def decide(job_id: str, c: Clients) -> Transition:
     Raises:
         LLMUnavailable, RateLimited, LLMOutputError: from the model call.
         StoreUnavailable: Qdrant is unreachable.
+        StageBusy: another delivery of this stage is computing it (re-queued, not an attempt).
     """
     meta = c.ledger.meta(job_id)
     if meta.finished or meta.stale:
@@ -105,11 +114,14 @@ def decide(job_id: str, c: Clients) -> Transition:
         return Deferred(Next(DECIDE), backstop_s=wait_s * random.uniform(0.8, 1.2))
     plan = c.ledger.output(job_id, "decide", Plan)
     if plan is None:
-        job = c.ledger.job(job_id)
-        facts = _stored(c, job_id, "extract", ExtractedFacts)
-        near = retrieve.find_neighbours(facts.facts, job.scope, c.embedder, c.vectors,
-                                        top_k=c.settings.jobs.neighbours_top_k)
-        plan = decide_stage.decide(job, facts, near, c.llm, c.embedder, relations=_relations(c, job, facts))
+        with c.ledger.computing(job_id, "decide", ttl_s=_lease_s(c)) as mine:
+            if not mine:
+                raise StageBusy("another delivery is deciding", retry_after_s=BUSY_WAIT_S, job_id=job_id)
+            job = c.ledger.job(job_id)
+            facts = _stored(c, job_id, "extract", ExtractedFacts)
+            near = retrieve.find_neighbours(facts.facts, job.scope, c.embedder, c.vectors,
+                                            top_k=c.settings.jobs.neighbours_top_k)
+            plan = decide_stage.decide(job, facts, near, c.llm, c.embedder, relations=_relations(c, job, facts))
     return Advance("decide", plan, (Next(WRITE_VECTORS), Next(WRITE_GRAPH)))
 
 
@@ -158,7 +170,7 @@ def retry(job_id: str, c: Clients, task: str, error: BaseException, *, attempt: 
 
 def requeue(task: str, wait_s: float, *, attempt: int) -> Transition:
     """Run `task` again after `wait_s` seconds without counting an attempt (the shared rate limiter
-    had no budget yet)."""
+    had no budget yet, or another delivery is computing the stage)."""
     return Retry(Next(task, countdown_s=wait_s, retries=attempt))
 
 
@@ -172,6 +184,14 @@ def fail(job_id: str, c: Clients, task: str, error: BaseException, *, attempts: 
 
 
 # --- helpers ------------------------------------------------------------------------------------
+
+def _lease_s(c: Clients) -> float:
+    """How long a stage's compute lease lives if its holder dies: a model call with its in-call retries
+    (3 tries of ``llm.timeout_s``), but never longer than the visibility timeout, after which a dead
+    holder's message is delivered again and must be able to compute."""
+    return min(4 * c.settings.llm.timeout_s + 30, float(c.settings.redis.visibility_timeout_s))
+
+
 
 def _stored(c: Clients, job_id: str, stage: str, model: type[M]) -> M:
     out = c.ledger.output(job_id, stage, model)

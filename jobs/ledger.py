@@ -11,6 +11,8 @@ is retried; if Redis fails after SQL, the redelivered task commits again and cha
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TypeVar
 
 from pydantic import BaseModel
@@ -58,6 +60,21 @@ class JobLedger:
     def written(self, job_id: str) -> set[str]:
         """The job's store writes that have landed."""
         return self.jobs.written(job_id)
+
+    @contextmanager
+    def computing(self, job_id: str, stage: str, *, ttl_s: float) -> Iterator[bool]:
+        """Hold the lease on computing a stage while the block runs: yields False when another delivery
+        of the same stage holds it (then this one must not ask the model too).
+
+        The lease is given back when the block ends, however it ends, and lapses after `ttl_s` seconds
+        if its holder died (its message is then delivered again).
+        """
+        token = self.jobs.lease(job_id, stage, ttl_s=ttl_s)
+        try:
+            yield token is not None
+        finally:
+            if token is not None:
+                self.jobs.release(job_id, stage, token)
 
     # --- the one write path -------------------------------------------------------------------
 

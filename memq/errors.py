@@ -24,7 +24,8 @@
         └── TransientError            retried with backoff
             ├── LLMUnavailable        rate-limited, timed out, refused, 5xx
             ├── StoreUnavailable      Qdrant, Neo4j or SQL refused or timed out
-            └── RateLimited           no budget yet in the shared limiter: wait, not a failure
+            ├── RateLimited           no budget yet in the shared limiter: wait, not a failure
+            └── StageBusy             another delivery of the stage is computing it: wait, not a failure
         JobFailed                     raised to Celery after a job's failure is recorded (no user data)
 
 Third-party errors are translated where the client is called (`pipeline/llm.py`, `stores/*.py`) and
@@ -169,6 +170,21 @@ class RateLimited(TransientError):
     """Not now: the shared rate limiter has no budget for the model. The task is re-queued after
     `retry_after_s` seconds; it does not count as a failed attempt. (A job waiting for its scope's
     turn is not rate limited: see `jobs.transitions.Deferred`.)
+
+    Attributes:
+        retry_after_s: how long to wait (seconds).
+    """
+
+    def __init__(self, message: str, *, retry_after_s: float, job_id: str | None = None) -> None:
+        super().__init__(message, job_id=job_id)
+        self.retry_after_s = retry_after_s
+
+
+class StageBusy(TransientError):
+    """Another delivery of the same stage of the job holds the lease on computing it (a duplicate after
+    a restore). The task is re-queued after `retry_after_s` seconds without counting an attempt: by
+    then the other delivery has stored the stage's output (reused, no model call), or it died and its
+    lease lapsed.
 
     Attributes:
         retry_after_s: how long to wait (seconds).

@@ -4,8 +4,8 @@ A task calls its stage function, turns an error into a retry, a requeue or a fai
 below), and commits the result through the ledger, which queues the next task in the same atomic
 step. Tasks carry only the job id (message text never travels in task arguments).
 
-Retry policy: `RateLimited` (no budget in the shared limiter) requeues after its wait without
-counting an attempt; another `TransientError` retries with exponential backoff and full jitter
+Retry policy: `RateLimited` (no budget in the shared limiter) and `StageBusy` (another delivery
+is computing the stage) requeue after their wait without counting an attempt; another `TransientError` retries with exponential backoff and full jitter
 (2 s doubling, at most ``jobs.retry_backoff_max_s``), or after the provider's ``Retry-After``; the
 last attempt, or any other error, fails the job (dead letter, its scope moves on) and then raises
 `JobFailed` so Flower shows the failure without user data. If Redis stays down longer than
@@ -34,6 +34,7 @@ from memq.errors import (
     LLMUnavailable,
     PipelineError,
     RateLimited,
+    StageBusy,
     StoreUnavailable,
     TransientError,
 )
@@ -68,7 +69,7 @@ class StageTask(Task):  # type: ignore[misc]
                 change = life(job_id, c)
             except BrokerUnavailable:
                 raise
-            except RateLimited as exc:
+            except (RateLimited, StageBusy) as exc:
                 change = add.requeue(self.name, exc.retry_after_s or 1.0, attempt=attempt)
             except TransientError as exc:
                 change = self._retry_or_fail(job_id, c, exc, attempt)
