@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +142,18 @@ def graph(settings: Settings, worker: Any) -> Any:
     if store is None:
         pytest.skip("Neo4j is not available")
     return store
+
+
+@pytest.fixture()
+def model(llm_server: LLMTestServer) -> Iterator[Callable[[Callable[[str], str]], None]]:
+    """Swap the LLM test server's default answer (a function of the prompt) for one test."""
+    saved = llm_server.default
+
+    def use(default: Callable[[str], str]) -> None:
+        llm_server.default = default
+
+    yield use
+    llm_server.default = saved
 
 
 @pytest.fixture()

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from memq.models import JobStatus, Receipt
@@ -24,3 +27,39 @@ def facts_reply(*facts: str | tuple[str, list[int]]) -> str:
 def decisions_reply(*decisions: dict[str, Any]) -> str:
     """A scripted decision reply."""
     return json.dumps({"memory": list(decisions)})
+
+
+def until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+    """Poll `condition` every 50 ms until it holds; fail the test after `timeout_s` seconds."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def json_input(prompt: str) -> dict[str, Any]:
+    """The JSON object of one of memq's user prompts (``"Input:\n{...}"``)."""
+    data: dict[str, Any] = json.loads(prompt[prompt.index("{"):])
+    return data
+
+
+@contextmanager
+def quiet_producer(redis_url: str, **settings: Any) -> Iterator[tuple[Any, Any]]:
+    """A producer on Redis database 3 of `redis_url`, which no worker reads (Redis only: no worker,
+    no model), and a client to inspect it; the database is emptied before and after."""
+    import redis
+
+    from memq.config import RedisSettings, Settings
+    from producer import Producer
+
+    url = redis_url.rsplit("/", 1)[0] + "/3"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    producer = Producer(Settings(redis=RedisSettings(url=url), **settings))
+    try:
+        yield producer, client
+    finally:
+        producer.close()
+        client.flushdb()
+        client.close()

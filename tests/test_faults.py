@@ -7,7 +7,7 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +16,11 @@ import redis
 
 from cli.redis_server import RedisServer
 from memq.config import RedisSettings, Settings
-from memq.models import JobState, JobStatus, Receipt
+from memq.models import JobState, JobStatus
 from producer import Producer
 from producer.backfill import read_locomo
 from tests.conftest import LOCOMO, requires_locomo
+from tests.helpers import until
 from tests.rigs.workers import start_worker, stop_worker, wait_ready, worker_env
 
 pytestmark = pytest.mark.faults
@@ -28,14 +29,6 @@ pytestmark = pytest.mark.faults
 def _sessions(user_id: str, conversation: str, count: int) -> list[dict[str, Any]]:
     return [{**i.request, "user_id": user_id, "idempotency_key": f"{conversation}:{i.session_id}"}
             for i in read_locomo(LOCOMO, conversations=[conversation])[:count]]
-
-
-def _until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def _memory_texts(data_dir: Path, user_id: str) -> list[str]:
@@ -78,7 +71,7 @@ def test_redis_restarted_three_times_during_a_backfill_every_job_succeeds_exactl
 
         # When Redis is restarted three times while jobs run (AOF on, a few seconds down each time)
         for target in (3, 8, 13):
-            _until(lambda: done() >= target, 240, f"{target} jobs done")
+            until(lambda: done() >= target, 240, f"{target} jobs done")
             aof_redis.stop()
             time.sleep(3)  # the outage itself
             aof_redis.start()

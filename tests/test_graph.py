@@ -14,7 +14,7 @@ from tests.rigs.neo4j_server import Neo4jServer
 from producer.backfill import read_locomo
 from stores.graph import InvalidRelationshipType, relationship_type
 from tests.conftest import LOCOMO, requires_locomo
-from tests.helpers import decisions_reply, wait_done
+from tests.helpers import wait_done
 
 INJECTED = "KNOWS]->(x) DETACH DELETE x //"
 

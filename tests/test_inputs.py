@@ -14,7 +14,6 @@ import pytest
 import redis
 from hypothesis import strategies as st
 
-from memq.config import RedisSettings, Settings
 from memq.errors import (
     InvalidFilter,
     InvalidMetadata,
@@ -28,6 +27,7 @@ from memq.errors import (
 from memq.models import JobState
 from cli.redis_server import RedisServer
 from producer import Producer
+from tests.helpers import quiet_producer
 
 RUN = uuid.uuid4().hex[:8]
 """Prefix of every scope id and idempotency key this module sends, so runs do not meet."""
@@ -35,16 +35,9 @@ RUN = uuid.uuid4().hex[:8]
 
 @pytest.fixture()
 def quiet(redis_server: RedisServer) -> Iterator[tuple[Producer, redis.Redis]]:
-    """A producer with the default limits on Redis database 3, which no worker reads, and a client to
-    inspect it."""
-    url = redis_server.url.rsplit("/", 1)[0] + "/3"
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    p = Producer(Settings(redis=RedisSettings(url=url)))  # Redis only: no worker, no model
-    yield p, client
-    p.close()
-    client.flushdb()
-    client.close()
+    """A producer with the default limits on a Redis database no worker reads, and a client to inspect it."""
+    with quiet_producer(redis_server.url) as pair:
+        yield pair
 
 
 def _nested(levels: int) -> dict[str, Any]:

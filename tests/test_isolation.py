@@ -8,7 +8,7 @@ import subprocess
 import sys
 import os
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
@@ -18,19 +18,14 @@ from hypothesis import given, settings as hsettings, strategies as st
 from memq.errors import JobNotFound, MissingScope
 from memq.models import AddJob, JobState, MemoryEvent, Scope
 from producer import Producer
-from tests.helpers import wait_done
+from tests.helpers import json_input, wait_done
 from tests.rigs.llm_server import LLMTestServer
-
-
-def _json_input(prompt: str) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads(prompt[prompt.index("{"):])
-    return data
 
 
 def _greedy(event: str) -> Callable[[str], str]:
     """A model that keeps each message as a fact and applies `event` to the first memory it is shown."""
     def answer(prompt: str) -> str:
-        data = _json_input(prompt)
+        data = json_input(prompt)
         if data["task"] == "extract_facts":
             return json.dumps({"facts": [{"text": m["text"], "sources": [m["index"]]} for m in data["messages"]]})
         existing, fact = data["existing_memories"], data["new_facts"][0]
@@ -39,18 +34,6 @@ def _greedy(event: str) -> Callable[[str], str]:
                                            "old_memory": existing[0]["text"]}]})
         return json.dumps({"memory": [{"id": "n", "text": fact, "event": "ADD"}]})
     return answer
-
-
-@pytest.fixture()
-def model(llm_server: LLMTestServer) -> Iterator[Callable[[Callable[[str], str]], None]]:
-    """Swap the LLM test server's default answer for one test."""
-    saved = llm_server.default
-
-    def use(default: Callable[[str], str]) -> None:
-        llm_server.default = default
-
-    yield use
-    llm_server.default = saved
 
 
 # --- 1. a job sees and touches only its exact scope --------------------------------------------

@@ -8,9 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import time
-import uuid
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -21,23 +18,15 @@ from broker.messages import Next, TaskMessages
 from cli.redis_server import RedisServer
 from memq.config import RedisSettings, Settings
 from memq.errors import BrokerUnavailable
-from memq.models import JobState, JobStatus, Receipt
+from memq.models import JobState, Receipt
 from producer import Producer
-from tests.helpers import wait_done
+from tests.helpers import until, wait_done
 from tests.rigs.llm_server import LLMTestServer
 
 STAGES = ("memq.start", "memq.caption", "memq.extract", "memq.decide", "memq.write_vectors", "memq.write_graph",
           "memq.finalize")
 PARKED = "memq.parked"
 """A queue no worker reads: a start message pushed there keeps its job queued (and its scope held)."""
-
-
-def _until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def _asleep(client: redis.Redis) -> bool:
@@ -84,7 +73,7 @@ def test_a_redelivered_stage_of_a_finished_job_changes_nothing(producer: Produce
     client = producer._jobs.client
     # When every stage of the finished job is delivered again
     tags = _push_stages(client, receipt.job_id)
-    _until(lambda: _consumed(client, tags), 60, "the redelivered stages to be consumed")
+    until(lambda: _consumed(client, tags), 60, "the redelivered stages to be consumed")
     # Then the job is unchanged (status, stage, time, events), no model was called, and memories are the same
     assert producer.status(receipt.job_id, user_id=user_id) == before
     assert llm_server.calls == calls
@@ -159,7 +148,7 @@ def test_an_enqueue_that_timed_out_is_retried_safely_with_the_same_key(slow_redi
     busy = redis.Connection(host="127.0.0.1", port=slow_redis.port)
     busy.send_command("DEBUG", "SLEEP", "1")  # the reply is read once it wakes up
     probe = redis.Redis.from_url(slow_redis.url, socket_timeout=0.05)
-    _until(lambda: _asleep(probe), 5, "Redis to be busy")
+    until(lambda: _asleep(probe), 5, "Redis to be busy")
     # When an add times out, Then the producer says BrokerUnavailable ...
     with pytest.raises(BrokerUnavailable):
         producer.add("I play the oboe.", user_id="u", idempotency_key="req-42")

@@ -28,24 +28,19 @@ from memq.errors import (
 )
 from cli.redis_server import RedisServer
 from producer import Producer
+from tests.helpers import quiet_producer
 
 HEAVY = ("litellm", "qdrant_client", "neo4j", "torch", "sentence_transformers", "sqlmodel", "workers", "pipeline")
 
 
 @pytest.fixture()
 def quiet_db(redis_server: RedisServer) -> Iterator[tuple[Producer, redis.Redis]]:
-    """A producer on Redis database 3, which no worker reads, with small size limits, and a client to
-    inspect it."""
-    url = redis_server.url.rsplit("/", 1)[0] + "/3"
-    client = redis.Redis.from_url(url)
-    client.flushdb()
+    """A producer on a Redis database no worker reads, with small size limits, and a client to inspect it."""
     limits = LimitsSettings(max_message_chars=200, max_request_chars=1_000, max_image_url_chars=2_000,
                             max_request_image_url_chars=3_000)
-    p = Producer(Settings(redis=RedisSettings(url=url), limits=limits))  # Redis only: no worker, no model
-    yield p, client
-    p.close()
-    client.flushdb()
-    client.close()
+    with quiet_producer(redis_server.url, limits=limits) as pair:
+        yield pair
+
 
 
 def test_importing_the_producer_loads_no_model_vector_or_graph_library() -> None:

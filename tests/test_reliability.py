@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -24,36 +24,19 @@ from cli.redis_server import RedisServer
 from producer import Producer
 from producer.backfill import read_locomo
 from tests.conftest import LOCOMO, requires_locomo
-from tests.helpers import wait_done
+from tests.helpers import json_input, wait_done
 from tests.rigs.workers import start_worker, stop_worker, worker_env
-
-
-def _json_input(prompt: str) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads(prompt[prompt.index("{"):])
-    return data
 
 
 def _last_fact_wins(prompt: str) -> str:
     """A model that keeps each message as a fact and UPDATEs the one existing memory with it."""
-    data = _json_input(prompt)
+    data = json_input(prompt)
     if data["task"] == "extract_facts":
         return json.dumps({"facts": [{"text": m["text"], "sources": [m["index"]]} for m in data["messages"]]})
     existing, fact = data["existing_memories"], data["new_facts"][0]
     if existing:
         return json.dumps({"memory": [{"id": "0", "text": fact, "event": "UPDATE", "old_memory": existing[0]["text"]}]})
     return json.dumps({"memory": [{"id": "n", "text": fact, "event": "ADD"}]})
-
-
-@pytest.fixture()
-def model(llm_server: LLMTestServer) -> Iterator[Callable[[Callable[[str], str]], None]]:
-    """Swap the LLM test server's default answer for one test."""
-    saved = llm_server.default
-
-    def use(default: Callable[[str], str]) -> None:
-        llm_server.default = default
-
-    yield use
-    llm_server.default = saved
 
 
 def test_fifty_concurrent_adds_of_the_same_fact_leave_one_memory(producer: Producer, memories: Any,
