@@ -1,9 +1,10 @@
 """The main job, embedded: a local Redis and worker, a LoCoMo backfill, then search.
 
-Nothing external is needed: Redis runs as a child ``redis-server`` on a free loopback port, Qdrant in
-local mode under the scratch folder, history in SQLite, the model is the offline heuristic baseline and
-the embedder all-MiniLM-L6-v2 from its PyPI package. The worker owns the Qdrant folder while it runs;
-it is stopped before the searches, which then open the folder in this process.
+Nothing external is needed: Redis runs as a child ``redis-server`` on a free loopback port, the vector
+store is Qdrant Edge under the scratch folder, history in SQLite, the model is the offline heuristic
+baseline and the embedder all-MiniLM-L6-v2 from its PyPI package. The worker (a child process) owns the
+vector store; the searches run in this process while the worker still runs, so they go through it
+over Redis, as a web app's would.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def run_demo(data: Path, conversation: str, questions: int, workdir: Path, conso
     from memories import Memories
     from producer import Producer
     from producer.backfill import read_locomo
-    from stores.qdrant import close_vector_stores
+    from stores.vector_open import close_vector_stores
 
     if workdir.exists():
         shutil.rmtree(workdir)
@@ -103,37 +104,37 @@ def run_demo(data: Path, conversation: str, questions: int, workdir: Path, conso
 
                 statuses = producer.wait(receipts, timeout_s=1800, on_progress=on_progress)
             backfill_s = time.monotonic() - t0
+            events: dict[str, int] = {}
+            for s in statuses:
+                for k, v in s.counts.items():
+                    events[k] = events.get(k, 0) + v
+            ok = sum(s.status.value == "succeeded" for s in statuses)
+            console.print(f"jobs: {ok}/{len(statuses)} succeeded in {backfill_s:.1f} s; events: {events}")
+            for s in statuses:
+                if s.status.value != "succeeded":
+                    console.print(f"[red]{s.job_id}: {s.status.value} {s.error_type}: {s.error}[/]")
+
+            searcher = Memories(settings)
+            user_id = items[0].request["user_id"]
+            memories = searcher.vectors.count()
+            qa = _questions(data, conversation)
+            hits, latencies, embed_ms = 0, [], []
+            shown: list[tuple[dict[str, Any], list[dict[str, Any]], bool]] = []
+            searcher.search("warm-up", user_id=user_id, limit=10)
+            for q in qa:
+                t = time.perf_counter()
+                found = searcher.search(q["question"], user_id=user_id, limit=10)["results"]
+                latencies.append((time.perf_counter() - t) * 1000)
+                t = time.perf_counter()
+                searcher.embedder.embed([q["question"]])
+                embed_ms.append((time.perf_counter() - t) * 1000)
+                gold = evidence_ids(q.get("evidence", []))
+                hit = any(gold & set(r["source_message_ids"]) for r in found)
+                hits += hit
+                if len(shown) < questions:
+                    shown.append((q, found[:3], hit))
         finally:
             _stop(worker)
-        events: dict[str, int] = {}
-        for s in statuses:
-            for k, v in s.counts.items():
-                events[k] = events.get(k, 0) + v
-        ok = sum(s.status.value == "succeeded" for s in statuses)
-        console.print(f"jobs: {ok}/{len(statuses)} succeeded in {backfill_s:.1f} s; events: {events}")
-        for s in statuses:
-            if s.status.value != "succeeded":
-                console.print(f"[red]{s.job_id}: {s.status.value} {s.error_type}: {s.error}[/]")
-
-        searcher = Memories(settings)
-        user_id = items[0].request["user_id"]
-        memories = searcher.vectors.count()
-        qa = _questions(data, conversation)
-        hits, latencies, embed_ms = 0, [], []
-        shown: list[tuple[dict[str, Any], list[dict[str, Any]], bool]] = []
-        searcher.search("warm-up", user_id=user_id, limit=10)
-        for q in qa:
-            t = time.perf_counter()
-            found = searcher.search(q["question"], user_id=user_id, limit=10)["results"]
-            latencies.append((time.perf_counter() - t) * 1000)
-            t = time.perf_counter()
-            searcher.embedder.embed([q["question"]])
-            embed_ms.append((time.perf_counter() - t) * 1000)
-            gold = evidence_ids(q.get("evidence", []))
-            hit = any(gold & set(r["source_message_ids"]) for r in found)
-            hits += hit
-            if len(shown) < questions:
-                shown.append((q, found[:3], hit))
         for q, top, hit in shown:
             table = Table(title=f"Q: {q['question']}  (answer: {q.get('answer')}; evidence {q.get('evidence')})",
                           title_justify="left", show_lines=False)

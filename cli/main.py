@@ -146,12 +146,13 @@ def search(
     limit: Annotated[int, typer.Option(help="At most this many results.")] = 10,
     as_json: Annotated[bool, typer.Option("--json", help="Print Mem0's JSON shape.")] = False,
 ) -> None:
-    """Search memories of a scope by meaning (in embedded mode, while no worker runs)."""
+    """Search memories of a scope by meaning (in embedded mode through the worker when one runs)."""
     from memories import Memories
-    from stores.qdrant import close_vector_stores
+    from stores.vector_open import close_vector_stores
 
     try:
-        found = Memories().search(query, user_id=user_id, agent_id=agent_id, run_id=run_id, limit=limit)
+        found = Memories(open_embedded=True).search(query, user_id=user_id, agent_id=agent_id, run_id=run_id,
+                                                    limit=limit)
     except MemqError as exc:
         raise _fail(exc) from exc
     finally:
@@ -161,6 +162,26 @@ def search(
         return
     for hit in found["results"]:
         console.print(f"{hit['score']:.3f}  {hit['memory']}  [dim]{','.join(hit['source_message_ids'])}[/]")
+
+
+@app.command()
+def get(
+    memory_id: Annotated[str, typer.Argument(help="A memory id.")],
+    user_id: ScopeOption = None,
+    agent_id: AgentOption = None,
+    run_id: RunOption = None,
+) -> None:
+    """Print one memory as JSON (null for an unknown id or a memory outside the scope given)."""
+    from memories import Memories
+    from stores.vector_open import close_vector_stores
+
+    try:
+        print(json.dumps(Memories(open_embedded=True).get(memory_id, user_id=user_id, agent_id=agent_id,
+                                                          run_id=run_id), indent=1))
+    except MemqError as exc:
+        raise _fail(exc) from exc
+    finally:
+        close_vector_stores()
 
 
 @app.command()

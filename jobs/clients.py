@@ -13,7 +13,8 @@ from pipeline.llm import LLM
 from stores.embedder import Embedder, get_embedder
 from stores.graph import GraphStore, open_graph_store
 from stores.history import HistoryStore, open_history_store, sql_engine
-from stores.qdrant import VectorStore, open_vector_store
+from stores.vector_open import open_vector_store
+from stores.vectors import VectorStore
 from stores.records import RecordStore
 
 
@@ -24,7 +25,8 @@ class Clients:
     Attributes:
         settings: the process's settings.
         embedder: the embedder (model loaded once per process).
-        vectors: the Qdrant collection.
+        vectors: the vector store (in embedded mode this process owns it and serves other
+            processes' reads from it).
         history: the SQL history store.
         llm: the model behind extraction and decisions.
         ledger: job records in Redis and SQL (rides out a Redis restart of up to
@@ -57,7 +59,9 @@ def build_clients(settings: Settings) -> Clients:
         settings: memq settings.
 
     Raises:
-        StoreUnavailable: the Qdrant folder is held by another process, or a store is unreachable.
+        StoreOwned: another process owns the embedded vector store's folder.
+        StoreNeedsMigration: that folder holds an older memq's store (``memq migrate-store``).
+        StoreUnavailable: a store is unreachable.
         StoreError: the collection's vector size differs from the embedder's.
     """
     with _lock:
@@ -72,7 +76,8 @@ def build_clients(settings: Settings) -> Clients:
             clients = Clients(
                 settings=settings,
                 embedder=embedder,
-                vectors=open_vector_store(settings.qdrant, embedder.dims),
+                vectors=open_vector_store(settings.qdrant, embedder.dims, role="owner",
+                                          redis_url=settings.redis.url),
                 history=history,
                 llm=LLM(settings.llm, embedder=embedder, limiter=RateLimiter(jobs.client)),
                 ledger=JobLedger(jobs, RecordStore(sql_engine(settings.history.url)), history),

@@ -11,9 +11,10 @@ gives equals the memory's (`Scope.covers`). Id-based calls (`get`, `history`, `d
 memory outside the caller's scope exactly as for an unknown id (None, [], False), so a caller cannot
 even learn that it exists.
 
-Stores are opened on first use: `history` needs only the SQL database (no embedder, no Qdrant). In
-embedded mode (Qdrant local mode) the vector store belongs to one process: run these helpers inside
-the worker's process (as the tests do) or while no worker runs (as ``memq search`` and the demo do).
+Stores are opened on first use: `history` needs only the SQL database (no embedder, no vector store),
+`get` and `delete` no embedder. In embedded mode the vector store belongs to one process, the worker;
+any other process reads through it over Redis (`stores.vector_open`), so these helpers work while
+workers run. With ``open_embedded=True`` (the CLI) a process that finds no worker opens the folder itself.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import uuid
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from memq.checks import check_list_args, check_search_args
 from memq.config import Settings, load_settings
@@ -31,9 +32,12 @@ from memq.errors import InvalidRequest
 from memq.models import MemoryEvent, MemoryItem, Scope, utcnow
 from memq.scope import make_scope
 from stores.embedder import Embedder, get_embedder
-from stores.graph import GraphStore, open_graph_store
 from stores.history import HistoryRecord, HistoryStore, open_history_store
-from stores.qdrant import VectorStore, open_vector_store
+from stores.vector_open import open_vector_store
+from stores.vectors import VectorStore
+
+if TYPE_CHECKING:
+    from stores.graph import GraphStore
 
 __all__ = ["Memories"]
 
@@ -60,10 +64,14 @@ class Memories:
     Args:
         settings: memq settings (the environment's when omitted). Stores are the process-wide
             instances for these settings (shared with a worker running in the same process).
+        open_embedded: in embedded mode, when no worker owns the vector store, open its folder in this
+            process (for short-lived commands; a worker started meanwhile is refused until it ends).
+            False: such a read raises `NoStoreOwner`.
     """
 
-    def __init__(self, settings: Settings | None = None) -> None:
+    def __init__(self, settings: Settings | None = None, *, open_embedded: bool = False) -> None:
         self.settings = settings or load_settings()
+        self.open_embedded = open_embedded
 
     # --- stores, opened on first use ----------------------------------------------------------
 
@@ -74,8 +82,9 @@ class Memories:
 
     @cached_property
     def vectors(self) -> VectorStore:
-        """The Qdrant collection."""
-        return open_vector_store(self.settings.qdrant, self.embedder.dims)
+        """The vector store: a Qdrant server's, this process's own, or the owner's over Redis."""
+        return open_vector_store(self.settings.qdrant, self.settings.embedder.dims, role="reader",
+                                 redis_url=self.settings.redis.url, own_if_free=self.open_embedded)
 
     @cached_property
     def history_store(self) -> HistoryStore:
@@ -86,6 +95,10 @@ class Memories:
     @cached_property
     def graph(self) -> GraphStore | None:
         """The Neo4j graph store, or None when graph memory is off."""
+        if self.settings.neo4j.uri is None:
+            return None
+        from stores.graph import open_graph_store
+
         return open_graph_store(self.settings.neo4j)
 
     def _scope(self, user_id: object, agent_id: object, run_id: object) -> Scope:
@@ -115,7 +128,8 @@ class Memories:
             MissingScope, InvalidScope: no or a bad scope id.
             InvalidSearch: an empty or too long query, a bad limit or threshold.
             InvalidFilter: filters that are not a dict of scalar values, or a filter on a key memq owns.
-            StoreUnavailable: Qdrant or Neo4j is unreachable, or Qdrant's folder is held by another process.
+            NoStoreOwner: embedded mode, no worker owns the vector store and `open_embedded` is False.
+            StoreUnavailable: Qdrant or Neo4j is unreachable, or the store's owner did not answer in time.
         """
         check_search_args(query, limit=limit, threshold=threshold, filters=filters, limits=self.settings.limits)
         scope = self._scope(user_id, agent_id, run_id)

@@ -142,6 +142,11 @@ class LLMOutputError(PipelineError):
         self.reply = reply
 
 
+class StoreNeedsMigration(MemqError):
+    """The vector store's folder was written by an older memq (qdrant-client local mode); run
+    ``memq migrate-store`` to copy it into the embedded Edge store. Nothing is read or changed until then."""
+
+
 class StoreError(PipelineError):
     """A permanent store failure (vector size mismatch, constraint violation)."""
 
@@ -164,6 +169,16 @@ class LLMUnavailable(TransientError):
 
 class StoreUnavailable(TransientError):
     """Qdrant, Neo4j, the SQL database or (for the rate limiter) Redis refused or timed out."""
+
+
+class StoreOwned(StoreUnavailable):
+    """The embedded vector store's folder is owned by another process (the message names the folder and
+    the owner). In embedded mode one process, the worker, owns it; others read through it."""
+
+
+class NoStoreOwner(StoreUnavailable):
+    """A process that does not own the embedded vector store asked its owner and none answered: no
+    worker runs on that folder (start one, or let the command open the folder itself)."""
 
 
 class RateLimited(TransientError):

@@ -8,7 +8,7 @@ from memq.models import AddJob, MemoryEvent
 from pipeline.types import Plan, WriteResult
 from stores.embedder import Embedder
 from stores.graph import EntityWrite, GraphStore, GraphWrite, entity_key
-from stores.qdrant import MemoryPoint, VectorStore
+from stores.vectors import MemoryPoint, VectorStore
 
 logger = logging.getLogger(__name__)
 

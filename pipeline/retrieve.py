@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from memq.models import MemoryItem, Scope
 from pipeline.types import Fact
 from stores.embedder import Embedder
-from stores.qdrant import VectorStore
+from stores.vectors import VectorStore
 
 
 @dataclass(frozen=True)

@@ -110,7 +110,7 @@ def worker(settings: Settings) -> Iterator[Any]:
     with start_worker(app, pool="threads", concurrency=2, perform_ping_check=False, loglevel="WARNING",
                       shutdown_timeout=30) as w:
         yield w
-    from stores.qdrant import close_vector_stores
+    from stores.vector_open import close_vector_stores
 
     close_vector_stores()  # the worker has stopped: release the embedded folder before the interpreter exits
 

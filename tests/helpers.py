@@ -63,3 +63,13 @@ def quiet_producer(redis_url: str, **settings: Any) -> Iterator[tuple[Any, Any]]
         producer.close()
         client.flushdb()
         client.close()
+
+
+def locomo_sessions(user_id: str, conversation: str, count: int) -> list[dict[str, Any]]:
+    """The first `count` sessions of a LoCoMo conversation as add requests of `user_id`, each with its
+    own idempotency key."""
+    from producer.backfill import read_locomo
+    from tests.conftest import LOCOMO
+
+    return [{**i.request, "user_id": user_id, "idempotency_key": f"{conversation}:{i.session_id}"}
+            for i in read_locomo(LOCOMO, conversations=[conversation])[:count]]

@@ -9,7 +9,6 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import redis
@@ -18,23 +17,17 @@ from cli.redis_server import RedisServer
 from memq.config import RedisSettings, Settings
 from memq.models import JobState, JobStatus
 from producer import Producer
-from producer.backfill import read_locomo
-from tests.conftest import LOCOMO, requires_locomo
-from tests.helpers import until
+from tests.conftest import requires_locomo
+from tests.helpers import locomo_sessions, until
 from tests.rigs.workers import start_worker, stop_worker, wait_ready, worker_env
 
 pytestmark = pytest.mark.faults
 
 
-def _sessions(user_id: str, conversation: str, count: int) -> list[dict[str, Any]]:
-    return [{**i.request, "user_id": user_id, "idempotency_key": f"{conversation}:{i.session_id}"}
-            for i in read_locomo(LOCOMO, conversations=[conversation])[:count]]
-
-
 def _memory_texts(data_dir: Path, user_id: str) -> list[str]:
     """The memories of a scope, read in a fresh process once the worker has released the folder."""
     code = ("import json; from memq.config import Settings; from pathlib import Path; from memq.models import Scope;"
-            "from stores.qdrant import open_vector_store;"
+            "from stores.vector_open import open_vector_store;"
             f"v = open_vector_store(Settings(data_dir=Path({str(data_dir)!r})).qdrant, 384);"
             f"print(json.dumps(sorted(m.memory for m in v.list(Scope(user_id={user_id!r}), limit=10000))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -64,7 +57,7 @@ def test_redis_restarted_three_times_during_a_backfill_every_job_succeeds_exactl
     try:
         wait_ready(worker, log)
         # Given a 20-job backfill of two conversations (two scopes, each in order)
-        receipts = producer.add_many(_sessions("restarts-a", "conv-26", 10) + _sessions("restarts-b", "conv-30", 10))
+        receipts = producer.add_many(locomo_sessions("restarts-a", "conv-26", 10) + locomo_sessions("restarts-b", "conv-30", 10))
 
         def done() -> int:
             return sum(s.done for s in producer.wait(receipts, timeout_s=0))
@@ -84,7 +77,7 @@ def test_redis_restarted_three_times_during_a_backfill_every_job_succeeds_exactl
         counts = {r.job_id: text.count(f"job {r.job_id} succeeded") for r in receipts}
         assert set(counts.values()) == {1}, counts
         # And the same sessions undisturbed leave the same memories (nothing duplicated or lost)
-        calm = producer.add_many(_sessions("calm-a", "conv-26", 10) + _sessions("calm-b", "conv-30", 10))
+        calm = producer.add_many(locomo_sessions("calm-a", "conv-26", 10) + locomo_sessions("calm-b", "conv-30", 10))
         assert all(s.status is JobState.SUCCEEDED for s in producer.wait(calm, timeout_s=300, poll_s=0.2))
     finally:
         stop_worker(worker)
@@ -103,7 +96,7 @@ def test_a_worker_that_cannot_own_the_embedded_store_refuses_to_start_and_takes_
     data = tmp_path / "data"
     # Given a process that owns the embedded Qdrant folder
     code = ("import sys; from memq.config import Settings; from pathlib import Path;"
-            "from stores.qdrant import open_vector_store;"
+            "from stores.vector_open import open_vector_store;"
             f"open_vector_store(Settings(data_dir=Path({str(data)!r})).qdrant, 384).ensure_collection();"
             "print('owned', flush=True); sys.stdin.read()")
     owner = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)

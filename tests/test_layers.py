@@ -23,7 +23,7 @@ def test_the_import_contracts_hold() -> None:
 PLUGIN = '''
 import sys
 def pytest_sessionfinish(session, exitstatus):
-    heavy = [m for m in ("litellm", "qdrant_client", "neo4j", "torch", "sentence_transformers") if m in sys.modules]
+    heavy = [m for m in ("litellm", "qdrant_client", "qdrant_edge", "neo4j", "torch", "sentence_transformers") if m in sys.modules]
     print("HEAVY-MODULES", heavy)
 '''
 

@@ -30,7 +30,7 @@ from cli.redis_server import RedisServer
 from producer import Producer
 from tests.helpers import quiet_producer
 
-HEAVY = ("litellm", "qdrant_client", "neo4j", "torch", "sentence_transformers", "sqlmodel", "workers", "pipeline")
+HEAVY = ("litellm", "qdrant_client", "qdrant_edge", "neo4j", "torch", "sentence_transformers", "sqlmodel", "workers", "pipeline")
 
 
 @pytest.fixture()

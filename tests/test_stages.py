@@ -11,7 +11,8 @@ from tests.rigs.llm_server import LLMTestServer
 from pipeline.retrieve import find_neighbours
 from pipeline.types import Fact
 from stores.embedder import LiteLLMEmbedder
-from stores.qdrant import MemoryPoint, close_vector_store, open_vector_store
+from stores.vector_open import close_vector_store, open_vector_store
+from stores.vectors import MemoryPoint
 
 
 def test_a_jobs_facts_are_embedded_in_one_request_and_neighbours_stay_in_scope(

@@ -14,7 +14,7 @@ from typing import Any
 
 from celery import Celery, bootsteps
 from celery._state import _set_task_join_will_block
-from celery.signals import worker_process_init
+from celery.signals import worker_process_init, worker_process_shutdown, worker_shutdown
 
 from jobs.clients import Clients, build_clients
 from memq.config import load_settings
@@ -54,17 +54,18 @@ class OwnStores(bootsteps.StartStopStep):  # type: ignore[misc]
         """Open the stores (or, for a prefork parent, check the embedded folder is free).
 
         Raises:
-            StoreUnavailable: a store cannot be opened (e.g. the folder is owned by another process).
+            StoreOwned: another process owns the embedded vector store's folder.
+            StoreNeedsMigration: that folder holds an older memq's store.
+            StoreUnavailable: a store cannot be opened.
         """
         _set_task_join_will_block(True)
         pool = str(getattr(worker, "pool_cls", "") or app.conf.worker_pool or "")
         if "prefork" in pool.lower():
             settings = load_settings()
             if settings.embedded_qdrant:
-                from stores.qdrant import probe_local_folder
+                from stores.vector_open import probe_embedded_folder
 
-                assert settings.qdrant.path is not None
-                probe_local_folder(settings.qdrant.path)
+                probe_embedded_folder(settings.qdrant, settings.embedder.dims)
             return
         _open_stores()
 
@@ -77,3 +78,13 @@ def _open_in_child(**_: Any) -> None:
     """Prefork children build their own clients (never share clients across fork)."""
     _set_task_join_will_block(True)
     _open_stores()
+
+
+@worker_shutdown.connect
+@worker_process_shutdown.connect
+def _release_stores(**_: Any) -> None:
+    """At the end of the worker (or of a prefork child) flush and release the embedded vector store and
+    withdraw its owner key, so readers learn at once that no owner runs."""
+    from stores.vector_open import close_vector_stores
+
+    close_vector_stores()

@@ -1,0 +1,313 @@
+"""The embedded vector store: Qdrant Edge (`qdrant-edge-py`), Qdrant's own engine inside the process.
+
+**One owner per folder.** An Edge shard is a folder (``<qdrant.path>/<collection>``) with a write-ahead
+log that one process at a time can open (a second one gets ``WouldBlock``). `open_edge` opens it and
+records the owner (pid, host, command, time) beside it, so a refused process is told who holds it. In
+embedded mode the worker is the owner; other processes read through it (`stores.vector_rpc`).
+
+**Index upkeep (measured in ``bench/search.py``).** Every read and every decide carries a scope filter,
+and the scope ids have keyword payload indexes, so a search scores only the points of its scope. memq
+therefore builds no HNSW graph in embedded mode (``indexing_threshold=0``): Edge's `optimize()` holds
+the GIL for its whole run (27 s at 20k points with HNSW), which would stall every thread of the worker,
+reads served to other processes included. Without HNSW, `optimize()` only merges segments and drops
+deleted points (0.7 s at 50k points); the owner runs it after a write once the points replaced or
+deleted since the last run reach `VACUUM_MIN_CHURN` and `VACUUM_FRACTION` of the collection. Cost of a
+search is then linear in the scope's size (0.15 ms p50 at 100 memories, ~5 ms at 25k); a scope far
+beyond that belongs on a Qdrant server, which builds HNSW in its own threads.
+
+Source: the Edge API and its behaviour as documented in `qdrant_edge/__init__.pyi` (qdrant-edge-py 0.9)
+and measured on this machine.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import qdrant_edge as qe
+
+from memq.errors import StoreError, StoreNeedsMigration, StoreOwned, StoreUnavailable
+from memq.models import MemoryItem, Scope
+from stores.vectors import (KEYWORD_INDEXES, Condition, MemoryPoint, VectorStore, oldest_first,
+                            scope_conditions, to_item)
+
+__all__ = ["EdgeStore", "open_edge", "owner_of", "is_local_mode_folder", "VACUUM_MIN_CHURN", "VACUUM_FRACTION"]
+
+logger = logging.getLogger(__name__)
+
+VACUUM_MIN_CHURN = 2000
+"""Points replaced or deleted since the last vacuum before the next one may run."""
+VACUUM_FRACTION = 0.2
+"""... and at least this fraction of the collection's points."""
+
+
+def edge_filter(conditions: Sequence[Condition]) -> qe.Filter | None:
+    """Edge's filter for backend-neutral conditions (None when there are none)."""
+    must: list[Any] = []
+    for c in conditions:
+        if c.kind == "eq":
+            must.append(qe.FieldCondition(key=c.key, match=qe.MatchValue(value=c.value)))
+        elif c.kind == "any":
+            must.append(qe.FieldCondition(key=c.key, match=qe.MatchAny(any=c.value)))
+        else:
+            must.append(qe.IsEmptyCondition(key=c.key))
+    return qe.Filter(must=must) if must else None
+
+
+@contextmanager
+def _mapped(what: str) -> Iterator[None]:
+    """Edge raises plain `Exception`s; a closed shard is unavailable, anything else a store fault."""
+    try:
+        yield
+    except (StoreError, StoreUnavailable):
+        raise
+    except Exception as exc:
+        text = str(exc)
+        if "not initialized" in text:
+            raise StoreUnavailable(f"Qdrant Edge {what}: the store is closed") from None
+        reason = "vector dimension" if "dimension" in text else type(exc).__name__
+        raise StoreError(f"Qdrant Edge {what}: {reason}") from None  # the text may quote payloads
+
+
+class EdgeStore(VectorStore):
+    """Memories in one Edge shard, owned by this process.
+
+    Args:
+        shard: the open shard.
+        folder: the shard's folder.
+        collection: the collection's name (the folder's name).
+        dims: vector size.
+
+    Thread-safe: calls are serialized by a lock (Edge holds the GIL during a call anyway).
+    """
+
+    def __init__(self, shard: qe.EdgeShard, folder: Path, collection: str, dims: int) -> None:
+        self._shard: qe.EdgeShard | None = shard
+        self.folder = folder
+        self.collection = collection
+        self.dims = dims
+        self._lock = threading.RLock()
+        self._churn = 0
+        self.vacuums: list[float] = []
+        """Duration of each vacuum run by this process (ms), for benchmarks and logs."""
+
+    @property
+    def shard(self) -> qe.EdgeShard:
+        """The open shard.
+
+        Raises:
+            StoreUnavailable: the store was closed.
+        """
+        if self._shard is None:
+            raise StoreUnavailable(f"the embedded vector store {self.folder} is closed")
+        return self._shard
+
+    def ensure_collection(self) -> None:
+        """Nothing to do: `open_edge` created the shard and its payload indexes."""
+
+    def upsert(self, points: Sequence[MemoryPoint]) -> None:
+        """Write points (insert or overwrite by id; idempotent).
+
+        Raises:
+            StoreError: a vector of the wrong size.
+        """
+        if not points:
+            return
+        edge_points = [qe.Point(p.id, list(p.vector), p.payload()) for p in points]
+        with self._lock, _mapped("upsert"):
+            existing = len(self.shard.retrieve([p.id for p in points], with_payload=False, with_vector=False))
+            self.shard.update(qe.UpdateOperation.upsert_points(edge_points))
+            self._after_write(existing)
+
+    def delete(self, ids: Sequence[str]) -> None:
+        """Delete points by id (missing ids are ignored)."""
+        if not ids:
+            return
+        with self._lock, _mapped("delete"):
+            self.shard.update(qe.UpdateOperation.delete_points(list(ids)))
+            self._after_write(len(ids))
+
+    def _after_write(self, churn: int) -> None:
+        self._churn += churn
+        if self._churn < VACUUM_MIN_CHURN:
+            return
+        total = self.shard.count(qe.CountRequest(exact=True))
+        if self._churn >= VACUUM_FRACTION * total:
+            self.vacuum()
+
+    def vacuum(self) -> float:
+        """Merge segments and drop deleted points now (blocks this process's threads while it runs).
+
+        Returns:
+            The time it took (ms).
+        """
+        with self._lock, _mapped("optimize"):
+            started = time.perf_counter()
+            self.shard.optimize()
+            took_ms = (time.perf_counter() - started) * 1000
+        self._churn = 0
+        self.vacuums.append(took_ms)
+        logger.info("vector store %s vacuumed in %.0f ms", self.folder, took_ms)
+        return took_ms
+
+    def retrieve(self, ids: Sequence[str]) -> list[MemoryItem]:
+        """Memories by id (missing ids are skipped)."""
+        if not ids:
+            return []
+        with self._lock, _mapped("retrieve"):
+            records = self.shard.retrieve(list(ids), with_payload=True, with_vector=False)
+        return [to_item(r.id, r.payload) for r in records]
+
+    def search_batch(self, vectors: Sequence[Sequence[float]], scope: Scope, *, limit: int,
+                     threshold: float | None = None, filters: Mapping[str, Any] | None = None,
+                     exact: bool = False) -> list[list[MemoryItem]]:
+        """`search` for several vectors in one planned batch; one list of hits per vector.
+
+        Raises:
+            InvalidRequest: a filter on a key memq owns, or a non-scalar filter value.
+            StoreError: a vector of the wrong size.
+        """
+        if not vectors:
+            return []
+        flt = edge_filter(scope_conditions(scope, filters, exact=exact))
+        requests = [qe.QueryRequest(limit=limit, query=qe.Query.Nearest([float(x) for x in v]), filter=flt,
+                                    with_payload=True, with_vector=False, score_threshold=threshold)
+                    for v in vectors]
+        with self._lock, _mapped("query"):
+            if len(requests) == 1:
+                responses = [self.shard.query(requests[0])]
+            else:
+                responses = self.shard.query_batch(qe.QueryBatchRequest(requests))
+        return [[to_item(p.id, p.payload, p.score) for p in hits] for hits in responses]
+
+    def list(self, scope: Scope, *, limit: int = 100, filters: Mapping[str, Any] | None = None) -> list[MemoryItem]:
+        """Up to `limit` memories of `scope` (no ranking), sorted oldest first by ``created_at``."""
+        flt = edge_filter(scope_conditions(scope, filters))
+        items: list[MemoryItem] = []
+        offset: Any = None
+        while len(items) < limit:
+            with self._lock, _mapped("scroll"):
+                records, offset = self.shard.scroll(qe.ScrollRequest(
+                    offset=offset, limit=min(256, limit - len(items)), filter=flt, with_payload=True,
+                    with_vector=False))
+            items += [to_item(r.id, r.payload) for r in records]
+            if offset is None:
+                break
+        return oldest_first(items)
+
+    def count(self, scope: Scope | None = None) -> int:
+        """Number of points (of `scope`, or all)."""
+        with self._lock, _mapped("count"):
+            return int(self.shard.count(qe.CountRequest(exact=True, filter=edge_filter(scope_conditions(scope)))))
+
+    def close(self) -> None:
+        """Flush and close the shard (the folder is free for another process afterwards)."""
+        with self._lock:
+            if self._shard is not None:
+                try:
+                    self._shard.flush()
+                finally:
+                    self._shard.close()
+                    self._shard = None
+                    _forget_owner(self.folder)
+
+
+def owner_file(folder: Path) -> Path:
+    """Where the owner of the shard at `folder` is recorded (beside the folder)."""
+    return folder.parent / f"{folder.name}.owner.json"
+
+
+def _record_owner(folder: Path) -> None:
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv)[:300],
+            "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    owner_file(folder).write_text(json.dumps(info))
+
+
+def _forget_owner(folder: Path) -> None:
+    try:
+        info = json.loads(owner_file(folder).read_text())
+        if info.get("pid") == os.getpid():
+            owner_file(folder).unlink()
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def owner_of(folder: Path) -> str:
+    """Who owns the shard at `folder`, as recorded: ``process <pid> on <host> (<command>, since <time>)``."""
+    try:
+        info = json.loads(owner_file(folder).read_text())
+        return f"process {info['pid']} on {info['host']} ({info['command']}, since {info['since']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process"
+
+
+def is_local_mode_folder(folder: Path) -> bool:
+    """True when `folder` holds a `qdrant-client` local-mode store (memq before the Edge store)."""
+    return (folder / "meta.json").is_file() and (folder / "collection").is_dir()
+
+
+def _config(dims: int | None) -> qe.EdgeConfig:
+    vectors = qe.EdgeVectorParams(size=dims, distance=qe.Distance.Cosine) if dims is not None else None
+    return qe.EdgeConfig(vectors=vectors, optimizers=qe.EdgeOptimizersConfig(indexing_threshold=0))
+
+
+def open_edge(root: Path, collection: str, dims: int) -> EdgeStore:
+    """Open (or create) the Edge shard of `collection` under `root` and own it.
+
+    Args:
+        root: the embedded store's folder (``qdrant.path``); the shard is ``root/collection``.
+        collection: the collection's name.
+        dims: vector size.
+
+    Returns:
+        The store; this process owns the folder until `EdgeStore.close`.
+
+    Raises:
+        StoreOwned: another process (or another store in this one) owns the folder; the message
+            names the folder and the owner.
+        StoreNeedsMigration: `root` holds a `qdrant-client` local-mode store (run ``memq migrate-store``).
+        StoreError: the shard holds vectors of another size, or cannot be opened.
+    """
+    if is_local_mode_folder(root):
+        raise StoreNeedsMigration(
+            f"{root} holds a vector store in qdrant-client's local mode (memq before 0.3); run "
+            "`memq migrate-store` to copy it into the embedded Edge store (the old files are kept)")
+    folder = root / collection
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        if (folder / "edge_config.json").exists():
+            shard = qe.EdgeShard.load(str(folder), _config(dims))
+        else:
+            shard = qe.EdgeShard.create(str(folder), _config(dims))
+    except Exception as exc:
+        text = str(exc)
+        if "WouldBlock" in text:
+            raise StoreOwned(
+                f"the embedded vector store {folder} is owned by {owner_of(folder)}: one process owns it "
+                "(in embedded mode, the worker). Read through that process (memq does this when it runs), "
+                "stop it, use another MEMQ_DATA_DIR, or run a Qdrant server (MEMQ_QDRANT__URL)") from None
+        if "incompatible" in text.lower():
+            found = re.search(r"but got (\d+)", text)
+            raise StoreError(f"the vector store {folder} holds vectors of size {found.group(1) if found else '?'}, "
+                             f"the embedder makes {dims}") from None
+        raise StoreError(f"cannot open the vector store {folder}: {type(exc).__name__}") from None
+    try:
+        for key in KEYWORD_INDEXES:
+            shard.update(qe.UpdateOperation.create_field_index(key, qe.PayloadSchemaType.Keyword))
+        shard.update(qe.UpdateOperation.create_field_index("created_at", qe.PayloadSchemaType.Datetime))
+    except Exception:
+        shard.close()
+        raise
+    _record_owner(folder)
+    return EdgeStore(shard, folder, collection, dims)

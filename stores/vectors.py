@@ -1,0 +1,214 @@
+"""The vector store's interface and the one place memory <-> payload is mapped, for every backend.
+
+Backends: `stores.edge.EdgeStore` (Qdrant Edge in-process, the embedded default), `stores.qdrant.
+QdrantClientStore` (a Qdrant server through `qdrant-client`, production) and `stores.vector_rpc.
+RemoteVectorStore` (a process that is not the embedded store's owner asks the owner over Redis).
+`stores.vector_open.open_vector_store` picks one.
+
+Payload of a point (Mem0's keys): ``data`` (the memory text), ``hash`` (md5 of the text), ``created_at``/
+``updated_at`` (ISO-8601 UTC), the scope ids that are set (``user_id``/``agent_id``/``run_id``),
+``actor_id``, ``role``, ``source_message_ids``, ``job_id`` and the caller's metadata keys at the top level
+(as Mem0 stores them). A collection written by Mem0 reads as memq memories.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import JsonValue
+
+from memq.errors import InvalidRequest
+from memq.models import MemoryItem, Scope
+
+SCOPE_KEYS = ("user_id", "agent_id", "run_id")
+CORE_KEYS = frozenset({"data", "hash", "created_at", "updated_at", *SCOPE_KEYS, "actor_id", "role",
+                       "source_message_ids", "job_id"})
+KEYWORD_INDEXES = (*SCOPE_KEYS, "actor_id")
+"""Payload fields with a keyword index (every backend); ``created_at`` has a datetime index."""
+
+
+def memory_hash(text: str) -> str:
+    """md5 hex digest of a memory's text (Mem0's ``hash``)."""
+    return hashlib.md5(text.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class MemoryPoint:
+    """A memory to write: point id, vector and the fields that become its payload.
+
+    Attributes:
+        id: point id (a UUID string, deterministic per job and decision).
+        vector: the embedding of `memory` (`dims` floats).
+        memory: the memory text.
+        scope: whose memory it is.
+        created_at, updated_at: timestamps (UTC).
+        metadata: caller metadata (JSON values; reserved keys refused by the producer).
+        actor_id, role: the speaker of the source messages, when known.
+        source_message_ids: provenance (caller's message ids or positions).
+        job_id: the job that last wrote the point.
+    """
+
+    id: str
+    vector: Sequence[float]
+    memory: str
+    scope: Scope
+    created_at: datetime
+    updated_at: datetime | None
+    metadata: Mapping[str, JsonValue]
+    actor_id: str | None
+    role: str | None
+    source_message_ids: Sequence[str]
+    job_id: str
+
+    def payload(self) -> dict[str, Any]:
+        """The point's payload (Mem0 keys)."""
+        payload: dict[str, Any] = dict(self.metadata)
+        payload.update({
+            "data": self.memory,
+            "hash": memory_hash(self.memory),
+            "created_at": self.created_at.isoformat(),
+            "updated_at": self.updated_at.isoformat() if self.updated_at else None,
+            **self.scope.as_filter(),
+            "actor_id": self.actor_id,
+            "role": self.role,
+            "source_message_ids": list(self.source_message_ids),
+            "job_id": self.job_id,
+        })
+        return payload
+
+
+def to_item(point_id: object, payload: Mapping[str, Any] | None, score: float | None = None) -> MemoryItem:
+    """Read a point back as a `MemoryItem` (metadata = the payload keys memq does not own)."""
+    p = dict(payload or {})
+    return MemoryItem(
+        id=str(point_id),
+        memory=p.get("data", ""),
+        hash=p.get("hash", ""),
+        metadata={k: v for k, v in p.items() if k not in CORE_KEYS},
+        score=score,
+        created_at=p.get("created_at"),
+        updated_at=p.get("updated_at"),
+        user_id=p.get("user_id"),
+        agent_id=p.get("agent_id"),
+        run_id=p.get("run_id"),
+        actor_id=p.get("actor_id"),
+        role=p.get("role"),
+        source_message_ids=p.get("source_message_ids") or [],
+    )
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One payload condition, backend-neutral: ``eq`` (equals `value`), ``any`` (equals one of `value`)
+    or ``empty`` (the field is absent, null or [])."""
+
+    kind: Literal["eq", "any", "empty"]
+    key: str
+    value: Any = None
+
+
+def scope_conditions(scope: Scope | None, filters: Mapping[str, Any] | None = None, *,
+                     exact: bool = False) -> list[Condition]:
+    """The conditions (all must hold) that select a scope's memories, plus metadata equality filters.
+
+    Args:
+        scope: every id that is set must match (Mem0's read semantics); None selects every point.
+        filters: ``{key: value}`` (equality) or ``{key: [v1, v2]}`` (any of); keys memq owns are refused.
+        exact: the ids that are not set must be absent too, so only memories whose scope equals
+            `scope` match (what a job decides over and writes to).
+
+    Raises:
+        InvalidRequest: a filter key is one memq owns (``user_id``, ``data``, ...) or a value is not scalar.
+    """
+    conditions: list[Condition] = []
+    if scope is not None:
+        conditions += [Condition("eq", k, v) for k, v in scope.as_filter().items()]
+        if exact:
+            conditions += [Condition("empty", k) for k in SCOPE_KEYS if getattr(scope, k) is None]
+    for key, value in (filters or {}).items():
+        if key in CORE_KEYS:
+            raise InvalidRequest(f"filter key {key!r} is reserved; pass the scope as user_id/agent_id/run_id",
+                                 field="filters")
+        if isinstance(value, list) and all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in value):
+            conditions.append(Condition("any", key, list(value)))
+        elif isinstance(value, (str, int, bool)):
+            conditions.append(Condition("eq", key, value))
+        else:
+            raise InvalidRequest(f"filter {key!r} must be a string, int, bool or a list of them", field="filters")
+    return conditions
+
+
+def oldest_first(items: list[MemoryItem]) -> list[MemoryItem]:
+    """`items` sorted by ``created_at`` (missing last), then id: the order `VectorStore.list` returns."""
+    return sorted(items, key=lambda m: (m.created_at is None, m.created_at, m.id))
+
+
+class VectorStore(ABC):
+    """Memories as points of one collection: the operations every backend provides.
+
+    Attributes:
+        collection: the collection's name.
+        dims: vector size (the embedder's dimensions).
+
+    Every method may raise `StoreUnavailable` (the store is unreachable: retryable) or `StoreError`
+    (a permanent fault, e.g. a vector of the wrong size).
+    """
+
+    collection: str
+    dims: int
+
+    @abstractmethod
+    def ensure_collection(self) -> None:
+        """Create the collection (cosine, `dims`, payload indexes) if it does not exist.
+
+        Raises:
+            StoreError: the collection exists with another vector size.
+        """
+
+    @abstractmethod
+    def upsert(self, points: Sequence[MemoryPoint]) -> None:
+        """Write points (insert or overwrite by id; idempotent)."""
+
+    @abstractmethod
+    def delete(self, ids: Sequence[str]) -> None:
+        """Delete points by id (missing ids are ignored)."""
+
+    @abstractmethod
+    def retrieve(self, ids: Sequence[str]) -> list[MemoryItem]:
+        """Memories by id (missing ids are skipped)."""
+
+    def search(self, vector: Sequence[float], scope: Scope, *, limit: int, threshold: float | None = None,
+               filters: Mapping[str, Any] | None = None) -> list[MemoryItem]:
+        """The `limit` memories of `scope` nearest to `vector`, best first, each with its cosine `score`.
+
+        Raises:
+            InvalidRequest: a filter on a key memq owns, or a non-scalar filter value.
+        """
+        return self.search_batch([vector], scope, limit=limit, threshold=threshold, filters=filters)[0]
+
+    @abstractmethod
+    def search_batch(self, vectors: Sequence[Sequence[float]], scope: Scope, *, limit: int,
+                     threshold: float | None = None, filters: Mapping[str, Any] | None = None,
+                     exact: bool = False) -> list[list[MemoryItem]]:
+        """`search` for several vectors at once; one list of hits per vector.
+
+        Args:
+            exact: only memories whose scope equals `scope` (see `scope_conditions`).
+        """
+
+    @abstractmethod
+    def list(self, scope: Scope, *, limit: int = 100, filters: Mapping[str, Any] | None = None) -> list[MemoryItem]:
+        """Up to `limit` memories of `scope` (no ranking), sorted oldest first by ``created_at``."""
+
+    @abstractmethod
+    def count(self, scope: Scope | None = None) -> int:
+        """Number of points (of `scope`, or all)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the store (an embedded store's folder is free for another process afterwards)."""

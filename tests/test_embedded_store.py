@@ -1,0 +1,151 @@
+"""The embedded vector store (Qdrant Edge): one owner per folder, reads from any process, upkeep.
+
+Workers here are real ``memq worker`` processes on a Redis database of their own, so the session
+worker (in this process, on database 0) never takes their tasks.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from cli.redis_server import RedisServer
+from memories import Memories
+from memq.config import Neo4jSettings, RedisSettings, Settings
+from memq.errors import NoStoreOwner, StoreOwned
+from memq.models import JobState, Scope
+from producer import Producer
+from stores.edge import open_edge
+from stores.vector_open import close_vector_stores
+from stores.vectors import MemoryPoint
+from tests.conftest import requires_locomo
+from tests.helpers import locomo_sessions, until
+from tests.rigs.workers import start_worker, stop_worker, wait_ready, worker_env
+
+
+@pytest.fixture()
+def own_db(redis_server: RedisServer) -> Iterator[str]:
+    """A Redis database of this test's own (emptied before and after)."""
+    url = redis_server.url.rsplit("/", 1)[0] + "/9"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    yield url
+    client.flushdb()
+    client.close()
+
+
+def _settings(data: Path, url: str) -> Settings:
+    return Settings(data_dir=data, redis=RedisSettings(url=url, socket_timeout_s=2), neo4j=Neo4jSettings())
+
+
+def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "cli", *args], env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+@requires_locomo
+@pytest.mark.faults
+@pytest.mark.timeout(400)
+def test_other_processes_read_while_a_worker_ingests_and_a_second_worker_refuses_the_folder(
+        own_db: str, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    env = worker_env(own_db, data)
+    log = tmp_path / "worker.log"
+    worker = start_worker(env, log)
+    settings = _settings(data, own_db)
+    producer = Producer(settings)
+    reader = Memories(settings)
+    try:
+        wait_ready(worker, log)
+        # Given a worker ingesting a LoCoMo conversation (19 sessions, one after the other)
+        receipts = producer.add_many(locomo_sessions("reader", "conv-26", 19))
+        # When a `memq search` process (started now: its start-up overlaps the ingest) and this process
+        # search while jobs still run
+        cli_search = subprocess.Popen(
+            [sys.executable, "-m", "cli", "search", "What does Caroline do?", "--user-id", "reader", "--limit", "5",
+             "--json"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        until(lambda: producer.wait(receipts[:1], timeout_s=0)[0].done, 180, "the first job")
+        found = reader.search("What does Caroline do?", user_id="reader", limit=5)["results"]
+        out, err = cli_search.communicate(timeout=120)
+        unfinished = sum(not s.done for s in producer.wait(receipts, timeout_s=0))
+        # Then both get the scope's memories, through the worker that owns the store
+        assert unfinished > 0, "the searches should have run while the worker was ingesting"
+        assert found and {r["user_id"] for r in found} == {"reader"}
+        assert cli_search.returncode == 0, err[-2000:]
+        from_cli = json.loads(out)["results"]
+        assert from_cli and {r["user_id"] for r in from_cli} == {"reader"}
+        # When a second worker starts on the same folder
+        second_log = tmp_path / "second.log"
+        second = start_worker(env, second_log)
+        returncode = second.wait(120)
+        # Then it refuses before consuming anything, naming the folder and the owning worker
+        text = second_log.read_text(errors="replace")
+        assert returncode != 0 and StoreOwned.__name__ in text, text[-2000:]
+        assert str(data / "qdrant") in text and f"process {worker.pid}" in text and " ready." not in text
+        # And every job still ends succeeded (none was taken by the refused worker)
+        statuses = producer.wait(receipts, timeout_s=240, poll_s=0.2)
+        assert [s.status for s in statuses] == [JobState.SUCCEEDED] * len(receipts)
+        # And id-based reads from other processes work and keep the scope
+        top = reader.search("Caroline", user_id="reader", limit=1)["results"][0]
+        got = _cli(env, "get", top["id"], "--user-id", "reader")
+        assert got.returncode == 0 and json.loads(got.stdout)["memory"] == top["memory"], got.stderr[-2000:]
+        assert json.loads(_cli(env, "get", top["id"], "--user-id", "intruder").stdout) is None
+        history = _cli(env, "history", top["id"], "--user-id", "reader")
+        assert history.returncode == 0 and json.loads(history.stdout)[0]["memory_id"] == top["id"]
+        everything = reader.get_all(user_id="reader", limit=1000)["results"]
+        assert reader.vectors.count(Scope(user_id="reader")) == len(everything) > 0
+    finally:
+        stop_worker(worker)
+        producer.close()
+    # And once the worker has stopped, a reader is told that no worker owns the store
+    started = time.monotonic()
+    with pytest.raises(NoStoreOwner, match=str(data / "qdrant")):
+        Memories(settings).search("Caroline", user_id="reader")
+    assert time.monotonic() - started < 60
+    # While a command that may open the folder itself (the CLI) reads the same memories
+    opened = Memories(settings, open_embedded=True)
+    try:
+        assert {m["id"] for m in opened.get_all(user_id="reader", limit=1000)["results"]} == {m["id"] for m in everything}
+    finally:
+        close_vector_stores()
+
+
+def test_history_reads_only_sql_and_loads_no_vector_store_or_embedder(tmp_path: Path, own_db: str) -> None:
+    code = ("import sys, json; from pathlib import Path; from memq.config import Settings, RedisSettings;"
+            "from memories import Memories;"
+            f"m = Memories(Settings(data_dir=Path({str(tmp_path)!r}), redis=RedisSettings(url={own_db!r})));"
+            "print(json.dumps(m.history('00000000-0000-0000-0000-000000000001', user_id='u')));"
+            "print([x for x in ('qdrant_edge', 'qdrant_client', 'torch', 'sentence_transformers', 'litellm', 'neo4j')"
+            " if x in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[:2] == ["[]", "[]"]
+
+
+def test_vacuum_drops_deleted_points_and_keeps_every_live_one(tmp_path: Path) -> None:
+    from datetime import datetime, timezone
+
+    store = open_edge(tmp_path / "q", "vac", 4)
+    try:
+        now = datetime(2024, 1, 1, tzinfo=timezone.utc)
+        points = [MemoryPoint(id=f"00000000-0000-0000-0000-{i:012d}", vector=[1.0, float(i % 7), 0.0, 1.0],
+                              memory=f"m{i}", scope=Scope(user_id=f"u{i % 3}"), created_at=now, updated_at=None,
+                              metadata={}, actor_id=None, role=None, source_message_ids=[], job_id="j")
+                  for i in range(3000)]
+        store.upsert(points)
+        store.delete([p.id for p in points[:2500]])  # churn past the vacuum's threshold
+        assert len(store.vacuums) == 1, "a vacuum should run after enough deletes"
+        assert store.count() == 500 and store.count(Scope(user_id="u1")) == sum(i % 3 == 1 for i in range(2500, 3000))
+        live = {p.id for p in points[2500:]}
+        assert {m.id for s in ("u0", "u1", "u2") for m in store.list(Scope(user_id=s), limit=1000)} == live
+        hits = store.search([1.0, 3.0, 0.0, 1.0], Scope(user_id="u0"), limit=5)
+        assert len(hits) == 5 and all(h.id in live for h in hits)
+    finally:
+        store.close()

@@ -1,0 +1,157 @@
+"""One contract for every vector store backend, each against its real engine.
+
+- ``edge``: Qdrant Edge in this process (the embedded default), always.
+- ``qdrant-client``: the production adapter (`QdrantClientStore`) over qdrant-client's local mode, always.
+- ``server``: the same adapter against a Qdrant server, where ``MEMQ_TEST_QDRANT_URL`` names one.
+- ``remote``: an Edge store read and written by another client through its owner over the session's
+  real Redis (`VectorServer` / `RemoteVectorStore`), so the wire format keeps the contract too.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from cli.redis_server import RedisServer
+from memq.errors import InvalidRequest, StoreError
+from memq.models import Scope
+from stores.edge import open_edge
+from stores.vector_rpc import RemoteVectorStore, VectorServer
+from stores.vectors import MemoryPoint, VectorStore
+
+NOW = datetime(2024, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+DIMS = 4
+BACKENDS = ["edge", "qdrant-client", "server", "remote"]
+
+
+def _point(i: int, scope: Scope, *, metadata: dict[str, object] | None = None, minutes: int = 0,
+           vector: list[float] | None = None) -> MemoryPoint:
+    if vector is None:
+        vector = [0.0] * DIMS
+        vector[i % DIMS] = 1.0
+    return MemoryPoint(id=str(uuid.UUID(int=i + 1)), vector=vector, memory=f"memory {i}", scope=scope,
+                       created_at=NOW + timedelta(minutes=minutes), updated_at=None,
+                       metadata=metadata if metadata is not None else {"n": i}, actor_id=None, role="user",
+                       source_message_ids=[str(i)], job_id="job")
+
+
+def _qdrant_client_store(tmp_path: Path, url: str | None) -> VectorStore:
+    from qdrant_client import QdrantClient
+
+    from stores.qdrant import QdrantClientStore
+
+    if url is None:
+        return QdrantClientStore(QdrantClient(path=str(tmp_path / "local")), "contract", DIMS, threading.RLock())
+    collection = f"contract-{uuid.uuid4().hex[:8]}"
+    return QdrantClientStore(QdrantClient(url=url), collection, DIMS, indexed=True)
+
+
+@pytest.fixture(params=BACKENDS)
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[VectorStore]:
+    backend = request.param
+    if backend == "edge":
+        edge = open_edge(tmp_path / "edge", "contract", DIMS)
+        yield edge
+        edge.close()
+    elif backend == "qdrant-client":
+        local = _qdrant_client_store(tmp_path, None)
+        yield local
+        local.close()
+    elif backend == "server":
+        url = os.environ.get("MEMQ_TEST_QDRANT_URL")
+        if not url:
+            pytest.skip("no Qdrant server (set MEMQ_TEST_QDRANT_URL to run the contract against one)")
+        server_store = _qdrant_client_store(tmp_path, url)
+        yield server_store
+        server_store.close()
+    else:
+        redis_server: RedisServer = request.getfixturevalue("redis_server")
+        owned = open_edge(tmp_path / "edge", "contract", DIMS)
+        key = f"memq:vectors:test-{uuid.uuid4().hex[:8]}"
+        server = VectorServer(owned, redis_server.url, key)
+        server.start()
+        remote = RemoteVectorStore(redis_server.url, key, tmp_path / "edge", "contract", DIMS, timeout_s=5)
+        yield remote
+        remote.close()
+        server.stop()
+        owned.close()
+
+
+def test_points_round_trip_with_mem0_payload_keys_and_scope_filtering(store: VectorStore) -> None:
+    store.ensure_collection()
+    ann, bob = Scope(user_id="ann"), Scope(user_id="bob")
+    store.upsert([_point(0, ann), _point(1, ann), _point(2, bob)])
+    store.upsert([_point(0, ann)])  # idempotent
+    hits = store.search([1.0, 0.0, 0.0, 0.0], ann, limit=10)
+    assert [h.memory for h in hits] == ["memory 0", "memory 1"] and {h.user_id for h in hits} == {"ann"}
+    assert hits[0].score == pytest.approx(1.0) and hits[1].score == pytest.approx(0.0, abs=1e-6)
+    assert hits[0].hash and hits[0].metadata == {"n": 0} and hits[0].source_message_ids == ["0"]
+    assert hits[0].created_at == NOW and hits[0].role == "user"
+    assert store.count(ann) == 2 and store.count(bob) == 1 and store.count() == 3
+
+
+def test_reads_keep_mem0_semantics_and_exact_reads_see_only_the_exact_scope(store: VectorStore) -> None:
+    store.ensure_collection()
+    carol, carol_bot, bot = Scope(user_id="carol"), Scope(user_id="carol", agent_id="bot"), Scope(agent_id="bot")
+    store.upsert([_point(0, carol), _point(4, carol_bot), _point(8, bot)])
+    query = [[1.0, 0.0, 0.0, 0.0]]
+    # Mem0's reads: every id given must match
+    assert {h.memory for h in store.search_batch(query, carol, limit=10)[0]} == {"memory 0", "memory 4"}
+    assert {h.memory for h in store.search_batch(query, bot, limit=10)[0]} == {"memory 4", "memory 8"}
+    # A job's reads: the ids not given must be absent too
+    assert [h.memory for h in store.search_batch(query, carol, limit=10, exact=True)[0]] == ["memory 0"]
+    assert [h.memory for h in store.search_batch(query, bot, limit=10, exact=True)[0]] == ["memory 8"]
+    assert [h.memory for h in store.search_batch(query, carol_bot, limit=10, exact=True)[0]] == ["memory 4"]
+
+
+def test_metadata_filters_and_score_threshold(store: VectorStore) -> None:
+    store.ensure_collection()
+    ann = Scope(user_id="ann")
+    store.upsert([_point(0, ann, metadata={"topic": "food"}), _point(1, ann, metadata={"topic": "work"}),
+                  _point(2, ann, metadata={"topic": "travel", "n": 7})])
+    query = [1.0, 1.0, 0.0, 0.0]
+    assert [h.memory for h in store.search(query, ann, limit=10, filters={"topic": "food"})] == ["memory 0"]
+    assert {h.memory for h in store.search(query, ann, limit=10, filters={"topic": ["food", "travel"]})} \
+        == {"memory 0", "memory 2"}
+    assert [h.memory for h in store.list(ann, filters={"n": 7})] == ["memory 2"]
+    assert {h.memory for h in store.search(query, ann, limit=10, threshold=0.5)} == {"memory 0", "memory 1"}
+    with pytest.raises(InvalidRequest, match="reserved"):
+        store.search(query, ann, limit=1, filters={"data": "x"})
+    with pytest.raises(InvalidRequest, match="string, int, bool"):
+        store.search(query, ann, limit=1, filters={"topic": {"nested": 1}})
+
+
+def test_list_is_oldest_first_and_limited(store: VectorStore) -> None:
+    store.ensure_collection()
+    dan = Scope(user_id="dan")
+    store.upsert([_point(i, dan, minutes=10 - i) for i in range(6)] + [_point(9, Scope(user_id="eve"))])
+    listed = store.list(dan, limit=100)
+    assert [m.memory for m in listed] == [f"memory {i}" for i in range(5, -1, -1)]
+    assert len(store.list(dan, limit=4)) == 4
+
+
+def test_retrieve_and_delete_by_id_skip_missing_ids(store: VectorStore) -> None:
+    store.ensure_collection()
+    ann = Scope(user_id="ann")
+    store.upsert([_point(0, ann), _point(1, ann)])
+    missing = str(uuid.uuid4())
+    assert [m.memory for m in store.retrieve([_point(1, ann).id, missing])] == ["memory 1"]
+    store.delete([_point(0, ann).id, missing])
+    assert store.retrieve([_point(0, ann).id]) == [] and store.count(ann) == 1
+    assert store.retrieve([]) == [] and store.search_batch([], ann, limit=3) == []
+
+
+def test_a_vector_of_the_wrong_size_is_a_store_error(store: VectorStore) -> None:
+    store.ensure_collection()
+    ann = Scope(user_id="ann")
+    with pytest.raises(StoreError):
+        store.upsert([_point(0, ann, vector=[1.0, 0.0])])
+    with pytest.raises(StoreError):
+        store.search([1.0, 0.0], ann, limit=3)
+    assert store.count() == 0
