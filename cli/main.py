@@ -1,5 +1,5 @@
 """The ``memq`` command line: worker, backfill, search, status, history, demo (operators' commands
-``jobs``, ``dlq`` and ``migrate-scope-keys`` are in `cli.ops`).
+``jobs``, ``dlq``, ``migrate-scope-keys`` and ``migrate-store`` are in `cli.ops`).
 
 Commands import the layers they need when they run, so ``memq --help`` stays fast and light.
 """
@@ -31,6 +31,7 @@ app.add_typer(ops.dlq, name="dlq")
 app.add_typer(ops.jobs, name="jobs")
 app.add_typer(ops.poison, name="poison")
 app.command(name="migrate-scope-keys")(ops.migrate_scope_keys)
+app.command(name="migrate-store")(ops.migrate_store)
 
 
 def _progress() -> Progress:
@@ -47,13 +48,13 @@ def worker(
 ) -> None:
     """Start a Celery worker for the pipeline (replaces this process).
 
-    In embedded mode (no MEMQ_QDRANT__URL) the worker process owns the local Qdrant folder, so it runs
-    one process with a thread pool.
+    In embedded mode (no MEMQ_QDRANT__URL) the worker process owns the embedded vector store's folder (and
+    serves other processes' reads from it), so it runs one process with a thread pool.
     """
     settings = load_settings()
     if settings.embedded_qdrant and pool == "prefork" and concurrency != 1:
         console.print("[red]prefork with more than one child needs a Qdrant server (MEMQ_QDRANT__URL): "
-                      "local mode allows one process per folder.[/]")
+                      "the embedded store allows one owner process per folder.[/]")
         raise typer.Exit(2)
     argv = [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", queues, "-P", pool,
             "-c", str(concurrency), "--loglevel", loglevel, "-E"]

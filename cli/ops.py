@@ -1,5 +1,6 @@
 """Operators' commands: ``memq jobs`` (list, end, restart), ``memq dlq`` (dead letters), ``memq poison``
-(malformed broker messages moved aside) and ``memq migrate-scope-keys``. They take job ids without a scope: they are not for tenants."""
+(malformed broker messages moved aside), ``memq migrate-scope-keys`` and ``memq migrate-store``. They take job ids
+without a scope: they are not for tenants."""
 
 from __future__ import annotations
 
@@ -136,6 +137,42 @@ def migrate_scope_keys() -> None:
     finally:
         graph.close()
     console.print(f"re-keyed {moved} entities")
+
+
+def migrate_store(
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Check and print what would be copied; change nothing.")]
+    = False,
+) -> None:
+    """Copy the vector store of a memq before the Edge store (qdrant-client local mode in MEMQ_QDRANT__PATH)
+    into the embedded Edge store; the old files move to a backup folder beside it (run once, workers stopped)."""
+    from stores.edge import is_local_mode_folder
+
+    settings = load_settings()
+    root = settings.qdrant.path
+    if settings.qdrant.url is not None or root is None:
+        console.print("the vector store is a Qdrant server (MEMQ_QDRANT__URL): nothing to migrate")
+        return
+    if not is_local_mode_folder(root):
+        console.print(f"{root} holds no vector store of an older memq (qdrant-client local mode): nothing to "
+                      "migrate", soft_wrap=True)
+        return
+    from stores.migrate import default_backup, inspect_local_mode, migrate_local_mode
+
+    dims = settings.embedder.dims
+    try:
+        if dry_run:
+            found = inspect_local_mode(root, dims)
+            for c in found:
+                console.print(f"would copy collection {c.name!r}: {c.points} points of size {c.dims} into "
+                              f"{root / c.name}", soft_wrap=True)
+            console.print(f"would move the old files to {default_backup(root)}", soft_wrap=True)
+            return
+        report = migrate_local_mode(root, dims)
+    except MemqError as exc:
+        raise _fail(exc) from exc
+    for name in report.collections:
+        console.print(f"collection {name!r}: {report.points[name]} points copied into {root / name}", soft_wrap=True)
+    console.print(f"old files kept in {report.backup} (delete it once memq runs on the new store)", soft_wrap=True)
 
 
 poison = typer.Typer(help="Poison messages: broker messages no worker could run, moved aside.", no_args_is_help=True)

@@ -38,13 +38,16 @@ class RedisSettings(_Group):
 
 
 class QdrantSettings(_Group):
-    """Vector store: a Qdrant server `url`, else local mode on `path` (one process per path)."""
+    """Vector store: a Qdrant server `url`, else the embedded Qdrant Edge store under `path` (one owner
+    process per folder; other processes read through it)."""
 
     url: str | None = None
     api_key: SecretStr | None = None
-    path: Path | None = Field(default=None, description="Local-mode folder; defaults to DATA_DIR/qdrant.")
+    path: Path | None = Field(default=None, description="Embedded store's folder (the shard is PATH/COLLECTION); "
+                                                         "defaults to DATA_DIR/qdrant.")
     collection: str = "memq"
-    timeout_s: float = 10.0
+    timeout_s: float = Field(default=10.0, gt=0, description="A server request's timeout, and how long a reader "
+                                                            "waits for the embedded store's owner to answer (s).")
 
 
 class Neo4jSettings(_Group):
@@ -176,7 +179,7 @@ class Settings(BaseSettings):
 
     @property
     def embedded_qdrant(self) -> bool:
-        """True when Qdrant runs in local mode inside the worker process (no server URL)."""
+        """True when the vector store is the embedded Qdrant Edge store owned by the worker (no server URL)."""
         return self.qdrant.url is None
 
 

@@ -281,7 +281,7 @@ def open_edge(root: Path, collection: str, dims: int) -> EdgeStore:
     """
     if is_local_mode_folder(root):
         raise StoreNeedsMigration(
-            f"{root} holds a vector store in qdrant-client's local mode (memq before 0.3); run "
+            f"{root} holds a vector store in qdrant-client's local mode (written by an earlier memq); run "
             "`memq migrate-store` to copy it into the embedded Edge store (the old files are kept)")
     folder = root / collection
     folder.parent.mkdir(parents=True, exist_ok=True)
