@@ -10,10 +10,11 @@ and the scope ids have keyword payload indexes, so a search scores only the poin
 therefore builds no HNSW graph in embedded mode (``indexing_threshold=0``): Edge's `optimize()` holds
 the GIL for its whole run (27 s at 20k points with HNSW), which would stall every thread of the worker,
 reads served to other processes included. Without HNSW, `optimize()` only merges segments and drops
-deleted points (0.7 s at 50k points); the owner runs it after a write once the points replaced or
-deleted since the last run reach `VACUUM_MIN_CHURN` and `VACUUM_FRACTION` of the collection. Cost of a
-search is then linear in the scope's size (0.15 ms p50 at 100 memories, ~5 ms at 25k); a scope far
-beyond that belongs on a Qdrant server, which builds HNSW in its own threads.
+deleted points (0.2-0.4 s at 1k-10k points, 0.7-2.6 s at 50k, a quarter deleted); the owner runs it
+after a write once the points replaced or deleted since the last run reach `VACUUM_MIN_CHURN` and
+`VACUUM_FRACTION` of the points stored. Cost of a search is then linear in the scope's size (~0.15 ms
+at 100 memories, ~5 ms at 25k); a scope far beyond that belongs on a Qdrant server, which builds HNSW
+in its own threads.
 
 Source: the Edge API and its behaviour as documented in `qdrant_edge/__init__.pyi` (qdrant-edge-py 0.9)
 and measured on this machine.
@@ -49,7 +50,10 @@ logger = logging.getLogger(__name__)
 VACUUM_MIN_CHURN = 2000
 """Points replaced or deleted since the last vacuum before the next one may run."""
 VACUUM_FRACTION = 0.2
-"""... and at least this fraction of the collection's points."""
+"""... and at least this share of the points stored, dead versions included (Edge's own optimizer acts
+on a segment whose dead share is over `DELETED_THRESHOLD`, set below this so a vacuum does work)."""
+DELETED_THRESHOLD = 0.1
+"""Edge's ``deleted_threshold``: the dead share of a segment above which its optimizer rewrites it."""
 
 
 def edge_filter(conditions: Sequence[Condition]) -> qe.Filter | None:
@@ -99,6 +103,7 @@ class EdgeStore(VectorStore):
         self.dims = dims
         self._lock = threading.RLock()
         self._churn = 0
+        self._min_churn = VACUUM_MIN_CHURN
         self.vacuums: list[float] = []
         """Duration of each vacuum run by this process (ms), for benchmarks and logs."""
 
@@ -140,25 +145,30 @@ class EdgeStore(VectorStore):
 
     def _after_write(self, churn: int) -> None:
         self._churn += churn
-        if self._churn < VACUUM_MIN_CHURN:
+        if self._churn < self._min_churn:
             return
-        total = self.shard.count(qe.CountRequest(exact=True))
-        if self._churn >= VACUUM_FRACTION * total:
+        live = self.shard.count(qe.CountRequest(exact=True))
+        if self._churn >= VACUUM_FRACTION * (live + self._churn):
             self.vacuum()
 
     def vacuum(self) -> float:
         """Merge segments and drop deleted points now (blocks this process's threads while it runs).
 
         Returns:
-            The time it took (ms).
+            The time it took (ms). When Edge found nothing to do, the next automatic vacuum waits for
+            twice as much churn.
         """
         with self._lock, _mapped("optimize"):
             started = time.perf_counter()
-            self.shard.optimize()
+            changed = self.shard.optimize()
             took_ms = (time.perf_counter() - started) * 1000
-        self._churn = 0
+        if changed:
+            self._churn, self._min_churn = 0, VACUUM_MIN_CHURN
+        else:
+            self._min_churn = self._churn * 2
         self.vacuums.append(took_ms)
-        logger.info("vector store %s vacuumed in %.0f ms", self.folder, took_ms)
+        logger.info("vector store %s vacuumed in %.0f ms (%s)", self.folder, took_ms,
+                    "segments rewritten" if changed else "nothing to do")
         return took_ms
 
     def retrieve(self, ids: Sequence[str]) -> list[MemoryItem]:
@@ -259,7 +269,8 @@ def is_local_mode_folder(folder: Path) -> bool:
 
 def _config(dims: int | None) -> qe.EdgeConfig:
     vectors = qe.EdgeVectorParams(size=dims, distance=qe.Distance.Cosine) if dims is not None else None
-    return qe.EdgeConfig(vectors=vectors, optimizers=qe.EdgeOptimizersConfig(indexing_threshold=0))
+    return qe.EdgeConfig(vectors=vectors, optimizers=qe.EdgeOptimizersConfig(
+        indexing_threshold=0, deleted_threshold=DELETED_THRESHOLD))
 
 
 def open_edge(root: Path, collection: str, dims: int) -> EdgeStore:
