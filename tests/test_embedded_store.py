@@ -149,3 +149,33 @@ def test_vacuum_drops_deleted_points_and_keeps_every_live_one(tmp_path: Path) ->
         assert len(hits) == 5 and all(h.id in live for h in hits)
     finally:
         store.close()
+
+
+def test_the_owner_survives_malformed_requests_and_answers_the_next_reader(
+        tmp_path: Path, redis_server: RedisServer) -> None:
+    from stores.vector_rpc import RemoteVectorStore, VectorServer
+
+    store = open_edge(tmp_path / "q", "rpc", 4)
+    key = "memq:vectors:test-malformed"
+    server = VectorServer(store, redis_server.url, key)
+    server.start()
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        # Given garbage, an unknown operation and a request with bad arguments in the owner's queue
+        reply = f"{key}:reply:bad-op"
+        client.rpush(f"{key}:requests", b"{not json", json.dumps({"op": "drop_everything", "args": {},
+                                                                  "reply": reply, "deadline": 2**62}),
+                     json.dumps({"op": "count", "args": {"scope": {"user_id": ""}}, "reply": f"{key}:reply:bad-args",
+                                 "deadline": 2**62}))
+        # Then each answerable one gets an error, never a result
+        for name in ("bad-op", "bad-args"):
+            popped = client.blpop([f"{key}:reply:{name}"], timeout=10)
+            assert popped is not None and json.loads(popped[1])["error"] == "StoreError"
+        # And the next reader is served as usual
+        reader = RemoteVectorStore(redis_server.url, key, tmp_path / "q", "rpc", 4, timeout_s=5)
+        assert reader.count() == 0
+        reader.close()
+    finally:
+        server.stop()
+        store.close()
+        client.close()
