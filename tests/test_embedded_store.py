@@ -23,7 +23,7 @@ from memq.errors import NoStoreOwner, StoreOwned
 from memq.models import JobState, Scope
 from producer import Producer
 from stores.edge import open_edge
-from stores.vector_open import close_vector_stores
+from stores.vector_open import close_vector_store
 from stores.vectors import MemoryPoint
 from tests.conftest import requires_locomo
 from tests.helpers import locomo_sessions, until
@@ -114,7 +114,7 @@ def test_other_processes_read_while_a_worker_ingests_and_a_second_worker_refuses
     try:
         assert {m["id"] for m in opened.get_all(user_id="reader", limit=1000)["results"]} == {m["id"] for m in everything}
     finally:
-        close_vector_stores()
+        close_vector_store(opened.vectors)  # only this folder's: the session worker's store stays open
 
 
 def test_history_reads_only_sql_and_loads_no_vector_store_or_embedder(tmp_path: Path, own_db: str) -> None:

@@ -16,7 +16,6 @@ import subprocess
 import sys
 import threading
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -32,7 +31,7 @@ from memq.models import Scope
 from stores.edge import is_local_mode_folder, open_edge
 from stores.migrate import inspect_local_mode, migrate_local_mode
 from stores.qdrant import QdrantClientStore
-from stores.vector_open import close_vector_stores, open_vector_store
+from stores.vector_open import open_vector_store
 from stores.vectors import MemoryPoint
 
 DIMS = 8
@@ -124,12 +123,6 @@ def _one_line(text: str) -> str:
 def _unit(vector: Any) -> list[float]:
     norm = math.sqrt(sum(float(x) ** 2 for x in vector))
     return [float(x) / norm for x in vector]
-
-
-@pytest.fixture(autouse=True)
-def _close_stores() -> Iterator[None]:
-    yield
-    close_vector_stores()
 
 
 def test_a_local_mode_folder_is_refused_until_migrated_and_left_as_it_was(old_store: OldStore) -> None:
