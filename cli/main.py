@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 from rich.console import Console
@@ -22,7 +23,10 @@ from memq.errors import MemqError
 from memq.models import Receipt
 
 if TYPE_CHECKING:
+    from memories import Memories
     from producer import Producer
+
+T = TypeVar("T")
 
 app = typer.Typer(help="memq: long-term memory for AI assistants, as a Celery pipeline.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -138,6 +142,20 @@ def _fail(exc: MemqError) -> typer.Exit:
     return typer.Exit(1)
 
 
+def _read(call: Callable[[Memories], T]) -> T:
+    """Run one read on `Memories` (opening the embedded folder when no worker owns it), print a memq
+    error as a one-line failure (exit 1), and release whatever the read opened."""
+    from memories import Memories
+    from stores.vector_open import close_vector_stores
+
+    try:
+        return call(Memories(open_embedded=True))
+    except MemqError as exc:
+        raise _fail(exc) from exc
+    finally:
+        close_vector_stores()
+
+
 @app.command()
 def search(
     query: Annotated[str, typer.Argument(help="What to look for.")],
@@ -148,16 +166,7 @@ def search(
     as_json: Annotated[bool, typer.Option("--json", help="Print Mem0's JSON shape.")] = False,
 ) -> None:
     """Search memories of a scope by meaning (in embedded mode through the worker when one runs)."""
-    from memories import Memories
-    from stores.vector_open import close_vector_stores
-
-    try:
-        found = Memories(open_embedded=True).search(query, user_id=user_id, agent_id=agent_id, run_id=run_id,
-                                                    limit=limit)
-    except MemqError as exc:
-        raise _fail(exc) from exc
-    finally:
-        close_vector_stores()
+    found = _read(lambda m: m.search(query, user_id=user_id, agent_id=agent_id, run_id=run_id, limit=limit))
     if as_json:
         print(json.dumps(found, indent=1))
         return
@@ -173,16 +182,7 @@ def get(
     run_id: RunOption = None,
 ) -> None:
     """Print one memory as JSON (null for an unknown id or a memory outside the scope given)."""
-    from memories import Memories
-    from stores.vector_open import close_vector_stores
-
-    try:
-        print(json.dumps(Memories(open_embedded=True).get(memory_id, user_id=user_id, agent_id=agent_id,
-                                                          run_id=run_id), indent=1))
-    except MemqError as exc:
-        raise _fail(exc) from exc
-    finally:
-        close_vector_stores()
+    print(json.dumps(_read(lambda m: m.get(memory_id, user_id=user_id, agent_id=agent_id, run_id=run_id)), indent=1))
 
 
 @app.command()
@@ -209,13 +209,8 @@ def history(
     run_id: RunOption = None,
 ) -> None:
     """Print a memory's history rows as JSON ([] for a memory outside the scope given). Reads SQL only."""
-    from memories import Memories
-
-    try:
-        print(json.dumps(Memories().history(memory_id, user_id=user_id, agent_id=agent_id, run_id=run_id),
-                         indent=1))
-    except MemqError as exc:
-        raise _fail(exc) from exc
+    print(json.dumps(_read(lambda m: m.history(memory_id, user_id=user_id, agent_id=agent_id, run_id=run_id)),
+                     indent=1))
 
 
 @app.command()
