@@ -181,10 +181,9 @@ class NoStoreOwner(StoreUnavailable):
     worker runs on that folder (start one, or let the command open the folder itself)."""
 
 
-class RateLimited(TransientError):
-    """Not now: the shared rate limiter has no budget for the model. The task is re-queued after
-    `retry_after_s` seconds; it does not count as a failed attempt. (A job waiting for its scope's
-    turn is not rate limited: see `jobs.transitions.Deferred`.)
+class NotNow(TransientError):
+    """Not now, and not a failure: the task is re-queued after `retry_after_s` seconds without counting
+    an attempt (`RateLimited`, `StageBusy`).
 
     Attributes:
         retry_after_s: how long to wait (seconds).
@@ -195,19 +194,15 @@ class RateLimited(TransientError):
         self.retry_after_s = retry_after_s
 
 
-class StageBusy(TransientError):
+class RateLimited(NotNow):
+    """The shared rate limiter has no budget for the model. (A job waiting for its scope's turn is not
+    rate limited: see `jobs.transitions.Deferred`.)"""
+
+
+class StageBusy(NotNow):
     """Another delivery of the same stage of the job holds the lease on computing it (a duplicate after
-    a restore). The task is re-queued after `retry_after_s` seconds without counting an attempt: by
-    then the other delivery has stored the stage's output (reused, no model call), or it died and its
-    lease lapsed.
-
-    Attributes:
-        retry_after_s: how long to wait (seconds).
-    """
-
-    def __init__(self, message: str, *, retry_after_s: float, job_id: str | None = None) -> None:
-        super().__init__(message, job_id=job_id)
-        self.retry_after_s = retry_after_s
+    a restore). By the time it is re-queued, the other delivery has stored the stage's output (reused,
+    no model call), or it died and its lease lapsed."""
 
 
 class JobFailed(PipelineError):

@@ -32,9 +32,8 @@ from memq.errors import (
     BrokerUnavailable,
     JobFailed,
     LLMUnavailable,
+    NotNow,
     PipelineError,
-    RateLimited,
-    StageBusy,
     StoreUnavailable,
     TransientError,
 )
@@ -69,7 +68,7 @@ class StageTask(Task):  # type: ignore[misc]
                 change = life(job_id, c)
             except BrokerUnavailable:
                 raise
-            except (RateLimited, StageBusy) as exc:
+            except NotNow as exc:  # RateLimited, StageBusy
                 change = add.requeue(self.name, exc.retry_after_s or 1.0, attempt=attempt)
             except TransientError as exc:
                 change = self._retry_or_fail(job_id, c, exc, attempt)
