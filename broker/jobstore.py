@@ -407,7 +407,8 @@ class JobStore:
     def finish(self, job_id: str, state: JobState, *, results: Sequence[MemoryResult] | None = None,
                counts: Mapping[str, int] | None = None, relations: Sequence[Mapping[str, str]] = (),
                error: BaseException | None = None, stage: str = "done", then: Next | None = None,
-               parent_id: str | None = None) -> str:
+               parent_id: str | None = None, images: Mapping[str, int] | None = None,
+               warnings: Sequence[str] = ()) -> str:
         """End the job (succeeded or failed), or publish a partial one; its scope moves on.
 
         Args:
@@ -419,6 +420,8 @@ class JobStore:
             stage: the stage label.
             then: a task to queue as well (the retried write of a partial job).
             parent_id: the Celery id of the current task.
+            images: how the job's images were described (kept with its results).
+            warnings: what the job could not use (kept with its results).
 
         Returns:
             ``"ok"``, ``"finished"`` (it had already ended: the first end wins) or ``"missing"``.
@@ -432,7 +435,7 @@ class JobStore:
             json.dumps([r.model_dump(mode="json") for r in results]) if results is not None else "",
             json.dumps(dict(counts or {})), json.dumps([dict(r) for r in relations]),
             describe(error) if error else "", type(error).__name__ if error else "", stage, self._ttl_s,
-            "1" if terminal else "0"]
+            "1" if terminal else "0", json.dumps(dict(images or {})), json.dumps(list(warnings))]
         if then is not None:
             args += [self._messages.queue(then), self._messages.build(job_id, then, parent_id=parent_id)]
         return _text(self._call(lambda: self._finish(keys=[], args=args)))
@@ -456,4 +459,6 @@ def _parse_status(job_id: str, h: Mapping[str, str]) -> JobStatus:
         "results": json.loads(h.get("results", "[]")),
         "counts": json.loads(h.get("counts", "{}")),
         "relations": json.loads(h.get("relations", "[]")),
+        "images": json.loads(h.get("images", "{}")),
+        "warnings": json.loads(h.get("warnings", "[]")),
     })

@@ -50,7 +50,7 @@ for i = 0, n - 1 do
     local h = redis.call('HMGET', jk, 'scope', 'seq')
     if h[1] and h[2] then advance(h[1], tonumber(h[2])) end
     redis.call('DEL', jk .. ':steps', jk .. ':written')
-    redis.call('HDEL', jk, 'error', 'error_type', 'results', 'counts', 'relations', 'stage', 'waiting', 'deferrals')
+    redis.call('HDEL', jk, 'error', 'error_type', 'results', 'counts', 'relations', 'images', 'warnings', 'stage', 'waiting', 'deferrals')
     for _, stage in ipairs({'caption', 'extract', 'decide', 'write_vectors', 'write_graph'}) do
       redis.call('PERSIST', jk .. ':stage:' .. stage)
     end
@@ -167,7 +167,7 @@ return 'ok'
 """
 
 # ARGV: id, now, status, results, counts, relations, error, error type, stage label, ttl (s), terminal ('1'/'0'),
-#       then an optional (queue, message) to push (a retry of a partial job's write)
+#       images, warnings (JSON), then an optional (queue, message) to push (a retry of a partial job's write)
 FINISH = ADVANCE + """
 local id, now, status, ttl, terminal = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[10]), ARGV[11] == '1'
 local jk = 'memq:job:' .. id
@@ -179,6 +179,8 @@ if ARGV[4] ~= '' then
   fields[#fields + 1] = 'results'; fields[#fields + 1] = ARGV[4]
   fields[#fields + 1] = 'counts'; fields[#fields + 1] = ARGV[5]
   fields[#fields + 1] = 'relations'; fields[#fields + 1] = ARGV[6]
+  fields[#fields + 1] = 'images'; fields[#fields + 1] = ARGV[12]
+  fields[#fields + 1] = 'warnings'; fields[#fields + 1] = ARGV[13]
 end
 if ARGV[7] ~= '' then
   fields[#fields + 1] = 'error'; fields[#fields + 1] = ARGV[7]
@@ -189,7 +191,7 @@ end
 redis.call('HSET', jk, unpack(fields))
 redis.call('HDEL', jk, 'waiting')
 if h[2] and h[3] then advance(h[2], tonumber(h[3])) end
-if ARGV[12] then redis.call('LPUSH', ARGV[12], ARGV[13]) end
+if ARGV[14] then redis.call('LPUSH', ARGV[14], ARGV[15]) end
 if terminal then
   local keys = {jk, jk .. ':request', jk .. ':steps', jk .. ':written'}
   for _, stage in ipairs({'caption', 'extract', 'decide', 'write_vectors', 'write_graph'}) do

@@ -108,8 +108,16 @@ def run_demo(data: Path, conversation: str, questions: int, workdir: Path, conso
             for s in statuses:
                 for k, v in s.counts.items():
                     events[k] = events.get(k, 0) + v
+            images: dict[str, int] = {"supplied": 0, "model": 0, "cached": 0, "dropped": 0}
+            for s in statuses:
+                for k, v in s.images.items():
+                    images[k] = images.get(k, 0) + v
             ok = sum(s.status.value == "succeeded" for s in statuses)
             console.print(f"jobs: {ok}/{len(statuses)} succeeded in {backfill_s:.1f} s; events: {events}")
+            console.print(f"images: {sum(images.values())} described in text: {images['supplied']} by the caption "
+                          f"sent with them, {images['model']} by the vision model, {images['cached']} from the "
+                          f"caption cache; {images['dropped']} dropped"
+                          + ("" if settings.vision.model else " (no vision model: MEMQ_VISION__MODEL unset)"))
             for s in statuses:
                 if s.status.value != "succeeded":
                     console.print(f"[red]{s.job_id}: {s.status.value} {s.error_type}: {s.error}[/]")
@@ -148,7 +156,8 @@ def run_demo(data: Path, conversation: str, questions: int, workdir: Path, conso
         p95 = sorted(latencies)[int(0.95 * (len(latencies) - 1))]
         summary = {
             "conversation": conversation, "jobs": len(statuses), "succeeded": ok, "events": events,
-            "memories": memories, "backfill_wall_s": round(backfill_s, 1),
+            "memories": memories, "images": images, "caption_cache_hits": images["cached"],
+            "image_warnings": sum(len(s.warnings) for s in statuses), "backfill_wall_s": round(backfill_s, 1),
             "total_wall_s": round(time.monotonic() - started, 1),
             "qa_questions": len(qa), "evidence_recall_at_10": round(hits / max(1, len(qa)), 3),
             "search_ms_p50": round(p50, 1), "search_ms_p95": round(p95, 1),

@@ -119,12 +119,18 @@ def _follow(producer: Producer, receipts: list[Receipt], timeout_s: float) -> No
                                  on_progress=lambda done, total: progress.update(task, completed=done))
     by_state: dict[str, int] = {}
     events: dict[str, int] = {}
+    images: dict[str, int] = {}
     for s in statuses:
         by_state[s.status.value] = by_state.get(s.status.value, 0) + 1
         for event, n in s.counts.items():
             events[event] = events.get(event, 0) + n
+        for source, n in s.images.items():
+            images[source] = images.get(source, 0) + n
     console.print("jobs: " + ", ".join(f"{k} {v}" for k, v in sorted(by_state.items())))
     console.print("events: " + ", ".join(f"{k} {v}" for k, v in events.items()))
+    if any(images.values()):
+        console.print("images: " + ", ".join(f"{k} {v}" for k, v in images.items())
+                      + f" (warnings: {sum(len(s.warnings) for s in statuses)}; `memq status JOB_ID` shows them)")
     failed = [s for s in statuses if s.status.value == "failed"]
     for s in failed[:10]:
         console.print(f"[red]failed {s.job_id}: {s.error_type}: {s.error}[/]")

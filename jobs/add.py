@@ -66,10 +66,31 @@ def start(job_id: str, c: Clients) -> Transition:
 
 
 def caption(job_id: str, c: Clients) -> Transition:
-    """Images in messages become text (`pipeline.caption`); then extract."""
+    """Images in messages become text (`pipeline.caption`): supplied captions, the shared caption cache,
+    then one vision call for the job's remaining images; then extract.
+
+    Raises:
+        LLMUnavailable, RateLimited, LLMOutputError: from the vision model.
+        StageBusy: another delivery of this stage, or another job's caption of the same image, is
+            being computed (re-queued, not an attempt).
+    """
     if c.ledger.meta(job_id).finished:
         return Skip("finished")
-    out = c.ledger.output(job_id, "caption", CaptionedMessages) or caption_stage.caption(c.ledger.job(job_id))
+    out = c.ledger.output(job_id, "caption", CaptionedMessages)
+    if out is None:
+        job = c.ledger.job(job_id)
+
+        def run() -> CaptionedMessages:
+            return caption_stage.caption(job, vision=c.vision, cache=c.captions, settings=c.settings.vision,
+                                         fetch=c.fetch, lease_s=_lease_s(c))
+
+        if not caption_stage.needs_model(job, c.vision):
+            out = run()
+        else:
+            with c.ledger.computing(job_id, "caption", ttl_s=_lease_s(c)) as mine:
+                if not mine:
+                    raise StageBusy("another delivery is captioning", retry_after_s=BUSY_WAIT_S, job_id=job_id)
+                out = run()
     return Advance("caption", out, (Next(EXTRACT),))
 
 
@@ -237,9 +258,13 @@ def _published(job_id: str, c: Clients, state: JobState, *, error: BaseException
     job = c.ledger.job(job_id)
     plan = _stored_plan(c, job_id)
     extracted = c.ledger.output(job_id, "extract", ExtractedFacts)
-    usage = (extracted.usage if extracted is not None else LLMUsage()) + plan.usage
+    captioned = c.ledger.output(job_id, "caption", CaptionedMessages)
+    usage = ((captioned.usage if captioned is not None else LLMUsage())
+             + (extracted.usage if extracted is not None else LLMUsage()) + plan.usage)
     relations = [r.triple() for r in (plan.graph.relations if plan.graph else [])]
     return Finished(state, job, results=finalize_stage.results(plan), counts=finalize_stage.event_counts(plan),
                     relations=relations, history=finalize_stage.history_rows(job, plan), error=error,
                     stage=stage if state is JobState.PARTIAL else "done", then=then, llm_calls=usage.calls,
-                    prompt_tokens=usage.prompt_tokens)
+                    prompt_tokens=usage.prompt_tokens,
+                    images=captioned.images.as_dict() if captioned is not None else {},
+                    warnings=tuple(captioned.warnings) if captioned is not None else ())

@@ -9,7 +9,9 @@ from broker.jobstore import JobStore
 from broker.ratelimit import RateLimiter
 from jobs.ledger import JobLedger
 from memq.config import Settings
+from pipeline.caption import Fetch
 from pipeline.llm import LLM
+from stores.caption_cache import CaptionCache
 from stores.embedder import Embedder, get_embedder
 from stores.graph import GraphStore, open_graph_store
 from stores.history import HistoryStore, open_history_store, sql_engine
@@ -32,6 +34,10 @@ class Clients:
         ledger: job records in Redis and SQL (rides out a Redis restart of up to
             ``jobs.broker_outage_s`` seconds).
         graph: the Neo4j graph store, or None when graph memory is off (no ``MEMQ_NEO4J__URI``).
+        vision: the caption stage's vision model, or None (``MEMQ_VISION__MODEL`` unset: supplied
+            captions only).
+        captions: the shared caption cache (Redis).
+        fetch: downloads http(s) images for the vision model (``MEMQ_VISION__FETCH``), or None.
     """
 
     settings: Settings
@@ -41,6 +47,9 @@ class Clients:
     llm: LLM
     ledger: JobLedger
     graph: GraphStore | None = None
+    vision: LLM | None = None
+    captions: CaptionCache | None = None
+    fetch: Fetch | None = None
 
     @property
     def records(self) -> RecordStore:
@@ -73,15 +82,25 @@ def build_clients(settings: Settings) -> Clients:
                                      socket_timeout_s=settings.redis.socket_timeout_s,
                                      outage_s=settings.jobs.broker_outage_s)
             history = open_history_store(settings.history.url)
+            limiter = RateLimiter(jobs.client)
+            vision_llm = settings.vision.llm_settings()
+            fetch: Fetch | None = None
+            if settings.vision.fetch:
+                from stores.image_fetch import ImageFetcher
+
+                fetch = ImageFetcher(settings.vision).fetch
             clients = Clients(
                 settings=settings,
                 embedder=embedder,
                 vectors=open_vector_store(settings.qdrant, embedder.dims, role="owner",
                                           redis_url=settings.redis.url),
                 history=history,
-                llm=LLM(settings.llm, embedder=embedder, limiter=RateLimiter(jobs.client)),
+                llm=LLM(settings.llm, embedder=embedder, limiter=limiter),
                 ledger=JobLedger(jobs, RecordStore(sql_engine(settings.history.url)), history),
                 graph=open_graph_store(settings.neo4j),
+                vision=LLM(vision_llm, limiter=limiter, budget=f"vision:{vision_llm.model}") if vision_llm else None,
+                captions=CaptionCache(jobs.client, ttl_s=settings.vision.cache_ttl_s),
+                fetch=fetch,
             )
             _clients[settings] = clients
         return clients

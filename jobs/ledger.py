@@ -126,7 +126,8 @@ class JobLedger:
                 self.records.dead_letter(change.job, stage=change.stage, error=change.error, attempts=change.attempts)
         outcome = self.jobs.finish(job_id, change.state, results=change.results, counts=change.counts,
                                    relations=change.relations, error=change.error, stage=change.stage,
-                                   then=change.then, parent_id=parent_id)
+                                   then=change.then, parent_id=parent_id, images=change.images,
+                                   warnings=change.warnings)
         if outcome == "ok":
             self._log(job_id, change)
         return outcome
@@ -139,5 +140,6 @@ class JobLedger:
             logger.warning("job %s failed in %s: %s", job_id, change.stage,
                            describe(change.error) if change.error is not None else "?")
             return
-        logger.info("job %s %s events=%s llm_calls=%d prompt_tokens=%d duration_ms=%.0f", job_id,
-                    change.state.value, change.counts, change.llm_calls, change.prompt_tokens, waited_ms)
+        logger.info("job %s %s events=%s images=%s warnings=%d llm_calls=%d prompt_tokens=%d duration_ms=%.0f",
+                    job_id, change.state.value, change.counts, change.images or {}, len(change.warnings),
+                    change.llm_calls, change.prompt_tokens, waited_ms)

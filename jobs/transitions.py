@@ -102,6 +102,8 @@ class Finished:
         attempts: attempts made by the failing task (kept in the dead letter).
         then: a task to queue as well (the retried write of a partial job).
         llm_calls, prompt_tokens: the job's model usage, for the outcome's log line.
+        images: how the job's images were described (`pipeline.types.ImageCounts.as_dict`).
+        warnings: what the job could not use (a dropped image), for its result.
     """
 
     state: JobState
@@ -116,6 +118,8 @@ class Finished:
     then: Next | None = None
     llm_calls: int = 0
     prompt_tokens: int = 0
+    images: dict[str, int] = field(default_factory=dict)
+    warnings: Sequence[str] = ()
 
 
 @dataclass(frozen=True)

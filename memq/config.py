@@ -6,6 +6,7 @@ Nested groups use ``__`` as the delimiter, e.g. ``MEMQ_REDIS__URL``, ``MEMQ_QDRA
 
 from __future__ import annotations
 
+import ipaddress
 from functools import lru_cache
 from pathlib import Path
 
@@ -86,6 +87,59 @@ class LLMSettings(_Group):
                            "(60: a whole minute, as most providers allow; a few seconds for sliding windows).")
 
 
+class VisionSettings(_Group):
+    """The vision model of the caption stage (images in messages become text), through litellm.
+
+    With no `model`, an image is described only by a caption its message supplies (``caption``/``alt``
+    on the image part); an image with neither is dropped and the job's result says so. With `fetch`,
+    memq downloads http(s) images itself and sends their bytes (for providers that cannot fetch URLs).
+    """
+
+    model: str | None = Field(default=None, description="Any litellm vision model (``openai/gpt-4o-mini``); "
+                              "None: supplied captions only.")
+    api_base: str | None = None
+    api_key: SecretStr | None = None
+    timeout_s: float = 60.0
+    max_tokens: int = Field(default=1000, gt=0, description="Reply tokens of one captioning call.")
+    rpm: int | None = Field(default=None, gt=0, description="Requests per minute for the vision model, its own "
+                            "budget in the shared limiter (apart from `llm`'s even for the same model name).")
+    tpm: int | None = Field(default=None, gt=0, description="Tokens per minute for the vision model (shared limiter).")
+    burst_s: float = Field(default=60.0, gt=0, le=60)
+    max_images_per_call: int = Field(default=8, gt=0, le=50, description="Images described in one request "
+                                     "(1 for providers that take one image per request).")
+    max_caption_chars: int = Field(default=600, gt=0, description="A model caption longer than this is cut.")
+    cache_ttl_s: int = Field(default=30 * 24 * 3600, gt=0, description="How long a model caption stays in the "
+                             "shared cache (Redis), keyed by the image's bytes or URL and the model.")
+    fetch: bool = Field(default=False, description="Download http(s) images and send their bytes (never for "
+                        "loopback, private, link-local or metadata addresses).")
+    fetch_timeout_s: float = Field(default=10.0, gt=0, description="Whole download of one image (seconds).")
+    fetch_max_bytes: int = Field(default=5_000_000, gt=0, description="Largest image downloaded (bytes).")
+    fetch_max_redirects: int = Field(default=3, ge=0, description="Redirects followed, each target checked again.")
+    allow_networks: tuple[str, ...] = Field(default=(), description="CIDR networks (``10.8.0.0/16``) of the "
+                                      "operator's own image hosts: allowed despite being private (metadata "
+                                      "addresses never are).")
+
+    @model_validator(mode="after")
+    def _networks(self) -> VisionSettings:
+        import ipaddress
+
+        for net in self.allow_networks:
+            ipaddress.ip_network(net, strict=False)  # ValueError names the bad value
+        return self
+
+    @property
+    def networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        """`allow_networks` parsed."""
+        return tuple(ipaddress.ip_network(n, strict=False) for n in self.allow_networks)
+
+    def llm_settings(self) -> LLMSettings | None:
+        """The model's call settings in the shape `pipeline.llm.LLM` takes; None without a `model`."""
+        if self.model is None:
+            return None
+        return LLMSettings(model=self.model, api_base=self.api_base, api_key=self.api_key, timeout_s=self.timeout_s,
+                           max_tokens=self.max_tokens, rpm=self.rpm, tpm=self.tpm, burst_s=self.burst_s)
+
+
 class EmbedderSettings(_Group):
     """Embedding model: sentence-transformers all-MiniLM-L6-v2 offline by default, or a litellm model."""
 
@@ -123,6 +177,10 @@ class LimitsSettings(_Group):
                     "image's bytes, so this admits a ~1.5 MB image, more than a vision model keeps (they "
                     "downscale to about 2048 px). The request is stored in Redis and re-read by every stage: "
                     "pass bigger images by http(s) URL.")
+    max_image_bytes: int = Field(default=1_500_000, gt=0, description="Decoded bytes of one ``data:`` image "
+                                 "(the producer decodes it and checks its type).")
+    max_caption_chars: int = Field(default=2_000, gt=0, description="Characters of a caption or alt text supplied "
+                                   "on an image part.")
     max_request_chars: int = Field(
         default=200_000, gt=0,
         description="Characters of text in one add: every message's text, name and id, plus the prompt. The "
@@ -165,6 +223,7 @@ class Settings(BaseSettings):
     history: HistorySettings = HistorySettings()
     llm: LLMSettings = LLMSettings()
     embedder: EmbedderSettings = EmbedderSettings()
+    vision: VisionSettings = VisionSettings()
     limits: LimitsSettings = LimitsSettings()
     jobs: JobSettings = JobSettings()
 

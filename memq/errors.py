@@ -72,6 +72,23 @@ class MessageTooLarge(InvalidRequest):
     """A message's text, name, id or an image URL is longer than its limit (characters)."""
 
 
+class InvalidImage(InvalidMessage):
+    """An image part is not an image memq can pass on: a ``data:`` URL whose MIME type is not an image
+    type memq accepts (PNG, JPEG, GIF, WebP), whose payload is not valid base64, or whose bytes do not
+    start with that type's magic bytes (a lying MIME type)."""
+
+
+class ImageTooLarge(MessageTooLarge):
+    """An image is over its byte limit: a ``data:`` URL's decoded size (producer), or a download's size
+    (``MEMQ_VISION__FETCH``)."""
+
+
+class UnsafeImageURL(InvalidMessage):
+    """An image URL memq will not pass to a model or fetch: not http(s) or ``data:``, with credentials,
+    or naming (or, when fetching, resolving to or redirecting to) a loopback, private, link-local,
+    reserved or cloud-metadata address."""
+
+
 class RequestTooLarge(InvalidRequest):
     """An add's text (messages, names, ids, prompt) or its image URLs add up to more than their limit."""
 
@@ -203,6 +220,12 @@ class StageBusy(NotNow):
     """Another delivery of the same stage of the job holds the lease on computing it (a duplicate after
     a restore). By the time it is re-queued, the other delivery has stored the stage's output (reused,
     no model call), or it died and its lease lapsed."""
+
+
+class ImageFetchError(PipelineError):
+    """An image could not be downloaded (``MEMQ_VISION__FETCH``): a refused, timed-out or failed request,
+    a non-image or lying content type, or a body over the size limit. The caption stage drops the image
+    with a warning in the job's result (the text around it is kept)."""
 
 
 class JobFailed(PipelineError):

@@ -65,10 +65,26 @@ class TextPart(_Frozen):
 
 
 class ImagePart(_Frozen):
-    """An image content part (captioned by the vision stage)."""
+    """An image content part, described in text by the caption stage.
+
+    Attributes:
+        image_url: the image (OpenAI's shape: ``{"url": ..., "detail": ...}``).
+        caption: a description the caller already has (LoCoMo's ``blip_caption``): used without a model call.
+        alt: the image's alt text, used like `caption` when there is no caption.
+    """
 
     type: Literal["image_url"] = "image_url"
     image_url: ImageURL
+    caption: str | None = None
+    alt: str | None = None
+
+    @property
+    def supplied_caption(self) -> str | None:
+        """The caller's description of the image (`caption`, else `alt`), or None when both are blank."""
+        for text in (self.caption, self.alt):
+            if text is not None and text.strip():
+                return text.strip()
+        return None
 
 
 ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
@@ -96,9 +112,14 @@ class Message(_Frozen):
     @property
     def images(self) -> list[str]:
         """URLs of the message's image parts."""
+        return [p.image_url.url for p in self.image_parts]
+
+    @property
+    def image_parts(self) -> list[ImagePart]:
+        """The message's image parts, in order."""
         if isinstance(self.content, str):
             return []
-        return [p.image_url.url for p in self.content if isinstance(p, ImagePart)]
+        return [p for p in self.content if isinstance(p, ImagePart)]
 
 
 class Scope(_Frozen):
@@ -218,6 +239,10 @@ class JobStatus(_Frozen):
     results: list[MemoryResult] = Field(default_factory=list)
     relations: list[dict[str, JsonValue]] = Field(default_factory=list)
     counts: dict[str, int] = Field(default_factory=dict, description="Events per kind, NONE included.")
+    images: dict[str, int] = Field(default_factory=dict, description="Images by how they were described: "
+                                   "supplied, model, cached, dropped (see `pipeline.types.ImageCounts`).")
+    warnings: list[str] = Field(default_factory=list, description="What the job could not use (a dropped image); "
+                                "never user text.")
 
     @property
     def done(self) -> bool:

@@ -26,6 +26,8 @@ Rules:
 when given, never "I" or "me").
 - Resolve relative dates ("yesterday", "last week") against the conversation date when one is given.
 - Skip greetings, small talk, questions without an answer, and anything the assistant merely suggested.
+- Text in [image: ...] describes an image the speaker shared; a fact about it says so ("Ann shared a \
+photo of her new bike").
 - Write facts in the language of the conversation.
 - If nothing is worth remembering, return an empty list."""
 

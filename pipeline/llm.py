@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import tenacity
@@ -63,6 +65,26 @@ def parse_reply(text: str, model: type[M]) -> M:
         raise LLMOutputError(f"reply does not fit {model.__name__}: {exc.error_count()} errors", reply=text) from None
 
 
+IMAGE_TOKENS_ESTIMATE = 765
+"""Tokens one image is assumed to cost before the provider says (OpenAI's count for a 1024 px image at
+``detail=high``; ``low`` is 85): used only for the shared limiter's estimate."""
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """An image sent with the user prompt.
+
+    Attributes:
+        label: text placed just before the image (``"Image 2:"``), so the reply can refer to it.
+        url: an http(s) URL or a ``data:`` URL.
+        detail: OpenAI's ``low``/``high``/``auto``, or None for the provider's default.
+    """
+
+    label: str
+    url: str
+    detail: str | None = None
+
+
 class LLM:
     """A JSON-mode chat model behind litellm.
 
@@ -71,23 +93,28 @@ class LLM:
             and the model's shared budget (``rpm``, ``tpm``).
         embedder: the embedder the offline model's decider uses (the worker's); None loads the default.
         limiter: the shared rate limiter (Redis); None calls without a budget.
+        budget: the limiter's name for this model's budget (default: the model string); the vision
+            model uses ``vision:<model>`` so captioning never eats the extraction budget.
     """
 
     def __init__(self, settings: LLMSettings, *, embedder: Embedder | None = None,
-                 limiter: RateLimiter | None = None) -> None:
+                 limiter: RateLimiter | None = None, budget: str | None = None) -> None:
         self.settings = settings
+        self.budget = budget or settings.model
         self._limiter = limiter if (settings.rpm or settings.tpm) else None
         self._litellm = import_litellm()
         if settings.model.startswith(OFFLINE_PROVIDER + "/"):
             _register_offline_provider(embedder)
 
-    def complete_json(self, system: str, user: str, response_model: type[M]) -> tuple[M, LLMUsage]:
+    def complete_json(self, system: str, user: str, response_model: type[M], *,
+                      images: Sequence[ImageInput] = ()) -> tuple[M, LLMUsage]:
         """One chat completion in JSON mode, parsed into `response_model`.
 
         Args:
             system: system prompt.
             user: user prompt.
             response_model: the pydantic model the reply must fit.
+            images: images sent after the user prompt, each after its label (a vision model's call).
 
         Returns:
             The parsed reply and the call's usage (1 call, tokens as reported).
@@ -99,28 +126,35 @@ class LLM:
             LLMOutputError: the reply does not fit `response_model` after one repair.
         """
         s = self.settings
-        estimate = (len(system) + len(user)) // 4 + min(s.max_tokens, 512)
+        estimate = ((len(system) + len(user) + sum(len(i.label) for i in images)) // 4
+                    + IMAGE_TOKENS_ESTIMATE * len(images) + min(s.max_tokens, 512))
         if self._limiter is not None:
-            wait_s = self._limiter.acquire(s.model, rpm=s.rpm, tpm=s.tpm, tokens=estimate, burst_s=s.burst_s)
+            wait_s = self._limiter.acquire(self.budget, rpm=s.rpm, tpm=s.tpm, tokens=estimate, burst_s=s.burst_s)
             if wait_s > 0:
-                raise RateLimited(f"no budget for {s.model} yet", retry_after_s=wait_s)
+                raise RateLimited(f"no budget for {self.budget} yet", retry_after_s=wait_s)
+        content: str | list[dict[str, Any]] = user
+        if images:
+            content = [{"type": "text", "text": user}]
+            for image in images:
+                url: dict[str, str] = {"url": image.url, **({"detail": image.detail} if image.detail else {})}
+                content += [{"type": "text", "text": image.label}, {"type": "image_url", "image_url": url}]
         try:
-            response = self._call(system, user)
+            response = self._call(system, content)
         except LLMUnavailable as exc:
             if exc.retry_after_s and self._limiter is not None:
-                self._limiter.block(s.model, exc.retry_after_s)
+                self._limiter.block(self.budget, exc.retry_after_s)
             raise
         text = response.choices[0].message.content or ""
         usage = getattr(response, "usage", None)
         spent = LLMUsage(calls=1, prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
                          completion_tokens=getattr(usage, "completion_tokens", 0) or 0)
         if self._limiter is not None and spent.prompt_tokens:
-            self._limiter.record_actual(s.model, tpm=s.tpm, estimated=estimate, burst_s=s.burst_s,
+            self._limiter.record_actual(self.budget, tpm=s.tpm, estimated=estimate, burst_s=s.burst_s,
                                         actual=spent.prompt_tokens + spent.completion_tokens)
         logger.debug("model reply (%s): %s", response_model.__name__, text)
         return parse_reply(text, response_model), spent
 
-    def _call(self, system: str, user: str) -> Any:
+    def _call(self, system: str, user: str | list[dict[str, Any]]) -> Any:
         """One completion attempt; short in-call retries (tenacity) for dropped connections only."""
         s = self.settings
         retrying = tenacity.Retrying(

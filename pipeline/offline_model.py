@@ -9,7 +9,8 @@ What it does (and does not):
 - ``extract_facts``: splits each user message into sentences, keeps those that say something about
   someone (first-person statements, named things, numbers; not questions, greetings or reactions),
   rewrites "I/my/me" to the speaker's name, resolves "yesterday", "last week", "last month", "last year"
-  against the conversation date, and keeps ``[shares <caption>]`` image captions as facts. It does not
+  against the conversation date, and keeps image descriptions (``[image: <caption>]``, written by the
+  caption stage, or ``[shares <caption>]``) as facts ("<speaker> shared <caption>"). It does not
   understand the text: no coreference beyond the speaker, no summarizing, no inference.
 - ``decide_memory_events``: embeds facts and the shown memories with the configured sentence embedder;
   a fact nearly identical to a memory (cosine >= `NONE_SIMILARITY`) is NONE; a close one (>=
@@ -60,7 +61,7 @@ _STOP = frozenset(
 )
 _FIRST_PERSON = re.compile(r"\b(I|I'm|I've|I'd|I'll|my|My|me|myself|mine|we|We|our|Our|us)\b")
 _NEGATION = re.compile(r"\b(not|no longer|never|n't|don't|doesn't|didn't|isn't|wasn't|stopped|quit)\b", re.I)
-_SHARES = re.compile(r"\[shares? (?P<caption>[^\]]+)\]")
+_SHARES = re.compile(r"\[(?:shares?|image:) (?P<caption>[^\]]+)\]")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 _WORD = re.compile(r"[A-Za-z0-9']+")
 

@@ -25,10 +25,47 @@ class LLMUsage(_Stage):
                         completion_tokens=self.completion_tokens + other.completion_tokens)
 
 
+class ImageCounts(_Stage):
+    """How the caption stage described a job's images (one count per image part).
+
+    Attributes:
+        supplied: described by the caption or alt text the caller sent with the image (no model call).
+        model: described by a vision model call of this job.
+        cached: described by the shared caption cache (another job's call, or the same image earlier
+            in this job).
+        dropped: not described (no caption and no vision model, or the image could not be read or
+            fetched); the job's warnings say why.
+    """
+
+    supplied: int = 0
+    model: int = 0
+    cached: int = 0
+    dropped: int = 0
+
+    @property
+    def total(self) -> int:
+        """Image parts in the job."""
+        return self.supplied + self.model + self.cached + self.dropped
+
+    def as_dict(self) -> dict[str, int]:
+        """``{"supplied", "model", "cached", "dropped"}``; empty when the job had no image."""
+        return self.model_dump() if self.total else {}
+
+
 class CaptionedMessages(_Stage):
-    """Output of the caption stage: the job's messages with images described in text."""
+    """Output of the caption stage: the job's messages with each image part replaced by a text part
+    ``[image: <description>]`` (or removed when it could not be described).
+
+    Attributes:
+        messages: the messages, text only.
+        images: how the images were described.
+        warnings: one line per dropped image (its position and the reason; never user text).
+        usage: the vision model's calls and tokens.
+    """
 
     messages: list[Message]
+    images: ImageCounts = ImageCounts()
+    warnings: list[str] = Field(default_factory=list)
     usage: LLMUsage = LLMUsage()
 
 

@@ -6,8 +6,10 @@ Two formats:
 one add, in session order, with ``session_N_date_time`` as its `timestamp`. Scope: one ``user_id`` per
 conversation (``<prefix><sample_id>``, e.g. ``locomo-conv-26``). Both speakers are people, so both
 speak as role ``user`` and are told apart by ``name`` (the speaker's name, which becomes the memory's
-``actor_id``); each turn's ``dia_id`` is its message id (provenance), and a shared image's BLIP
-caption is appended to the text as ``[shares <caption>]``.
+``actor_id``); each turn's ``dia_id`` is its message id (provenance). A turn that shares images sends
+each ``img_url`` as an image part carrying the turn's BLIP caption as its ``caption``, so the caption
+stage describes it without a model call; a turn with a caption but no URL keeps the caption as text
+(``[image: <caption>]``).
 
 **JSONL** (one JSON object per line, one add per line)::
 
@@ -79,10 +81,24 @@ def _session_numbers(conversation: dict[str, Any]) -> list[int]:
 
 
 def locomo_turn_text(turn: dict[str, Any]) -> str:
-    """A LoCoMo turn's text, with its image caption appended as ``[shares <caption>]``."""
+    """A LoCoMo turn's text, with its image caption appended as ``[image: <caption>]``."""
     text = str(turn.get("text", "")).strip()
     caption = turn.get("blip_caption")
-    return f"{text} [shares {caption}]" if caption else text
+    return f"{text} [image: {caption}]" if caption else text
+
+
+def locomo_turn_content(turn: dict[str, Any]) -> str | list[dict[str, Any]]:
+    """A LoCoMo turn as message content: its text, then one image part per ``img_url`` with the turn's
+    BLIP caption (or, with no URL, the caption as text); a plain string when the turn shares nothing."""
+    urls = [u for u in turn.get("img_url") or [] if isinstance(u, str) and u.startswith(("http://", "https://", "data:"))]
+    if not urls:
+        return locomo_turn_text(turn)
+    text = str(turn.get("text", "")).strip()
+    caption = turn.get("blip_caption")
+    parts: list[dict[str, Any]] = [{"type": "text", "text": text}] if text else []
+    parts += [{"type": "image_url", "image_url": {"url": url}, **({"caption": caption} if caption else {})}
+              for url in urls]
+    return parts
 
 
 def read_locomo(path: Path, *, conversations: Iterable[str] | None = None, source: str | None = None,
@@ -121,8 +137,8 @@ def read_locomo(path: Path, *, conversations: Iterable[str] | None = None, sourc
         conv = sample["conversation"]
         for n in _session_numbers(conv):
             turns = conv[f"session_{n}"]
-            messages = [{"role": "user", "name": t["speaker"], "id": t["dia_id"], "content": locomo_turn_text(t)}
-                        for t in turns if locomo_turn_text(t)]
+            messages = [{"role": "user", "name": t["speaker"], "id": t["dia_id"], "content": locomo_turn_content(t)}
+                        for t in turns if locomo_turn_content(t)]
             if not messages:
                 continue
             when = parse_locomo_datetime(conv[f"session_{n}_date_time"])

@@ -36,7 +36,8 @@ class Producer:
         Raises:
             InvalidRequest (and its subclasses): the request is bad.
         """
-        return build_job(messages, limits=self.settings.limits, **kwargs)
+        return build_job(messages, limits=self.settings.limits, image_networks=self.settings.vision.networks,
+                         **kwargs)
 
     def _enqueue(self, jobs: Sequence[AddJob]) -> list[Receipt]:
         return [Receipt(job_id=job_id, duplicate=not fresh, scope=job.scope)

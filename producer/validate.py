@@ -23,6 +23,7 @@ from memq.errors import (
     MissingScope,
     RequestTooLarge,
 )
+from memq.images import Network, check_image_url, parse_data_url
 from memq.models import AddJob, ImagePart, Message, Role, TextPart
 from memq.scope import make_scope
 
@@ -108,6 +109,12 @@ def _check_message_sizes(where: str, message: Message, limits: LimitsSettings) -
         if value is not None and len(value) > limit:
             raise MessageTooLarge(f"{where}.{key} has {len(value)} characters; the limit is {limit}",
                                   field=f"{where}.{key}")
+    for j, part in enumerate(message.content if isinstance(message.content, list) else []):
+        for key in ("caption", "alt"):
+            text = getattr(part, key, None)
+            if text is not None and len(text) > limits.max_caption_chars:
+                raise MessageTooLarge(f"{where}.content[{j}].{key} has {len(text)} characters; the limit is "
+                                      f"{limits.max_caption_chars}", field=f"{where}.content[{j}].{key}")
     for url in message.images:
         if len(url) > limits.max_image_url_chars:
             raise MessageTooLarge(f"{where} has an image URL of {len(url)} characters; the limit is "
@@ -128,6 +135,9 @@ def _message_strings(where: str, message: Message) -> list[tuple[str, str]]:
                 found.append((f"{where}.content[{j}].image_url", part.image_url.url))
                 if part.image_url.detail is not None:
                     found.append((f"{where}.content[{j}].image_url", part.image_url.detail))
+                for key in ("caption", "alt"):
+                    if getattr(part, key) is not None:
+                        found.append((f"{where}.content[{j}].{key}", getattr(part, key)))
     if message.name is not None:
         found.append((f"{where}.name", message.name))
     if message.message_id is not None:
@@ -136,7 +146,8 @@ def _message_strings(where: str, message: Message) -> list[tuple[str, str]]:
 
 
 def _check_totals(messages: list[Message], prompt: str | None, limits: LimitsSettings) -> None:
-    text_chars = len(prompt or "") + sum(len(m.text) + len(m.name or "") + len(m.message_id or "") for m in messages)
+    text_chars = len(prompt or "") + sum(len(m.text) + len(m.name or "") + len(m.message_id or "")
+                                         + sum(len(p.supplied_caption or "") for p in m.image_parts) for m in messages)
     if text_chars > limits.max_request_chars:
         raise RequestTooLarge(f"the request holds {text_chars} characters of text (messages, names, ids, prompt); "
                               f"the limit is {limits.max_request_chars}: split it into several adds",
@@ -145,6 +156,21 @@ def _check_totals(messages: list[Message], prompt: str | None, limits: LimitsSet
     if image_chars > limits.max_request_image_url_chars:
         raise RequestTooLarge(f"the request's image URLs hold {image_chars} characters; the limit is "
                               f"{limits.max_request_image_url_chars}: split it into several adds", field="messages")
+
+
+def _check_images(messages: list[Message], limits: LimitsSettings, networks: tuple[Network, ...]) -> None:
+    """Every image URL is a checked image: ``data:`` URLs decoded (type, base64, magic bytes, size),
+    http(s) URLs judged by their text (no DNS lookup here; the fetcher checks resolved addresses)."""
+    for i, message in enumerate(messages):
+        parts = message.content if isinstance(message.content, list) else []
+        for j, part in enumerate(parts):
+            if not isinstance(part, ImagePart):
+                continue
+            where, url = f"messages[{i}].content[{j}].image_url", part.image_url.url
+            if url[:5].lower() == "data:":
+                parse_data_url(url, max_bytes=limits.max_image_bytes, field=where)
+            else:
+                check_image_url(url, field=where, allow=networks)
 
 
 def _check_metadata(metadata: object, limits: LimitsSettings) -> dict[str, Any]:
@@ -192,6 +218,7 @@ def build_job(
     messages: object,
     *,
     limits: LimitsSettings,
+    image_networks: tuple[Network, ...] = (),
     user_id: object = None,
     agent_id: object = None,
     run_id: object = None,
@@ -214,6 +241,8 @@ def build_job(
             optional ``name`` (speaker, at most `max_name_chars`) and ``id`` (provenance id such as
             LoCoMo's ``dia_id``, at most `max_message_id_chars`).
         limits: size limits (characters, bytes, counts).
+        image_networks: private networks whose literal addresses image URLs may name (the operator's own
+            image hosts, ``MEMQ_VISION__ALLOW_NETWORKS``).
         user_id, agent_id, run_id: the scope; at least one, each 1..`max_scope_id_chars` characters.
         metadata: a JSON object (string keys, at most `max_metadata_depth` levels and
             `max_metadata_bytes` as JSON) stored with every memory of the job; reserved keys are refused.
@@ -235,7 +264,12 @@ def build_job(
         InvalidScope: a scope id of the wrong type, empty, too long or not valid text.
         EmptyMessages: no message with text or an image.
         InvalidMessage: bad messages: type, keys, role, content, or a string that is not valid text.
-        MessageTooLarge: a message's text, name, id, part count or image URL over its limit.
+        MessageTooLarge: a message's text, name, id, part count, image URL or supplied caption over its limit.
+        InvalidImage: a ``data:`` image of a type other than PNG/JPEG/GIF/WebP, invalid base64, or bytes
+            that do not match the declared type.
+        ImageTooLarge: a ``data:`` image over `max_image_bytes` decoded.
+        UnsafeImageURL: an image URL that is not http(s)/``data:``, carries credentials, or names a
+            loopback, private, link-local, reserved or metadata host (`memq.images.check_image_url`).
         RequestTooLarge: the text (messages, names, ids, prompt) or the image URLs of the whole add over
             `max_request_chars` or `max_request_image_url_chars`.
         InvalidMetadata: metadata not a JSON object of JSON values, with a reserved key, too deep or too large.
@@ -254,6 +288,7 @@ def build_job(
     if memory_type == "procedural_memory" and not scope.agent_id:
         raise MissingScope("procedural_memory needs an agent_id", field="agent_id")
     _check_totals(checked, prompt if isinstance(prompt, str) else None, limits)
+    _check_images(checked, limits, image_networks)
     return AddJob(
         job_id=str(uuid.uuid4()),  # random, never derived from caller strings (ids of memories derive from it)
         scope=scope,

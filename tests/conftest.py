@@ -3,6 +3,8 @@ real Celery worker (thread pool, in this process) consuming from that Redis.
 
 The worker's model is ``openai/test-model`` at the LLM test server, reached by litellm over HTTP; with
 no scripted reply the server answers with memq's offline heuristic, so tests script only what they check.
+Its vision model is ``openai/test-vision`` at the same server, which describes images by
+`LLMTestServer.image_captions`.
 A missing ``redis-server`` skips on a laptop and fails in CI (``CI`` set).
 """
 
@@ -82,6 +84,10 @@ def settings(redis_server: RedisServer, llm_server: LLMTestServer, neo4j_server:
         "MEMQ_LLM__API_BASE": llm_server.url,
         "MEMQ_LLM__API_KEY": "test-key",
         "MEMQ_LLM__TIMEOUT_S": "4",
+        "MEMQ_VISION__MODEL": "openai/test-vision",
+        "MEMQ_VISION__API_BASE": llm_server.url,
+        "MEMQ_VISION__API_KEY": "test-key",
+        "MEMQ_VISION__TIMEOUT_S": "4",
         "MEMQ_JOBS__RETRY_BACKOFF_MAX_S": "8",
     }
     saved = {k: os.environ.get(k) for k in env}

@@ -28,7 +28,11 @@ def test_locomo_sessions_become_adds_in_chronological_order() -> None:
     assert first["messages"][0] == {"role": "user", "name": "Caroline", "id": "D1:1",
                                     "content": "Hey Mel! Good to see you! How have you been?"}
     shared = next(m for m in first["messages"] if m["id"] == "D1:5")
-    assert shared["content"].endswith("[shares a photo of a dog walking past a wall with a painting of a woman]")
+    assert shared["content"] == [
+        {"type": "text", "text": "The transgender stories were so inspiring! I was so happy and thankful for all "
+                                 "the support."},
+        {"type": "image_url", "image_url": {"url": "https://i.redd.it/l7hozpetnhlb1.jpg"},
+         "caption": "a photo of a dog walking past a wall with a painting of a woman"}]
     assert sum(len(i.request["messages"]) for i in items) == 419
 
 

@@ -16,6 +16,8 @@ from memq.config import LimitsSettings, RedisSettings, Settings
 from memq.errors import (
     BrokerUnavailable,
     EmptyMessages,
+    ImageTooLarge,
+    InvalidImage,
     InvalidMessage,
     InvalidMetadata,
     InvalidOption,
@@ -25,6 +27,7 @@ from memq.errors import (
     MessageTooLarge,
     MissingScope,
     RequestTooLarge,
+    UnsafeImageURL,
 )
 from cli.redis_server import RedisServer
 from producer import Producer
@@ -37,7 +40,7 @@ HEAVY = ("litellm", "qdrant_client", "qdrant_edge", "neo4j", "torch", "sentence_
 def quiet_db(redis_server: RedisServer) -> Iterator[tuple[Producer, redis.Redis]]:
     """A producer on a Redis database no worker reads, with small size limits, and a client to inspect it."""
     limits = LimitsSettings(max_message_chars=200, max_request_chars=1_000, max_image_url_chars=2_000,
-                            max_request_image_url_chars=3_000)
+                            max_request_image_url_chars=3_000, max_image_bytes=1_000)
     with quiet_producer(redis_server.url, limits=limits) as pair:
         yield pair
 
@@ -52,6 +55,10 @@ def test_importing_the_producer_loads_no_model_vector_or_graph_library() -> None
 
 def _image(data: str) -> dict[str, Any]:
     return {"type": "image_url", "image_url": {"url": "data:image/png;base64," + data}}
+
+
+def _url(url: str) -> dict[str, Any]:
+    return {"type": "image_url", "image_url": {"url": url}}
 
 
 def _nested(levels: int) -> dict[str, Any]:
@@ -135,6 +142,29 @@ BAD_REQUESTS: list[tuple[str, Any, dict[str, Any], type[InvalidRequest]]] = [
     ("role that is not a string", [{"role": ["user"], "content": "hi"}], {"user_id": "u"}, InvalidMessage),
     ("infer that is not a bool", "I like tea", {"user_id": "u", "infer": "yes"}, InvalidOption),
     ("unknown memory type", "I like tea", {"user_id": "u", "memory_type": "semantic"}, InvalidOption),
+    # hostile images: refused before anything is enqueued, and never fetched
+    *[(f"image URL {url}", [{"role": "user", "content": [_url(url)]}], {"user_id": "u"}, UnsafeImageURL) for url in (
+        "http://127.0.0.1:6379/x.png", "http://localhost/x.png", "http://[::1]/x.png", "http://2130706433/x.png",
+        "http://0x7f.0.0.1/x.png", "http://[::ffff:169.254.169.254]/", "http://169.254.169.254/latest/meta-data/",
+        "http://metadata.google.internal/computeMetadata/v1/", "http://10.1.2.3/x.png", "http://192.168.1.1/x.png",
+        "file:///etc/passwd", "ftp://example.com/x.png", "gopher://example.com/", "http://user:pw@example.com/x.png",
+        "javascript:alert(1)")],
+    ("data: URL claiming PNG but holding HTML", [{"role": "user", "content": [
+        _image(base64.b64encode(b"<html><script>x()</script></html>").decode())]}], {"user_id": "u"}, InvalidImage),
+    ("data: URL claiming PNG but holding a JPEG", [{"role": "user", "content": [
+        _image(base64.b64encode(b"\xff\xd8\xff\xe0" + bytes(40)).decode())]}], {"user_id": "u"}, InvalidImage),
+    ("data: URL of type text/html", [{"role": "user", "content": [
+        _url("data:text/html;base64," + base64.b64encode(b"<b>hi</b>").decode())]}], {"user_id": "u"}, InvalidImage),
+    ("data: URL of type image/svg+xml", [{"role": "user", "content": [
+        _url("data:image/svg+xml;base64," + base64.b64encode(b"<svg/>").decode())]}], {"user_id": "u"}, InvalidImage),
+    ("data: URL that is not base64", [{"role": "user", "content": [_image("not*base64!")]}], {"user_id": "u"},
+     InvalidImage),
+    ("data: URL over the decoded size limit", [{"role": "user", "content": [
+        _image(base64.b64encode(b"\x89PNG\r\n\x1a\n" + bytes(1_200)).decode())]}], {"user_id": "u"}, ImageTooLarge),
+    ("caption over its limit", [{"role": "user", "content": [
+        {**_url("https://example.com/x.png"), "caption": "c" * 2_001}]}], {"user_id": "u"}, MessageTooLarge),
+    ("caption that is not a string", [{"role": "user", "content": [
+        {**_url("https://example.com/x.png"), "caption": 3}]}], {"user_id": "u"}, InvalidMessage),
 ]
 
 
@@ -215,3 +245,17 @@ def test_the_producer_raises_broker_unavailable_when_redis_is_down() -> None:
     # When an add is attempted, Then it fails loudly
     with pytest.raises(BrokerUnavailable):
         producer.add("I like tea", user_id="u")
+
+
+def test_real_images_pass_the_checks(quiet_db: tuple[Producer, redis.Redis]) -> None:
+    producer, client = quiet_db
+    png = base64.b64encode(b"\x89PNG\r\n\x1a\n" + bytes(100)).decode()
+    gif = base64.b64encode(b"GIF89a" + bytes(50)).decode()
+    webp = base64.b64encode(b"RIFF\x00\x00\x00\x00WEBPVP8 " + bytes(40)).decode()
+    receipt = producer.add([{"role": "user", "content": [
+        _image(png), _url("data:image/gif;base64," + gif), _url("data:image/webp;base64," + webp),
+        {**_url("https://i.redd.it/l7hozpetnhlb1.jpg"), "caption": "a photo of a mural"},
+        {"type": "image_url", "image_url": {"url": "http://93.184.215.14/a.jpg", "detail": "low"}, "alt": "a dog"}]}],
+        user_id="u")
+    assert producer.status(receipt.job_id, user_id="u").status.value == "queued"
+    assert client.llen("memq.light") == 1

@@ -46,8 +46,39 @@ class Reply:
     raw_body: bytes | None = None
 
 
-def _completion(content: str, model: str, prompt_chars: int) -> dict[str, Any]:
-    prompt_tokens, completion_tokens = prompt_chars // 4, len(content) // 4
+IMAGE_TOKENS = {"low": 85}
+"""Prompt tokens the server counts per image, by ``detail`` (OpenAI's counts: 85 at ``low``, 765 for a
+1024 px image otherwise)."""
+IMAGE_TOKENS_DEFAULT = 765
+
+
+def prompt_tokens(messages: list[dict[str, Any]]) -> int:
+    """Prompt tokens as the server counts them: text at 4 characters a token, images by `IMAGE_TOKENS`."""
+    chars, tokens = 0, 0
+    for m in messages:
+        content = m.get("content", "")
+        parts: list[dict[str, Any]] = (content if isinstance(content, list)
+                                       else [{"type": "text", "text": str(content)}])
+        for part in parts:
+            if part.get("type") == "image_url":
+                detail = (part.get("image_url") or {}).get("detail")
+                tokens += IMAGE_TOKENS.get(str(detail), IMAGE_TOKENS_DEFAULT)
+            else:
+                chars += len(str(part.get("text", "")))
+    return tokens + chars // 4
+
+
+def image_urls(body: dict[str, Any]) -> list[str]:
+    """The image URLs of a chat request's last user message, in order (empty for a text-only call)."""
+    user: dict[str, Any] = next((m for m in reversed(body.get("messages", [])) if m.get("role") == "user"), {})
+    content = user.get("content")
+    if not isinstance(content, list):
+        return []
+    return [str((p.get("image_url") or {}).get("url", "")) for p in content if p.get("type") == "image_url"]
+
+
+def _completion(content: str, model: str, tokens_in: int) -> dict[str, Any]:
+    prompt_tokens, completion_tokens = tokens_in, len(content) // 4
     return {
         "id": f"chatcmpl-test-{time.monotonic_ns()}", "object": "chat.completion", "created": int(time.time()),
         "model": model,
@@ -81,6 +112,9 @@ class LLMTestServer:
     Attributes:
         requests: every chat request body received (parsed JSON), in order, including rate-limited ones.
         rate_limited: how many 429s were sent because of `rpm_limit` (scripted 429s not counted).
+        image_captions: what the server "sees" in an image, by URL (a vision call about an image not
+            listed gets ``"a photo numbered <first 8 hex of the URL's sha256>"``).
+        vision_requests: the image URLs of every vision call (a chat request with image parts), in order.
     """
 
     def __init__(self, default: Callable[[str], str] | None = None, *, latency_s: float = 0.0,
@@ -95,6 +129,8 @@ class LLMTestServer:
         self.requests: list[dict[str, Any]] = []
         self.embedding_requests: list[dict[str, Any]] = []
         self.rate_limited = 0
+        self.image_captions: dict[str, str] = {}
+        self.vision_requests: list[list[str]] = []
         self._window: deque[float] = deque()  # monotonic times (s) of accepted chat requests, last 60 s
         self._script: deque[Reply] = deque()
         self._lock = threading.Lock()
@@ -124,6 +160,7 @@ class LLMTestServer:
             self._script.clear()
             self.requests.clear()
             self.embedding_requests.clear()
+            self.vision_requests.clear()
             self._window.clear()
             self.rate_limited = 0
 
@@ -155,8 +192,17 @@ class LLMTestServer:
                 return limited
             if self._script:
                 return self._script.popleft()
+            urls = image_urls(body)
+            if urls:
+                self.vision_requests.append(urls)
+                return Reply(content=json.dumps({"captions": [{"image": n, "caption": self._sees(url)}
+                                                              for n, url in enumerate(urls)]}))
         user = next((m.get("content", "") for m in reversed(body.get("messages", [])) if m.get("role") == "user"), "")
         return Reply(content=self.default(str(user)) if self.default else "{}")
+
+    def _sees(self, url: str) -> str:
+        """The caption of an image (the caller holds `_lock`)."""
+        return self.image_captions.get(url) or f"a photo numbered {hashlib.sha256(url.encode()).hexdigest()[:8]}"
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         server = self
@@ -205,8 +251,8 @@ class LLMTestServer:
                     error = {"error": {"message": f"scripted {reply.status}", "type": "test", "code": reply.status}}
                     self._send(reply.status, json.dumps(error).encode(), reply.headers)
                 else:
-                    chars = sum(len(str(m.get("content", ""))) for m in body.get("messages", []))
-                    payload = _completion(reply.content, str(body.get("model", "test-model")), chars)
+                    payload = _completion(reply.content, str(body.get("model", "test-model")),
+                                          prompt_tokens(body.get("messages", [])))
                     self._send(200, json.dumps(payload).encode(), reply.headers)
 
         return Handler

@@ -1,0 +1,87 @@
+"""The caption cache: a vision model's description of an image, shared by every worker through Redis.
+
+Keys are `memq.images.image_key` digests (the model and the image's bytes or URL), so the same image
+in a backfill costs one model call however many jobs and workers meet it. A short lease per image
+lets only one worker describe an image at a time: another job meeting it meanwhile waits and reads the
+cached caption instead of asking the model too.
+
+Only model captions are cached. A caption a caller supplied with the image is that caller's word and
+is never shared with other tenants (one tenant must not be able to label another's images).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+
+import redis
+
+__all__ = ["CaptionCache"]
+
+PREFIX = "memq:caption:"
+LEASE_PREFIX = "memq:caption-lease:"
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class CaptionCache:
+    """Model captions by image key, in Redis.
+
+    Args:
+        client: a `redis.Redis` client (``decode_responses=False``).
+        ttl_s: how long a caption stays cached (seconds).
+    """
+
+    def __init__(self, client: redis.Redis, *, ttl_s: int) -> None:
+        self._r = client
+        self._ttl_s = ttl_s
+        self._release = client.register_script(_RELEASE)
+
+    def get_many(self, keys: Sequence[str]) -> dict[str, str]:
+        """The cached captions of `keys` (missing keys left out), in one round trip.
+
+        Raises:
+            redis.RedisError: Redis is unreachable.
+        """
+        if not keys:
+            return {}
+        values: list[bytes | str | None] = self._r.mget([PREFIX + k for k in keys])
+        return {k: v.decode() if isinstance(v, bytes) else v for k, v in zip(keys, values) if v is not None}
+
+    def put_many(self, captions: dict[str, str]) -> None:
+        """Cache `captions` (key -> caption) for `ttl_s` seconds, in one round trip."""
+        if not captions:
+            return
+        pipe = self._r.pipeline(transaction=False)
+        for key, caption in captions.items():
+            pipe.set(PREFIX + key, caption.encode(), ex=self._ttl_s)
+        pipe.execute()
+
+    def lease(self, keys: Sequence[str], *, ttl_s: float) -> tuple[dict[str, str], list[str]]:
+        """Take the right to describe each image of `keys` (one worker at a time per image).
+
+        Args:
+            keys: image keys not found in the cache.
+            ttl_s: seconds after which a lease lapses by itself (its holder died).
+
+        Returns:
+            ``(mine, theirs)``: the leases taken (key -> token, for `release`), and the keys another
+            worker is describing right now.
+        """
+        if not keys:
+            return {}, []
+        tokens = {k: uuid.uuid4().hex for k in keys}
+        pipe = self._r.pipeline(transaction=False)
+        for key, token in tokens.items():
+            pipe.set(LEASE_PREFIX + key, token, nx=True, px=max(1, int(ttl_s * 1000)))
+        taken = pipe.execute()
+        mine = {k: t for (k, t), ok in zip(tokens.items(), taken) if ok}
+        return mine, [k for k in keys if k not in mine]
+
+    def release(self, leases: dict[str, str]) -> None:
+        """Give back leases taken with `lease` (a lease another worker took after ours lapsed is kept)."""
+        for key, token in leases.items():
+            self._release(keys=[LEASE_PREFIX + key], args=[token])
