@@ -184,9 +184,11 @@ def main() -> None:
         vision = LLM(llm_settings, budget=f"vision:{MODEL}")
         cache = CaptionCache(redis.Redis.from_url(redis_server.url), ttl_s=settings.cache_ttl_s)
         phases: dict[str, tuple[list[dict[str, int]], float]] = {}
-        runs: tuple[tuple[str, Callable[[], tuple[list[dict[str, int]], float]]], ...] = (("memq", lambda: run_memq(jobs, vision, cache, settings)),
-                          ("baseline", lambda: run_baseline(jobs, vision, server, captions)),
-                          ("memq_second_pass", lambda: run_memq(jobs, vision, cache, settings)))
+        Phase = Callable[[], tuple[list[dict[str, int]], float]]
+        runs: tuple[tuple[str, Phase], ...] = (
+            ("memq", lambda: run_memq(jobs, vision, cache, settings)),
+            ("baseline", lambda: run_baseline(jobs, vision, server, captions)),
+            ("memq_second_pass", lambda: run_memq(jobs, vision, cache, settings)))
         for name, run in runs:
             server.reset()  # keeps image_captions
             phases[name] = run()

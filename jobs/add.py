@@ -80,14 +80,18 @@ def caption(job_id: str, c: Clients) -> Transition:
     if out is None:
         job = c.ledger.job(job_id)
 
+        batch_s = _caption_batch_s(c)
+
         def run() -> CaptionedMessages:
             return caption_stage.caption(job, vision=c.vision, cache=c.captions, settings=c.settings.vision,
-                                         fetch=c.fetch, lease_s=_lease_s(c))
+                                         fetch=c.fetch, lease_s=batch_s)
 
         if not caption_stage.needs_model(job, c.vision):
             out = run()
         else:
-            with c.ledger.computing(job_id, "caption", ttl_s=_lease_s(c)) as mine:
+            batches = -(-c.settings.limits.max_images // c.settings.vision.max_images_per_call)
+            stage_s = min(batches * batch_s, float(c.settings.redis.visibility_timeout_s))
+            with c.ledger.computing(job_id, "caption", ttl_s=stage_s) as mine:
                 if not mine:
                     raise StageBusy("another delivery is captioning", retry_after_s=BUSY_WAIT_S, job_id=job_id)
                 out = run()
@@ -212,6 +216,14 @@ def _lease_s(c: Clients) -> float:
     holder's message is delivered again and must be able to compute."""
     return min(4 * c.settings.llm.timeout_s + 30, float(c.settings.redis.visibility_timeout_s))
 
+
+
+def _caption_batch_s(c: Clients) -> float:
+    """How long one batch of the caption stage may take if its holder dies: its downloads (with
+    ``vision.fetch``) and one vision call with its in-call retries; never past the visibility timeout."""
+    v = c.settings.vision
+    fetching = v.max_images_per_call * v.fetch_timeout_s if v.fetch else 0.0
+    return min(4 * v.timeout_s + fetching + 30, float(c.settings.redis.visibility_timeout_s))
 
 
 def _stored(c: Clients, job_id: str, stage: str, model: type[M]) -> M:

@@ -109,7 +109,7 @@ class Memories:
 
     def search(self, query: str, *, user_id: str | None = None, agent_id: str | None = None,
                run_id: str | None = None, limit: int = 100, filters: Mapping[str, Any] | None = None,
-               threshold: float | None = None) -> dict[str, list[dict[str, Any]]]:
+               threshold: float | None = None, top_k: int | None = None) -> dict[str, list[dict[str, Any]]]:
         """Memories of a scope by meaning.
 
         Args:
@@ -118,6 +118,7 @@ class Memories:
             limit: at most this many results (1..1000).
             filters: metadata equality filters (``{"topic": "food"}`` or ``{"topic": ["a", "b"]}``).
             threshold: minimum cosine similarity (-1..1).
+            top_k: Mem0's hosted name for `limit` (when given, it is the limit).
 
         Returns:
             ``{"results": [{id, memory, hash, metadata, score, created_at, updated_at, user_id, agent_id,
@@ -131,6 +132,7 @@ class Memories:
             NoStoreOwner: embedded mode, no worker owns the vector store and `open_embedded` is False.
             StoreUnavailable: Qdrant or Neo4j is unreachable, or the store's owner did not answer in time.
         """
+        limit = limit if top_k is None else top_k
         check_search_args(query, limit=limit, threshold=threshold, filters=filters, limits=self.settings.limits)
         scope = self._scope(user_id, agent_id, run_id)
         vector = self.embedder.embed([query])[0]
@@ -208,18 +210,14 @@ class Memories:
         owner = Scope(user_id=item.user_id, agent_id=item.agent_id, run_id=item.run_id)
         if self.graph is not None:
             self.graph.forget_memories(owner, [memory_id])
-        now = utcnow()
-        self.history_store.add([HistoryRecord(
-            id=str(uuid.uuid4()), memory_id=memory_id, old_memory=item.memory, new_memory=None,
-            event=MemoryEvent.DELETE.value, created_at=now, updated_at=now, is_deleted=True, actor_id=item.actor_id,
-            role=item.role, job_id="api:delete", user_id=owner.user_id, agent_id=owner.agent_id,
-            run_id=owner.run_id)])
+        self.history_store.add([_deleted(item, "api:delete")])
         self.vectors.delete([memory_id])
         return True
 
     def delete_all(self, *, user_id: str | None = None, agent_id: str | None = None,
                    run_id: str | None = None) -> dict[str, int]:
-        """Delete every memory, entity and relation the caller's scope covers.
+        """Delete every memory, entity and relation the caller's scope covers; each memory gets a DELETE
+        history row (as `delete` writes), written before its point goes.
 
         Returns:
             ``{"memories": n, "entities": m}`` deleted.
@@ -232,6 +230,16 @@ class Memories:
         entities = self.graph.delete_scope(scope) if self.graph is not None else 0
         deleted = 0
         while batch := self.vectors.list(scope, limit=256):
+            self.history_store.add([_deleted(m, "api:delete_all") for m in batch])  # rows first: never a silent gap
             self.vectors.delete([m.id for m in batch])
             deleted += len(batch)
         return {"memories": deleted, "entities": entities}
+
+
+def _deleted(item: MemoryItem, job_id: str) -> HistoryRecord:
+    """The DELETE history row of a memory deleted through the API (`job_id` names the call)."""
+    now = utcnow()
+    return HistoryRecord(id=str(uuid.uuid4()), memory_id=item.id, old_memory=item.memory, new_memory=None,
+                         event=MemoryEvent.DELETE.value, created_at=now, updated_at=now, is_deleted=True,
+                         actor_id=item.actor_id, role=item.role, job_id=job_id, user_id=item.user_id,
+                         agent_id=item.agent_id, run_id=item.run_id)

@@ -177,8 +177,11 @@ class LimitsSettings(_Group):
                     "image's bytes, so this admits a ~1.5 MB image, more than a vision model keeps (they "
                     "downscale to about 2048 px). The request is stored in Redis and re-read by every stage: "
                     "pass bigger images by http(s) URL.")
-    max_image_bytes: int = Field(default=1_500_000, gt=0, description="Decoded bytes of one ``data:`` image "
-                                 "(the producer decodes it and checks its type).")
+    max_image_bytes: int = Field(default=1_450_000, gt=0, description="Decoded bytes of one ``data:`` image "
+                                 "(the producer decodes it and checks its type; its base64 stays under "
+                                 "`max_image_url_chars`).")
+    max_images: int = Field(default=32, gt=0, description="Image parts in one add: bounds the vision calls, "
+                            "tokens and downloads one request can cost (at 765 tokens an image, ~25k tokens).")
     max_caption_chars: int = Field(default=2_000, gt=0, description="Characters of a caption or alt text supplied "
                                    "on an image part.")
     max_request_chars: int = Field(

@@ -17,6 +17,7 @@ import binascii
 import hashlib
 import ipaddress
 import re
+import unicodedata
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -40,6 +41,12 @@ METADATA_HOSTS = frozenset({"metadata", "metadata.google.internal", "metadata.go
 METADATA_ADDRESSES = frozenset(ipaddress.ip_address(a) for a in (
     "169.254.169.254", "169.254.170.2", "100.100.100.200", "fd00:ec2::254", "168.63.129.16"))
 """Cloud metadata addresses: never allowed, not even inside ``MEMQ_VISION__FETCH_ALLOW_NETWORKS``."""
+
+GLOBAL_UNICAST_V6 = ipaddress.ip_network("2000::/3")
+"""The only IPv6 addresses an image host may have (IANA's global unicast block; `is_global` alone still
+admits forms that some stacks route to IPv4 loopback, such as ``::7f00:1``)."""
+
+_DOTS = str.maketrans({"\u3002": ".", "\uff0e": ".", "\uff61": "."})
 
 _DATA_URL = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)(?P<params>(?:;[\w.+-]+=[\w.+-]+)*);base64,(?P<payload>.*)",
                        re.IGNORECASE | re.DOTALL)
@@ -126,6 +133,8 @@ def address_allowed(address: str | ipaddress.IPv4Address | ipaddress.IPv6Address
         return False
     if any(ip in net for net in allow if net.version == ip.version):
         return True
+    if isinstance(ip, ipaddress.IPv6Address) and ip not in GLOBAL_UNICAST_V6:
+        return False  # ::/96 (IPv4-compatible), ::ffff:0:0:0/96, 64:ff9b:1::/48 ...: not for image hosts
     return ip.is_global and not ip.is_multicast
 
 
@@ -156,7 +165,7 @@ def check_image_url(url: str, *, field: str | None = None, allow: tuple[Network,
                              field=field)
     if parts.username is not None or parts.password is not None:
         raise UnsafeImageURL("image URL carries credentials", field=field)
-    host = (parts.hostname or "").rstrip(".").lower()
+    host = _ascii_host(parts.hostname or "", field)
     if not host:
         raise UnsafeImageURL("image URL has no host", field=field)
     if host == "localhost" or host.endswith(".localhost") or host in METADATA_HOSTS:
@@ -166,6 +175,21 @@ def check_image_url(url: str, *, field: str | None = None, allow: tuple[Network,
         raise UnsafeImageURL(f"image URL host {host[:60]!r} is a loopback, private, link-local, reserved or "
                              "metadata address", field=field)
     return host
+
+
+def _ascii_host(host: str, field: str | None) -> str:
+    """The host as HTTP clients will read it: NFKC-normalized (full-width digits and letters, circled
+    letters), ideographic and full-width dots as dots, IDNA-encoded, lower case, no trailing dot. A
+    host holding ``%`` or ``\\`` (read differently by different URL parsers) is refused."""
+    if "%" in host or "\\" in host:
+        raise UnsafeImageURL("image URL host holds '%' or a backslash", field=field)
+    if host.isascii():
+        return host.rstrip(".").lower()
+    normalized = unicodedata.normalize("NFKC", host).translate(_DOTS).rstrip(".")
+    try:
+        return normalized.encode("idna").decode("ascii").lower()
+    except UnicodeError:
+        raise UnsafeImageURL("image URL host is not a valid internationalized name", field=field) from None
 
 
 def _literal_address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -185,15 +209,15 @@ def _literal_address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address
     return None
 
 
-def image_key(model: str, *, url: str | None = None, data: bytes | None = None) -> str:
-    """The caption cache key of an image for a vision model: sha256 over the model and the image's
-    bytes (``data:`` images) or its URL (http(s) images), hex.
+def image_key(model: str, *, url: str | None = None, data: bytes | None = None, detail: str | None = None) -> str:
+    """The caption cache key of an image for a vision model: sha256 over the model, the ``detail`` asked
+    for, and the image's bytes (``data:`` images) or its URL (http(s) images), hex.
 
     Raises:
         ValueError: neither or both of `url` and `data`.
     """
     if (url is None) == (data is None):
         raise ValueError("give exactly one of url and data")
-    h = hashlib.sha256(model.encode() + b"\x00")
+    h = hashlib.sha256(model.encode() + b"\x00" + (detail or "").encode() + b"\x00")
     h.update(b"url\x00" + url.encode() if url is not None else b"data\x00" + (data or b""))
     return h.hexdigest()

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pydantic import BaseModel, Field, field_validator
 
 from memq.config import VisionSettings
-from memq.errors import InvalidRequest, LLMOutputError, PipelineError, StageBusy
+from memq.errors import InvalidJob, InvalidRequest, LLMOutputError, PipelineError, StageBusy
 from memq.images import DataImage, image_key, parse_data_url
 from memq.models import AddJob, ImagePart, Message, TextPart
 from pipeline.llm import LLM, ImageInput
@@ -80,6 +80,7 @@ class _Image:
     where: str
     part: ImagePart
     key: str | None = None
+    send: str = ""
     caption: str | None = None
     how: str = ""
     reason: str = ""
@@ -117,7 +118,8 @@ def caption(job: AddJob, *, vision: LLM | None = None, cache: CaptionCache | Non
         cache: the shared caption cache; None describes every image afresh.
         settings: vision settings (images per call, caption length, fetch); defaults when None.
         fetch: downloads http(s) images when ``settings.fetch`` is on; ignored otherwise.
-        lease_s: how long this worker may hold an image's caption lease (seconds).
+        lease_s: how long an image's caption lease lives if this worker dies while holding it (seconds;
+            it must cover one batch: its downloads and its call).
 
     Returns:
         The messages with image parts replaced by ``[image: ...]`` text parts (dropped images
@@ -153,57 +155,56 @@ def caption(job: AddJob, *, vision: LLM | None = None, cache: CaptionCache | Non
 
 
 def _key(image: _Image, model: str) -> None:
-    url = image.part.image_url.url
+    url, detail = image.part.image_url.url, image.part.image_url.detail
     if url[:5].lower() == "data:":
         try:
             decoded = parse_data_url(url, max_bytes=len(url))
         except InvalidRequest as exc:  # the producer checks this; a job stored by an older memq may not be
             image.how, image.reason = "dropped", f"unreadable data: image ({type(exc).__name__})"
             return
-        image.key = image_key(model, data=decoded.data)
+        image.key = image_key(model, data=decoded.data, detail=detail)
+        image.send = f"data:{decoded.mime};base64,{base64.b64encode(decoded.data).decode()}"  # canonical form
     else:
-        image.key = image_key(model, url=url)
+        image.key = image_key(model, url=url, detail=detail)
+        image.send = url
 
 
 def _describe(pending: list[_Image], vision: LLM, cache: CaptionCache | None, settings: VisionSettings,
               fetch: Fetch | None, lease_s: float) -> LLMUsage:
-    """Fill in captions of `pending` from the cache and the model; returns the model's usage."""
+    """Fill in captions of `pending` from the cache and the model; returns the model's usage.
+
+    Distinct images go to the model in batches of ``max_images_per_call``; each batch's leases are
+    taken just before its downloads and call and given back right after, so a job never holds an
+    image's lease while it waits on other images (another tenant's job sharing one image waits at most
+    one batch). A batch the provider refuses (4xx) is retried one image at a time and the images it
+    still refuses are dropped with a warning, so one bad image never fails the add.
+    """
     by_key: dict[str, list[_Image]] = {}
     for image in pending:
         by_key.setdefault(image.key or "", []).append(image)
     found = cache.get_many(list(by_key)) if cache is not None else {}
-    mine, theirs = cache.lease([k for k in by_key if k not in found], ttl_s=lease_s) if cache is not None else (
-        {k: "" for k in by_key if k not in found}, [])
+    missing = [k for k in by_key if k not in found]
     usage = LLMUsage()
     described: dict[str, str] = {}
-    try:
-        todo = [(key, by_key[key][0]) for key in mine]
-        inputs: list[tuple[str, ImageInput]] = []
-        for key, image in todo:
-            url = image.part.image_url.url
-            if fetch is not None and url[:5].lower() != "data:":
-                try:
-                    got = fetch(url)
-                except PipelineError as exc:
-                    _drop(by_key[key], f"could not fetch the image ({type(exc).__name__})")
-                    continue
-                except InvalidRequest as exc:
-                    _drop(by_key[key], f"image URL refused ({type(exc).__name__})")
-                    continue
-                url = f"data:{got.mime};base64,{base64.b64encode(got.data).decode()}"
-            inputs.append((key, ImageInput(label="", url=url, detail=image.part.image_url.detail)))
-        step = settings.max_images_per_call
-        for start in range(0, len(inputs), step):
-            batch = inputs[start:start + step]
-            captions, spent = _ask(vision, [i for _, i in batch], settings.max_caption_chars)
+    theirs: list[str] = []
+    step = settings.max_images_per_call
+    for start in range(0, len(missing), step):
+        batch = missing[start:start + step]
+        if cache is not None:
+            mine, busy = cache.lease(batch, ttl_s=lease_s)
+            theirs += busy
+        else:
+            mine = {k: "" for k in batch}
+        try:
+            inputs = [(key, src) for key in mine if (src := _source(by_key[key], fetch)) is not None]
+            got, spent = _ask_or_split(vision, inputs, settings.max_caption_chars, by_key)
             usage += spent
-            got_batch = {key: captions[n] for n, (key, _) in enumerate(batch)}
             if cache is not None:
-                cache.put_many(got_batch)
-            described.update(got_batch)
-    finally:
-        if cache is not None and mine:
-            cache.release(mine)
+                cache.put_many(got)
+            described.update(got)
+        finally:
+            if cache is not None and mine:
+                cache.release(mine)
     if theirs:
         found.update(cache.get_many(theirs) if cache is not None else {})
         waiting = [k for k in theirs if k not in found]
@@ -222,6 +223,46 @@ def _describe(pending: list[_Image], vision: LLM, cache: CaptionCache | None, se
             else:
                 image.caption, image.how = found[key], "cached"
     return usage
+
+
+def _source(group: list[_Image], fetch: Fetch | None) -> ImageInput | None:
+    """What to send for an image: its URL, or with `fetch` its downloaded bytes; None (the group
+    dropped with a warning) when the download is refused or fails."""
+    image = group[0]
+    url = image.send
+    if fetch is not None and url[:5].lower() != "data:":
+        try:
+            got = fetch(url)
+        except PipelineError as exc:
+            _drop(group, f"could not fetch the image ({type(exc).__name__})")
+            return None
+        except InvalidRequest as exc:
+            _drop(group, f"image URL refused ({type(exc).__name__})")
+            return None
+        url = f"data:{got.mime};base64,{base64.b64encode(got.data).decode()}"
+    return ImageInput(label="", url=url, detail=image.part.image_url.detail)
+
+
+def _ask_or_split(vision: LLM, inputs: list[tuple[str, ImageInput]], max_chars: int,
+                  by_key: dict[str, list[_Image]]) -> tuple[dict[str, str], LLMUsage]:
+    """Captions of `inputs` by key: one call, or, when the provider refuses the request (`InvalidJob`:
+    a 4xx such as a dead link it could not download), one call per image, dropping those it refuses."""
+    if not inputs:
+        return {}, LLMUsage()
+    try:
+        captions, usage = _ask(vision, [i for _, i in inputs], max_chars)
+        return {key: captions[n] for n, (key, _) in enumerate(inputs)}, usage
+    except InvalidJob:
+        if len(inputs) == 1:
+            _drop(by_key[inputs[0][0]], "the vision model refused the image (InvalidJob)")
+            return {}, LLMUsage()
+    got: dict[str, str] = {}
+    usage = LLMUsage()
+    for one in inputs:
+        part, spent = _ask_or_split(vision, [one], max_chars, by_key)
+        got.update(part)
+        usage += spent
+    return got, usage
 
 
 def _ask(vision: LLM, images: list[ImageInput], max_chars: int) -> tuple[list[str], LLMUsage]:

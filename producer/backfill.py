@@ -90,7 +90,8 @@ def locomo_turn_text(turn: dict[str, Any]) -> str:
 def locomo_turn_content(turn: dict[str, Any]) -> str | list[dict[str, Any]]:
     """A LoCoMo turn as message content: its text, then one image part per ``img_url`` with the turn's
     BLIP caption (or, with no URL, the caption as text); a plain string when the turn shares nothing."""
-    urls = [u for u in turn.get("img_url") or [] if isinstance(u, str) and u.startswith(("http://", "https://", "data:"))]
+    urls = [u for u in turn.get("img_url") or []
+            if isinstance(u, str) and u.startswith(("http://", "https://", "data:"))]
     if not urls:
         return locomo_turn_text(turn)
     text = str(turn.get("text", "")).strip()

@@ -152,6 +152,10 @@ def _check_totals(messages: list[Message], prompt: str | None, limits: LimitsSet
         raise RequestTooLarge(f"the request holds {text_chars} characters of text (messages, names, ids, prompt); "
                               f"the limit is {limits.max_request_chars}: split it into several adds",
                               field="messages")
+    images = sum(len(m.image_parts) for m in messages)
+    if images > limits.max_images:
+        raise RequestTooLarge(f"the request holds {images} images; the limit is {limits.max_images}: split it "
+                              "into several adds", field="messages")
     image_chars = sum(len(url) for m in messages for url in m.images)
     if image_chars > limits.max_request_image_url_chars:
         raise RequestTooLarge(f"the request's image URLs hold {image_chars} characters; the limit is "
@@ -167,6 +171,9 @@ def _check_images(messages: list[Message], limits: LimitsSettings, networks: tup
             if not isinstance(part, ImagePart):
                 continue
             where, url = f"messages[{i}].content[{j}].image_url", part.image_url.url
+            if part.image_url.detail not in (None, "auto", "low", "high"):
+                raise InvalidMessage(f"{where}.detail is {part.image_url.detail[:20]!r}; use auto, low or high",
+                                     field=f"{where}.detail")
             if url[:5].lower() == "data:":
                 parse_data_url(url, max_bytes=limits.max_image_bytes, field=where)
             else:
@@ -270,8 +277,8 @@ def build_job(
         ImageTooLarge: a ``data:`` image over `max_image_bytes` decoded.
         UnsafeImageURL: an image URL that is not http(s)/``data:``, carries credentials, or names a
             loopback, private, link-local, reserved or metadata host (`memq.images.check_image_url`).
-        RequestTooLarge: the text (messages, names, ids, prompt) or the image URLs of the whole add over
-            `max_request_chars` or `max_request_image_url_chars`.
+        RequestTooLarge: the text (messages, names, ids, prompt), the image count or the image URLs of the
+            whole add over `max_request_chars`, `max_images` or `max_request_image_url_chars`.
         InvalidMetadata: metadata not a JSON object of JSON values, with a reserved key, too deep or too large.
         InvalidOption: infer, memory_type, prompt or idempotency_key of a bad type or value.
         InvalidTimestamp: a timestamp of a bad type, unparsable, or out of range.

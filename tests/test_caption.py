@@ -25,7 +25,7 @@ from producer.validate import build_job
 from stores.caption_cache import CaptionCache
 from tests.conftest import requires_locomo
 from tests.helpers import locomo_sessions, wait_done
-from tests.rigs.llm_server import LLMTestServer, Reply
+from tests.rigs.llm_server import LLMTestServer, Reply, image_urls
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00\x00\x00\rIHDR" + bytes(17)
 
@@ -208,3 +208,33 @@ def test_an_image_only_message_becomes_a_memory_that_search_finds_by_what_the_im
     assert "lighthouse" in found[0]["memory"], found
     assert found[0]["memory"].startswith("Dana shared a photo of a red lighthouse")
     assert found[0]["source_message_ids"] == ["0"]
+
+
+def test_an_image_the_provider_refuses_is_dropped_alone_and_the_add_goes_on(
+        settings: Settings, llm_server: LLMTestServer, cache: CaptionCache) -> None:
+    good, dead = (f"https://img.example/{uuid.uuid4().hex}.jpg" for _ in range(2))
+    # the batch is refused (a 400, e.g. a link the provider could not download), then each image alone
+    llm_server.script(Reply(status=400), Reply(content='{"captions": ["a photo of a red tram"]}'), Reply(status=400))
+    job = _job([{"role": "user", "content": [{"type": "text", "text": "Trams!"}, _image(good), _image(dead)]}])
+
+    out = caption_stage.caption(job, vision=_vision(settings), cache=cache)
+
+    assert [image_urls(r) for r in llm_server.requests] == [[good, dead], [good], [dead]]
+    assert out.messages[0].text == "Trams! [image: a photo of a red tram]"
+    assert out.images.as_dict() == {"supplied": 0, "model": 1, "cached": 0, "dropped": 1}
+    assert out.warnings == ["messages[0].content[2]: image dropped: the vision model refused the image (InvalidJob)"]
+    assert cache.get_many([image_key("openai/test-vision", url=dead)]) == {}  # a refusal is not cached
+
+
+def test_data_images_are_sent_in_canonical_form_and_the_detail_is_part_of_the_key(
+        settings: Settings, llm_server: LLMTestServer, cache: CaptionCache) -> None:
+    data = PNG + uuid.uuid4().bytes
+    sent = "DATA:IMAGE/PNG;base64," + base64.b64encode(data).decode()
+    canonical = "data:image/png;base64," + base64.b64encode(data).decode()
+    low = {"type": "image_url", "image_url": {"url": sent, "detail": "low"}}
+
+    caption_stage.caption(_job([{"role": "user", "content": [low]}]), vision=_vision(settings), cache=cache)
+    caption_stage.caption(_job([{"role": "user", "content": [_image(sent)]}]), vision=_vision(settings), cache=cache)
+
+    assert llm_server.vision_requests == [[canonical], [canonical]]  # low and default detail: two captions
+    assert llm_server.requests[0]["messages"][1]["content"][2]["image_url"] == {"url": canonical, "detail": "low"}

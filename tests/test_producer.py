@@ -148,7 +148,14 @@ BAD_REQUESTS: list[tuple[str, Any, dict[str, Any], type[InvalidRequest]]] = [
         "http://0x7f.0.0.1/x.png", "http://[::ffff:169.254.169.254]/", "http://169.254.169.254/latest/meta-data/",
         "http://metadata.google.internal/computeMetadata/v1/", "http://10.1.2.3/x.png", "http://192.168.1.1/x.png",
         "file:///etc/passwd", "ftp://example.com/x.png", "gopher://example.com/", "http://user:pw@example.com/x.png",
-        "javascript:alert(1)")],
+        "javascript:alert(1)", "http://127\u30020\u30020\u30021/x.png", "http://\uff11\uff12\uff17.0.0.1/x.png",
+        "http://\u24dbocalhost/x.png", "http://%31%32%37.0.0.1/x.png", "http://127.0.0.1\\.evil.com/x.png",
+        "http://[::7f00:1]/x.png", "http://[64:ff9b:1::7f00:1]/x.png")],
+    ("33 images in one add", [{"role": "user", "content": [_url(f"https://example.com/{n}.png") for n in range(33)]}],
+     {"user_id": "u"}, RequestTooLarge),
+    ("image detail that is not auto, low or high", [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "https://example.com/x.png", "detail": "ultra"}}]}],
+     {"user_id": "u"}, InvalidMessage),
     ("data: URL claiming PNG but holding HTML", [{"role": "user", "content": [
         _image(base64.b64encode(b"<html><script>x()</script></html>").decode())]}], {"user_id": "u"}, InvalidImage),
     ("data: URL claiming PNG but holding a JPEG", [{"role": "user", "content": [
