@@ -173,29 +173,26 @@ def drip(state: Server) -> Route:
         h.send_header("Content-Type", "image/png")
         h.send_header("Content-Length", str(len(PNG) + 1000))
         h.end_headers()
-        try:
-            for byte in PNG + bytes(1000):
-                h.wfile.write(bytes([byte]))
-                h.wfile.flush()
-                if state.release.wait(0.1):
-                    return
-        except OSError:
-            pass
+        _dribble(h, state, PNG + bytes(1000))
     return route
+
+
+def _dribble(h: BaseHTTPRequestHandler, state: Server, data: bytes) -> None:
+    """Write `data` one byte every 0.1 s until done, the client hangs up, or the test ends."""
+    try:
+        for byte in data:
+            h.wfile.write(bytes([byte]))
+            h.wfile.flush()
+            if state.release.wait(0.1):
+                return
+    except OSError:
+        pass
 
 
 def drip_headers(state: Server) -> Route:
     """The status line and headers one byte every 0.1 s (no body read yet to check a deadline between)."""
     def route(h: BaseHTTPRequestHandler) -> None:
-        head = b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\n" + b"X-Pad: " + b"a" * 200 + b"\r\n\r\n"
-        try:
-            for byte in head:
-                h.wfile.write(bytes([byte]))
-                h.wfile.flush()
-                if state.release.wait(0.1):
-                    return
-        except OSError:
-            pass
+        _dribble(h, state, b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\n" + b"X-Pad: " + b"a" * 200 + b"\r\n\r\n")
     return route
 
 
