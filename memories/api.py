@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import threading
 import uuid
+from datetime import datetime
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from memq.checks import check_list_args, check_search_args
+from memq.filters import parse_filters
 from memq.config import Settings, load_settings
 from memq.errors import InvalidRequest
 from memq.models import MemoryEvent, MemoryItem, Scope, utcnow
@@ -116,7 +118,9 @@ class Memories:
             query: the text to search for (non-empty).
             user_id, agent_id, run_id: the caller's scope; at least one.
             limit: at most this many results (1..1000).
-            filters: metadata equality filters (``{"topic": "food"}`` or ``{"topic": ["a", "b"]}``).
+            filters: Mem0's filters (`memq.filters`): ``{"topic": "food"}``, ``{"n": {"gte": 2}}``,
+                ``{"created_at": {"gte": "2024-05-01"}}``, ``{"OR": [...]}``, ``{"actor_id": "*"}``...; they only
+                narrow the caller's scope.
             threshold: minimum cosine similarity (-1..1).
             top_k: Mem0's hosted name for `limit` (when given, it is the limit).
 
@@ -128,12 +132,14 @@ class Memories:
         Raises:
             MissingScope, InvalidScope: no or a bad scope id.
             InvalidSearch: an empty or too long query, a bad limit or threshold.
-            InvalidFilter: filters that are not a dict of scalar values, or a filter on a key memq owns.
+            InvalidFilter: filters that do not parse: an unknown operator or logical key, a bad operand.
             NoStoreOwner: embedded mode, no worker owns the vector store and `open_embedded` is False.
             StoreUnavailable: Qdrant or Neo4j is unreachable, or the store's owner did not answer in time.
         """
         limit = limit if top_k is None else top_k
-        check_search_args(query, limit=limit, threshold=threshold, filters=filters, limits=self.settings.limits)
+        check_search_args(query, limit=limit, threshold=threshold, limits=self.settings.limits)
+        parse_filters(filters)  # refuse bad filters before embedding
+        filters = _jsonable(filters)
         scope = self._scope(user_id, agent_id, run_id)
         vector = self.embedder.embed([query])[0]
         graph = self.graph
@@ -150,9 +156,10 @@ class Memories:
             MissingScope, InvalidScope: no or a bad scope id.
             InvalidSearch, InvalidFilter: a bad limit or filter.
         """
-        check_list_args(limit=limit, filters=filters)
+        check_list_args(limit=limit)
+        parse_filters(filters)
         scope = self._scope(user_id, agent_id, run_id)
-        return {"results": [_item(m) for m in self.vectors.list(scope, limit=limit, filters=filters)],
+        return {"results": [_item(m) for m in self.vectors.list(scope, limit=limit, filters=_jsonable(filters))],
                 "relations": []}
 
     def _owned(self, memory_id: str, scope: Scope) -> MemoryItem | None:
@@ -234,6 +241,15 @@ class Memories:
             self.vectors.delete([m.id for m in batch])
             deleted += len(batch)
         return {"memories": deleted, "entities": entities}
+
+
+def _jsonable(value: Any) -> Any:
+    """Filters with datetimes written as ISO-8601 (they may travel to the store's owner as JSON)."""
+    if isinstance(value, Mapping):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    return value.isoformat() if isinstance(value, datetime) else value
 
 
 def _deleted(item: MemoryItem, job_id: str) -> HistoryRecord:

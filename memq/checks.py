@@ -11,13 +11,13 @@ from collections.abc import Mapping
 from datetime import datetime, timedelta, timezone
 
 from memq.config import LimitsSettings
-from memq.errors import InvalidFilter, InvalidRequest, InvalidSearch, InvalidTimestamp
+from memq.errors import InvalidRequest, InvalidSearch, InvalidTimestamp
 
 RESERVED_KEYS = frozenset(
     {"data", "hash", "created_at", "updated_at", "user_id", "agent_id", "run_id", "actor_id", "role",
      "source_message_ids", "job_id", "memory"}
 )
-"""Payload keys memq writes itself: metadata may not shadow them and filters may not name them."""
+"""Payload keys memq writes itself: metadata may not shadow them."""
 
 SCOPE_KEYS = ("user_id", "agent_id", "run_id")
 
@@ -208,79 +208,21 @@ def check_threshold(threshold: object) -> float | None:
     return float(threshold)
 
 
-def _check_filter_scalar(key: str, value: object, *, in_list: bool) -> None:
-    if isinstance(value, str):
-        check_text(value, "filters", InvalidFilter, what=f"filters[{_short(key, 24)}]")
-    elif isinstance(value, bool) and not in_list:
-        return
-    elif isinstance(value, int) and not isinstance(value, bool):
-        if not INT64_MIN <= value <= INT64_MAX:
-            raise InvalidFilter(f"filter {_short(key)} is an integer outside the signed 64-bit range",
-                                field="filters")
-    else:
-        allowed = "strings or ints" if in_list else "a string, int, bool or a non-empty list of strings or ints"
-        raise InvalidFilter(f"filter {_short(key)} must be {allowed}, got {type(value).__name__}", field="filters")
-
-
-def check_filters(filters: object) -> dict[str, object] | None:
-    """Metadata equality filters: ``{key: value}`` or ``{key: [v1, v2]}`` (any of).
-
-    Keys are non-empty strings other than the ones memq owns (`RESERVED_KEYS`: the scope goes in
-    user_id/agent_id/run_id, never in a filter). A value is a string, an int or a bool; a list is
-    non-empty and holds only strings or only ints.
-
-    Returns:
-        The filters as a dict, or None.
-
-    Raises:
-        InvalidFilter: not a dict, a bad or reserved key, or a bad value.
-    """
-    if filters is None:
-        return None
-    if not isinstance(filters, Mapping):
-        raise InvalidFilter(f"filters must be a dict such as {{'topic': 'food'}}, got {type(filters).__name__} "
-                            f"{_short(filters)}", field="filters")
-    for key, value in filters.items():
-        if not isinstance(key, str) or not key:
-            raise InvalidFilter(f"filter keys must be non-empty strings, got {_short(key)}", field="filters")
-        check_text(key, "filters", InvalidFilter, what="a filter key")
-        if key in RESERVED_KEYS:
-            hint = ("pass the scope as user_id/agent_id/run_id, not as a filter" if key in SCOPE_KEYS
-                    else "filters match metadata only; pass the scope as user_id/agent_id/run_id")
-            raise InvalidFilter(f"filter key {key!r} is reserved by memq: {hint}", field="filters")
-        if isinstance(value, list):
-            if not value:
-                raise InvalidFilter(f"filter {_short(key)} is an empty list, which matches nothing",
-                                    field="filters")
-            for v in value:
-                _check_filter_scalar(key, v, in_list=True)
-            if len({isinstance(v, str) for v in value}) > 1:
-                raise InvalidFilter(f"filter {_short(key)} mixes strings and ints", field="filters")
-        else:
-            _check_filter_scalar(key, value, in_list=False)
-    return dict(filters)
-
-
-def check_search_args(query: object, *, limit: object, threshold: object, filters: object,
-                      limits: LimitsSettings) -> None:
+def check_search_args(query: object, *, limit: object, threshold: object, limits: LimitsSettings) -> None:
     """Check the arguments of `memories.Memories.search` other than the scope.
 
     Raises:
         InvalidSearch: a bad query, limit or threshold.
-        InvalidFilter: bad filters.
     """
     check_query(query, limits.max_query_chars)
     check_limit(limit)
     check_threshold(threshold)
-    check_filters(filters)
 
 
-def check_list_args(*, limit: object, filters: object) -> None:
+def check_list_args(*, limit: object) -> None:
     """Check the arguments of `memories.Memories.get_all` other than the scope.
 
     Raises:
         InvalidSearch: a bad limit.
-        InvalidFilter: bad filters.
     """
     check_limit(limit)
-    check_filters(filters)

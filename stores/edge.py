@@ -22,6 +22,7 @@ and measured on this machine.
 
 from __future__ import annotations
 
+import builtins
 import json
 import logging
 import os
@@ -30,7 +31,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -40,8 +41,9 @@ import qdrant_edge as qe
 
 from memq.errors import StoreError, StoreNeedsMigration, StoreOwned, StoreUnavailable
 from memq.models import MemoryItem, Scope
-from stores.vectors import (KEYWORD_INDEXES, Condition, MemoryPoint, VectorStore, oldest_first,
-                            scope_conditions, to_item)
+from memq.filters import Logic, Match, Node
+from stores.vectors import (KEYWORD_INDEXES, MemoryPoint, VectorStore, oldest_first, post_filtered, python_only,
+                            select, to_item)
 
 __all__ = ["EdgeStore", "open_edge", "owner_of", "is_local_mode_folder", "VACUUM_MIN_CHURN", "VACUUM_FRACTION"]
 
@@ -56,17 +58,49 @@ DELETED_THRESHOLD = 0.1
 """Edge's ``deleted_threshold``: the dead share of a segment above which its optimizer rewrites it."""
 
 
-def edge_filter(conditions: Sequence[Condition]) -> qe.Filter | None:
-    """Edge's filter for backend-neutral conditions (None when there are none)."""
-    must: list[Any] = []
-    for c in conditions:
-        if c.kind == "eq":
-            must.append(qe.FieldCondition(key=c.key, match=qe.MatchValue(value=c.value)))
-        elif c.kind == "any":
-            must.append(qe.FieldCondition(key=c.key, match=qe.MatchAny(any=c.value)))
-        else:
-            must.append(qe.IsEmptyCondition(key=c.key))
-    return qe.Filter(must=must) if must else None
+def edge_cannot(match: Match) -> bool:
+    """Conditions Edge cannot apply: ``icontains``, and a boolean operand (Edge reads ``True`` as the
+    integer 1, which matches no boolean payload)."""
+    return python_only(match) or isinstance(match.value, bool) or (
+        isinstance(match.value, tuple) and any(isinstance(v, bool) for v in match.value))
+
+
+def edge_filter(node: Node | None) -> qe.Filter | None:
+    """Edge's filter for a `memq.filters` tree (None selects everything).
+
+    ``contains`` is Edge's case-sensitive substring match; ``ne``/``nin`` are ``must_not`` (memories
+    without the field match, as `memq.filters.evaluate` says); a float equality is a closed range.
+    """
+    if node is None:
+        return None
+    condition = _edge(node)
+    return condition if isinstance(condition, qe.Filter) else qe.Filter(must=[condition])
+
+
+def _edge(node: Node) -> Any:
+    if isinstance(node, Logic):
+        parts = [_edge(p) for p in node.parts]
+        return (qe.Filter(must=parts) if node.kind == "and" else qe.Filter(should=parts) if node.kind == "or"
+                else qe.Filter(must_not=parts))
+    key, op, value = node.key, node.op, node.value
+    if op in ("eq", "ne"):
+        cond = (qe.FieldCondition(key=key, range=qe.RangeFloat(gte=value, lte=value)) if isinstance(value, float)
+                else qe.FieldCondition(key=key, match=qe.MatchValue(value)))
+        return cond if op == "eq" else qe.Filter(must_not=[cond])
+    if op in ("in", "nin"):
+        cond = qe.FieldCondition(key=key, match=qe.MatchAny(list(value)))
+        return cond if op == "in" else qe.Filter(must_not=[cond])
+    if op in ("gt", "gte", "lt", "lte"):
+        if isinstance(value, datetime):
+            return qe.FieldCondition(key=key, range=qe.RangeDateTime(**{op: value.isoformat()}))
+        return qe.FieldCondition(key=key, range=qe.RangeFloat(**{op: float(value)}))
+    if op == "contains":
+        return qe.FieldCondition(key=key, match=qe.MatchSubstring(value))
+    if op == "exists":
+        return qe.Filter(must_not=[qe.IsEmptyCondition(key=key)])
+    if op == "empty":
+        return qe.IsEmptyCondition(key=key)
+    raise StoreError(f"filter operator {op!r} has no Edge condition")  # icontains is applied after the read
 
 
 @contextmanager
@@ -185,25 +219,43 @@ class EdgeStore(VectorStore):
         """`search` for several vectors in one planned batch; one list of hits per vector.
 
         Raises:
-            InvalidRequest: a filter on a key memq owns, or a non-scalar filter value.
+            InvalidFilter: filters that do not parse (`memq.filters`).
             StoreError: a vector of the wrong size.
         """
         if not vectors:
             return []
-        flt = edge_filter(scope_conditions(scope, filters, exact=exact))
-        requests = [qe.QueryRequest(limit=limit, query=qe.Query.Nearest([float(x) for x in v]), filter=flt,
-                                    with_payload=True, with_vector=False, score_threshold=threshold)
-                    for v in vectors]
-        with self._lock, _mapped("query"):
-            if len(requests) == 1:
-                responses = [self.shard.query(requests[0])]
-            else:
-                responses = self.shard.query_batch(qe.QueryBatchRequest(requests))
-        return [[to_item(p.id, p.payload, p.score) for p in hits] for hits in responses]
+        selection = select(scope, filters, exact=exact, unsupported=edge_cannot)
+        flt = edge_filter(selection.pushed)
+
+        def run(n: int) -> list[list[MemoryItem]]:
+            requests = [qe.QueryRequest(limit=n, query=qe.Query.Nearest([float(x) for x in v]), filter=flt,
+                                        with_payload=True, with_vector=False, score_threshold=threshold)
+                        for v in vectors]
+            with self._lock, _mapped("query"):
+                if len(requests) == 1:
+                    responses = [self.shard.query(requests[0])]
+                else:
+                    responses = self.shard.query_batch(qe.QueryBatchRequest(requests))
+            return [[to_item(p.id, p.payload, p.score) for p in hits] for hits in responses]
+
+        if selection.post is None:
+            return run(limit)
+        post = selection.post
+
+        def nth(i: int) -> Callable[[int], list[MemoryItem]]:
+            return lambda n: run(n)[i]
+
+        return [post_filtered(nth(i), post, limit) for i in range(len(vectors))]
 
     def list(self, scope: Scope, *, limit: int = 100, filters: Mapping[str, Any] | None = None) -> list[MemoryItem]:
         """Up to `limit` memories of `scope` (no ranking), sorted oldest first by ``created_at``."""
-        flt = edge_filter(scope_conditions(scope, filters))
+        selection = select(scope, filters, unsupported=edge_cannot)
+        if selection.post is not None:
+            return oldest_first(post_filtered(lambda n: self._scroll(edge_filter(selection.pushed), n),
+                                              selection.post, limit))
+        return oldest_first(self._scroll(edge_filter(selection.pushed), limit))
+
+    def _scroll(self, flt: qe.Filter | None, limit: int) -> builtins.list[MemoryItem]:
         items: list[MemoryItem] = []
         offset: Any = None
         while len(items) < limit:
@@ -214,12 +266,12 @@ class EdgeStore(VectorStore):
             items += [to_item(r.id, r.payload) for r in records]
             if offset is None:
                 break
-        return oldest_first(items)
+        return items
 
     def count(self, scope: Scope | None = None) -> int:
         """Number of points (of `scope`, or all)."""
         with self._lock, _mapped("count"):
-            return int(self.shard.count(qe.CountRequest(exact=True, filter=edge_filter(scope_conditions(scope)))))
+            return int(self.shard.count(qe.CountRequest(exact=True, filter=edge_filter(select(scope).pushed))))
 
     def close(self) -> None:
         """Flush and close the shard (the folder is free for another process afterwards)."""

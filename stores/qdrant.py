@@ -8,9 +8,11 @@ ids and ``actor_id``, datetime on ``created_at`` (server only; local mode has no
 
 from __future__ import annotations
 
+import builtins
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from datetime import datetime
 from typing import Any
 
 import httpx
@@ -21,23 +23,48 @@ from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedR
 from memq.config import QdrantSettings
 from memq.errors import StoreError, StoreUnavailable
 from memq.models import MemoryItem, Scope
-from stores.vectors import (KEYWORD_INDEXES, Condition, MemoryPoint, VectorStore, oldest_first,
-                            scope_conditions, to_item)
+from memq.filters import Logic, Node
+from stores.vectors import KEYWORD_INDEXES, MemoryPoint, VectorStore, oldest_first, post_filtered, select, to_item
 
 __all__ = ["QdrantClientStore", "qdrant_filter", "connect_server"]
 
 
-def qdrant_filter(conditions: Sequence[Condition]) -> qm.Filter | None:
-    """`qdrant-client`'s filter for backend-neutral conditions (None when there are none)."""
-    must: list[qm.Condition] = []
-    for c in conditions:
-        if c.kind == "eq":
-            must.append(qm.FieldCondition(key=c.key, match=qm.MatchValue(value=c.value)))
-        elif c.kind == "any":
-            must.append(qm.FieldCondition(key=c.key, match=qm.MatchAny(any=c.value)))
-        else:
-            must.append(qm.IsEmptyCondition(is_empty=qm.PayloadField(key=c.key)))
-    return qm.Filter(must=must) if must else None
+def qdrant_filter(node: Node | None) -> qm.Filter | None:
+    """`qdrant-client`'s filter for a `memq.filters` tree (None selects everything).
+
+    ``contains`` is ``MatchSubstring`` (case-sensitive; ``MatchText`` would match whole words only);
+    ``ne``/``nin`` are ``must_not``; a float equality is a closed range.
+    """
+    if node is None:
+        return None
+    condition = _qdrant(node)
+    return condition if isinstance(condition, qm.Filter) else qm.Filter(must=[condition])
+
+
+def _qdrant(node: Node) -> Any:
+    if isinstance(node, Logic):
+        parts = [_qdrant(p) for p in node.parts]
+        return (qm.Filter(must=parts) if node.kind == "and" else qm.Filter(should=parts) if node.kind == "or"
+                else qm.Filter(must_not=parts))
+    key, op, value = node.key, node.op, node.value
+    if op in ("eq", "ne"):
+        cond = (qm.FieldCondition(key=key, range=qm.Range(gte=value, lte=value)) if isinstance(value, float)
+                else qm.FieldCondition(key=key, match=qm.MatchValue(value=value)))
+        return cond if op == "eq" else qm.Filter(must_not=[cond])
+    if op in ("in", "nin"):
+        cond = qm.FieldCondition(key=key, match=qm.MatchAny(any=list(value)))
+        return cond if op == "in" else qm.Filter(must_not=[cond])
+    if op in ("gt", "gte", "lt", "lte"):
+        if isinstance(value, datetime):
+            return qm.FieldCondition(key=key, range=qm.DatetimeRange(**{op: value}))
+        return qm.FieldCondition(key=key, range=qm.Range(**{op: float(value)}))
+    if op == "contains":
+        return qm.FieldCondition(key=key, match=qm.MatchSubstring(substring=value))
+    if op == "exists":
+        return qm.Filter(must_not=[qm.IsEmptyCondition(is_empty=qm.PayloadField(key=key))])
+    if op == "empty":
+        return qm.IsEmptyCondition(is_empty=qm.PayloadField(key=key))
+    raise StoreError(f"filter operator {op!r} has no Qdrant condition")  # icontains is applied after the read
 
 
 @contextmanager
@@ -131,24 +158,42 @@ class QdrantClientStore(VectorStore):
         """`search` for several vectors in one request; one list of hits per vector.
 
         Args:
-            exact: only memories whose scope equals `scope` (see `scope_conditions`).
+            exact: only memories whose scope equals `scope` (see `stores.vectors.select`).
         """
         if not vectors:
             return []
         self.ensure_collection()
-        flt = qdrant_filter(scope_conditions(scope, filters, exact=exact))
-        requests = [qm.QueryRequest(query=list(v), filter=flt, limit=limit, with_payload=True,
-                                    score_threshold=threshold) for v in vectors]
-        with self._lock, _mapped("query"):
-            responses = self._client.query_batch_points(self.collection, requests=requests)
-        return [[to_item(p.id, p.payload, p.score) for p in r.points] for r in responses]
+        selection = select(scope, filters, exact=exact)
+        flt = qdrant_filter(selection.pushed)
+
+        def run(n: int) -> list[list[MemoryItem]]:
+            requests = [qm.QueryRequest(query=list(v), filter=flt, limit=n, with_payload=True,
+                                        score_threshold=threshold) for v in vectors]
+            with self._lock, _mapped("query"):
+                responses = self._client.query_batch_points(self.collection, requests=requests)
+            return [[to_item(p.id, p.payload, p.score) for p in r.points] for r in responses]
+
+        if selection.post is None:
+            return run(limit)
+        post = selection.post
+
+        def nth(i: int) -> Callable[[int], list[MemoryItem]]:
+            return lambda n: run(n)[i]
+
+        return [post_filtered(nth(i), post, limit) for i in range(len(vectors))]
 
     def list(self, scope: Scope, *, limit: int = 100, filters: Mapping[str, Any] | None = None) -> list[MemoryItem]:
         """Up to `limit` memories of `scope` (no ranking), oldest first by ``created_at``."""
         self.ensure_collection()
+        selection = select(scope, filters)
+        flt = qdrant_filter(selection.pushed)
+        if selection.post is not None:
+            return oldest_first(post_filtered(lambda n: self._scroll(flt, n), selection.post, limit))
+        return oldest_first(self._scroll(flt, limit))
+
+    def _scroll(self, flt: qm.Filter | None, limit: int) -> builtins.list[MemoryItem]:
         items: list[MemoryItem] = []
         offset: Any = None
-        flt = qdrant_filter(scope_conditions(scope, filters))
         while len(items) < limit:
             with self._lock, _mapped("scroll"):
                 records, offset = self._client.scroll(self.collection, scroll_filter=flt, with_payload=True,
@@ -156,13 +201,13 @@ class QdrantClientStore(VectorStore):
             items += [to_item(r.id, r.payload) for r in records]
             if offset is None:
                 break
-        return oldest_first(items)
+        return items
 
     def count(self, scope: Scope | None = None) -> int:
         """Number of points (of `scope`, or all)."""
         self.ensure_collection()
         with self._lock, _mapped("count"):
-            return self._client.count(self.collection, count_filter=qdrant_filter(scope_conditions(scope)),
+            return self._client.count(self.collection, count_filter=qdrant_filter(select(scope).pushed),
                                       exact=True).count
 
     def close(self) -> None:

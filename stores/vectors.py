@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import JsonValue
 
-from memq.errors import InvalidRequest
+from memq.filters import Logic, Match, Node, evaluate, has_op, parse_filters, relax
 from memq.models import MemoryItem, Scope
 
 SCOPE_KEYS = ("user_id", "agent_id", "run_id")
@@ -103,44 +103,81 @@ def to_item(point_id: object, payload: Mapping[str, Any] | None, score: float | 
 
 
 @dataclass(frozen=True)
-class Condition:
-    """One payload condition, backend-neutral: ``eq`` (equals `value`), ``any`` (equals one of `value`)
-    or ``empty`` (the field is absent, null or [])."""
+class Selection:
+    """What a read selects, split for the backend.
 
-    kind: Literal["eq", "any", "empty"]
-    key: str
-    value: Any = None
+    Attributes:
+        pushed: the tree the backend applies (the scope, and the filters it can express), or None.
+        post: the filters again when they hold a condition no backend expresses (``icontains``), for
+            `evaluate` on what the backend returns; None otherwise.
+    """
+
+    pushed: Node | None
+    post: Node | None = None
 
 
-def scope_conditions(scope: Scope | None, filters: Mapping[str, Any] | None = None, *,
-                     exact: bool = False) -> list[Condition]:
-    """The conditions (all must hold) that select a scope's memories, plus metadata equality filters.
+def python_only(match: Match) -> bool:
+    """Conditions no backend applies: ``icontains`` (Qdrant has no case-insensitive substring match)."""
+    return match.op == "icontains"
+
+
+def select(scope: Scope | None, filters: Mapping[str, Any] | None = None, *, exact: bool = False,
+           unsupported: Callable[[Match], bool] = python_only) -> Selection:
+    """The selection of a scope's memories that also match Mem0-style `filters` (`memq.filters`).
 
     Args:
         scope: every id that is set must match (Mem0's read semantics); None selects every point.
-        filters: ``{key: value}`` (equality) or ``{key: [v1, v2]}`` (any of); keys memq owns are refused.
+        filters: Mem0-style filters; they are ANDed with the scope, so they can only narrow it.
         exact: the ids that are not set must be absent too, so only memories whose scope equals
             `scope` match (what a job decides over and writes to).
+        unsupported: the conditions the backend cannot apply; they are evaluated in Python on what it
+            returns (`post_filtered`).
 
     Raises:
-        InvalidRequest: a filter key is one memq owns (``user_id``, ``data``, ...) or a value is not scalar.
+        InvalidFilter: filters that do not parse (`memq.filters.parse_filters`).
     """
-    conditions: list[Condition] = []
+    parts: list[Node] = []
     if scope is not None:
-        conditions += [Condition("eq", k, v) for k, v in scope.as_filter().items()]
+        parts += [Match(k, "eq", v) for k, v in scope.as_filter().items()]
         if exact:
-            conditions += [Condition("empty", k) for k in SCOPE_KEYS if getattr(scope, k) is None]
-    for key, value in (filters or {}).items():
-        if key in CORE_KEYS:
-            raise InvalidRequest(f"filter key {key!r} is reserved; pass the scope as user_id/agent_id/run_id",
-                                 field="filters")
-        if isinstance(value, list) and all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in value):
-            conditions.append(Condition("any", key, list(value)))
-        elif isinstance(value, (str, int, bool)):
-            conditions.append(Condition("eq", key, value))
-        else:
-            raise InvalidRequest(f"filter {key!r} must be a string, int, bool or a list of them", field="filters")
-    return conditions
+            parts += [Match(k, "empty") for k in SCOPE_KEYS if getattr(scope, k) is None]
+    parsed = parse_filters(filters)
+    post = parsed if has_op(parsed, unsupported) else None
+    pushable = relax(parsed, unsupported) if post is not None and parsed is not None else parsed
+    if pushable is not None:
+        parts.append(pushable)
+    return Selection(Logic("and", tuple(parts)) if parts else None, post)
+
+
+def payload_of(item: MemoryItem) -> dict[str, Any]:
+    """The payload fields of a read memory, as `memq.filters.evaluate` reads them."""
+    payload: dict[str, Any] = dict(item.metadata)
+    payload.update({
+        "data": item.memory, "hash": item.hash,
+        "created_at": item.created_at.isoformat() if item.created_at else None,
+        "updated_at": item.updated_at.isoformat() if item.updated_at else None,
+        "user_id": item.user_id, "agent_id": item.agent_id, "run_id": item.run_id,
+        "actor_id": item.actor_id, "role": item.role, "source_message_ids": list(item.source_message_ids)})
+    return payload
+
+
+POST_FILTER_CAP = 10_000
+"""Most candidates a read examines in Python for a condition the backend cannot apply (``icontains``)."""
+
+
+def post_filtered(fetch: Callable[[int], list[MemoryItem]], post: Node | None, limit: int) -> list[MemoryItem]:
+    """Up to `limit` items of ``fetch(n)`` (the first `n` candidates, in the read's order) that match
+    `post`, asking for 4x more candidates each round until enough match, the candidates run out, or
+    `POST_FILTER_CAP` is reached."""
+    if post is None:
+        return fetch(limit)
+    n = max(limit * 4, 64)
+    while True:
+        candidates = fetch(min(n, POST_FILTER_CAP))
+        kept = [i for i in candidates if evaluate(post, payload_of(i))]
+        if len(kept) >= limit or len(candidates) < min(n, POST_FILTER_CAP) or n >= POST_FILTER_CAP:
+            return kept[:limit]
+        n *= 4
 
 
 def oldest_first(items: list[MemoryItem]) -> list[MemoryItem]:
@@ -187,7 +224,7 @@ class VectorStore(ABC):
         """The `limit` memories of `scope` nearest to `vector`, best first, each with its cosine `score`.
 
         Raises:
-            InvalidRequest: a filter on a key memq owns, or a non-scalar filter value.
+            InvalidFilter: filters that do not parse (`memq.filters`).
         """
         return self.search_batch([vector], scope, limit=limit, threshold=threshold, filters=filters)[0]
 
@@ -198,7 +235,7 @@ class VectorStore(ABC):
         """`search` for several vectors at once; one list of hits per vector.
 
         Args:
-            exact: only memories whose scope equals `scope` (see `scope_conditions`).
+            exact: only memories whose scope equals `scope` (see `select`).
         """
 
     @abstractmethod

@@ -125,6 +125,14 @@ def test_metadata_at_the_depth_limit_becomes_a_job_that_succeeds(producer: Produ
         producer.add("I like green tea with honey.", user_id=user_id, metadata=_nested(32))
 
 
+def _deep_filter(levels: int) -> dict[str, Any]:
+    """``{"AND": [{"AND": [... {"topic": "a"}]}]}``, `levels` deep."""
+    node: dict[str, Any] = {"topic": "a"}
+    for _ in range(levels):
+        node = {"AND": [node]}
+    return node
+
+
 BAD_SEARCHES: list[tuple[str, dict[str, Any], type[InvalidRequest], str]] = [
     ("a float limit", {"limit": 5.5}, InvalidSearch, "limit"),
     ("a string limit", {"limit": "5"}, InvalidSearch, "limit"),
@@ -132,12 +140,18 @@ BAD_SEARCHES: list[tuple[str, dict[str, Any], type[InvalidRequest], str]] = [
     ("a zero limit", {"limit": 0}, InvalidSearch, "limit"),
     ("a limit over 1000", {"limit": 1001}, InvalidSearch, "limit"),
     ("filters as a string", {"filters": "user_id=u"}, InvalidFilter, "filters"),
-    ("a filter on the scope", {"filters": {"user_id": "*"}}, InvalidFilter, "filters"),
-    ("a filter on the memory text", {"filters": {"memory": "tea"}}, InvalidFilter, "filters"),
+    ("an unknown operator", {"filters": {"topic": {"like": "te%"}}}, InvalidFilter, "filters"),
+    ("an unknown logical key", {"filters": {"$or": [{"topic": "a"}]}}, InvalidFilter, "filters"),
+    ("a lower-case logical key", {"filters": {"or": [{"topic": "a"}]}}, InvalidFilter, "filters"),
+    ("OR that is not a list", {"filters": {"OR": {"topic": "a"}}}, InvalidFilter, "filters"),
+    ("an empty operator dict", {"filters": {"topic": {}}}, InvalidFilter, "filters"),
+    ("in without a list", {"filters": {"topic": {"in": "a"}}}, InvalidFilter, "filters"),
+    ("filters nested 10 deep", {"filters": _deep_filter(10)}, InvalidFilter, "filters"),
     ("a filter key that is not a string", {"filters": {1: "a"}}, InvalidFilter, "filters"),
     ("an empty filter list", {"filters": {"topic": []}}, InvalidFilter, "filters"),
     ("a filter list mixing strings and ints", {"filters": {"topic": ["a", 1]}}, InvalidFilter, "filters"),
-    ("a float filter value", {"filters": {"score": 1.5}}, InvalidFilter, "filters"),
+    ("a range on a word", {"filters": {"n": {"gt": "soon"}}}, InvalidFilter, "filters"),
+    ("a NaN filter value", {"filters": {"score": float("nan")}}, InvalidFilter, "filters"),
     ("a None filter value", {"filters": {"topic": None}}, InvalidFilter, "filters"),
     ("a filter value with a lone surrogate", {"filters": {"topic": "\ud800"}}, InvalidFilter, "filters"),
 ]
@@ -173,10 +187,9 @@ def test_a_bad_get_all_argument_raises_a_named_error(memories: Any, user_id: str
     assert raised.value.field == field
 
 
-def test_a_filter_on_the_scope_tells_the_caller_where_the_scope_goes(memories: Any, user_id: str) -> None:
-    # When the scope is passed as a filter, Then the error says to pass it as user_id/agent_id/run_id
-    with pytest.raises(InvalidFilter, match="pass the scope as user_id/agent_id/run_id"):
-        memories.search("tea", user_id=user_id, filters={"user_id": "*"})
+def test_an_unknown_filter_operator_is_named_in_the_error(memories: Any, user_id: str) -> None:
+    with pytest.raises(InvalidFilter, match="unknown operator 'like'"):
+        memories.search("tea", user_id=user_id, filters={"topic": {"like": "te%"}})
 
 
 def test_search_and_get_all_accept_arguments_at_the_edges_of_their_ranges(memories: Any, user_id: str) -> None:

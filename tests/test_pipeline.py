@@ -146,15 +146,29 @@ def test_a_timestamp_backdates_the_memories(producer: Any, memories: Any, user_i
     assert "7 May 2023" in item["memory"]  # the offline heuristic resolved "yesterday" against the timestamp
 
 
-def test_search_filters_by_metadata_and_refuses_scope_keys(producer: Any, memories: Any, user_id: str) -> None:
+def test_search_filters_by_metadata_and_filters_never_widen_the_scope(producer: Any, memories: Any,
+                                                                       user_id: str) -> None:
     wait_done(producer, producer.add("I love Italian food, especially pasta.", user_id=user_id,
-                                     metadata={"topic": "food"}))
+                                     metadata={"topic": "food", "stars": 4}))
     wait_done(producer, producer.add("I work as an engineer at Acme.", user_id=user_id,
-                                     metadata={"topic": "work"}))
+                                     metadata={"topic": "work", "stars": 2}))
+    other = wait_done(producer, producer.add("I work as a nurse.", user_id=user_id + "-other",
+                                             metadata={"topic": "work"}))
     found = memories.search("what does the user like", user_id=user_id, filters={"topic": "work"})["results"]
     assert found and all(m["metadata"]["topic"] == "work" for m in found)
-    with pytest.raises(InvalidFilter, match="reserved"):
-        memories.search("x", user_id=user_id, filters={"user_id": "someone-else"})
+    ranked = memories.search("x", user_id=user_id, filters={"stars": {"gte": 3}, "topic": {"icontains": "FOO"}})
+    assert [m["metadata"]["topic"] for m in ranked["results"]] == ["food"]
+    since = datetime(2000, 1, 1, tzinfo=timezone.utc)
+    mine = {m["id"] for m in memories.get_all(user_id=user_id)["results"]}
+    assert {m["id"] for m in memories.get_all(user_id=user_id, filters={"created_at": {"gte": since}})["results"]} \
+        == mine
+    # filters only narrow: "*" is "any value" inside the scope, and naming another user finds nothing
+    assert {m["id"] for m in memories.search("work", user_id=user_id, filters={"user_id": "*"})["results"]} == mine
+    assert memories.search("x", user_id=user_id, filters={"user_id": user_id + "-other"})["results"] == []
+    assert memories.get_all(user_id=user_id, filters={"OR": [{"user_id": user_id + "-other"}, {"topic": "work"}]})[
+        "results"][0]["user_id"] == user_id
+    assert other.results[0].id not in {m["id"] for m in memories.get_all(
+        user_id=user_id, filters={"OR": [{"user_id": user_id + "-other"}, {"topic": "*"}]})["results"]}
 
 
 def test_search_without_a_scope_is_an_error(memories: Any) -> None:

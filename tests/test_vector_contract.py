@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from cli.redis_server import RedisServer
-from memq.errors import InvalidRequest, StoreError
+from memq.errors import InvalidFilter, StoreError
+from memq.filters import evaluate, parse_filters
 from memq.models import Scope
 from stores.edge import open_edge
 from stores.vector_rpc import RemoteVectorStore, VectorServer
@@ -121,10 +122,49 @@ def test_metadata_filters_and_score_threshold(store: VectorStore) -> None:
         == {"memory 0", "memory 2"}
     assert [h.memory for h in store.list(ann, filters={"n": 7})] == ["memory 2"]
     assert {h.memory for h in store.search(query, ann, limit=10, threshold=0.5)} == {"memory 0", "memory 1"}
-    with pytest.raises(InvalidRequest, match="reserved"):
-        store.search(query, ann, limit=1, filters={"data": "x"})
-    with pytest.raises(InvalidRequest, match="string, int, bool"):
+    with pytest.raises(InvalidFilter, match="unknown operator 'nested'"):
         store.search(query, ann, limit=1, filters={"topic": {"nested": 1}})
+
+
+MIXED = [  # (metadata, actor_id, minutes after NOW) of the points the filter contract runs over
+    ({"topic": "food", "n": 1, "tags": ["tea", "cake"], "ok": True}, "Ann", 0),
+    ({"topic": "Food court", "n": 2.5, "ok": False}, "Bob", 10),
+    ({"topic": "travel", "n": 7, "city": "Lyon"}, "Ann", 20),
+    ({"n": -3, "city": "lyon"}, None, 30),
+    ({"topic": "work", "tags": ["desk"]}, "Cy", 40),
+    ({}, "Bob", 50),
+]
+
+FILTERS = [
+    {"topic": "food"}, {"topic": ["food", "work"]}, {"topic": "*"}, {"tags": "tea"}, {"ok": True}, {"ok": False},
+    {"n": {"gte": 2}}, {"n": {"gt": 1, "lte": 7}}, {"n": {"lt": 0}}, {"n": {"eq": 2.5}}, {"n": 7},
+    {"topic": {"ne": "food"}}, {"topic": {"nin": ["food", "travel"]}}, {"topic": {"in": ["travel"]}},
+    {"topic": {"contains": "ood"}}, {"topic": {"icontains": "FOOD"}}, {"city": {"icontains": "LYON"}},
+    {"actor_id": "Ann"}, {"actor_id": {"in": ["Bob", "Cy"]}}, {"actor_id": "*"},
+    {"created_at": {"gte": (NOW + timedelta(minutes=20)).isoformat()}},
+    {"created_at": {"gt": NOW.isoformat(), "lt": (NOW + timedelta(minutes=40)).isoformat()}},
+    {"data": {"contains": "memory 1"}}, {"user_id": "*"}, {"user_id": "someone-else"},
+    {"OR": [{"topic": "food"}, {"city": "*"}]}, {"AND": [{"actor_id": "Ann"}, {"n": {"gt": 1}}]},
+    {"NOT": [{"topic": "*"}]}, {"NOT": [{"actor_id": "Bob"}, {"n": {"lt": 0}}]},
+    {"OR": [{"topic": {"icontains": "COURT"}}, {"n": {"lt": 0}}]},
+    {"NOT": [{"city": {"icontains": "LYON"}}]},
+    {"actor_id": "Ann", "OR": [{"n": 1}, {"city": "Lyon"}], "NOT": [{"tags": "cake"}]},
+]
+
+
+@pytest.mark.parametrize("filters", FILTERS, ids=[str(f)[:60] for f in FILTERS])
+def test_every_filter_selects_what_the_reference_semantics_select(store: VectorStore,
+                                                                  filters: dict[str, object]) -> None:
+    store.ensure_collection()
+    ann, other = Scope(user_id="ann"), Scope(user_id="zed")
+    points = [MemoryPoint(**{**_point(i, ann, metadata=meta, minutes=minutes).__dict__, "actor_id": actor})
+              for i, (meta, actor, minutes) in enumerate(MIXED)]
+    store.upsert(points + [_point(50, other, metadata={"topic": "food", "city": "Lyon"})])
+    node = parse_filters(filters)
+    expected = {p.memory for p in points if evaluate(node, p.payload())}
+
+    assert {m.memory for m in store.list(ann, limit=100, filters=filters)} == expected
+    assert {m.memory for m in store.search([0.5, 0.5, 0.5, 0.5], ann, limit=100, filters=filters)} == expected
 
 
 def test_list_is_oldest_first_and_limited(store: VectorStore) -> None:
