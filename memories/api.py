@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from memq.checks import check_list_args, check_search_args
 from memq.filters import parse_filters
 from memq.config import Settings, load_settings
-from memq.errors import InvalidRequest
+from memq.errors import InvalidRequest, InvalidSearch
 from memq.models import MemoryEvent, MemoryItem, Scope, utcnow
 from memq.scope import make_scope
 from stores.embedder import Embedder, get_embedder
@@ -41,7 +41,10 @@ from stores.vectors import VectorStore
 if TYPE_CHECKING:
     from stores.graph import GraphStore
 
-__all__ = ["Memories"]
+__all__ = ["MAX_OFFSET", "Memories"]
+
+MAX_OFFSET = 10_000
+"""Deepest page `Memories.get_all` reads (memories skipped); beyond it, narrow with filters."""
 
 _executor: ThreadPoolExecutor | None = None
 _executor_lock = threading.Lock()
@@ -149,18 +152,28 @@ class Memories:
         return {"results": [_item(h) for h in hits], "relations": relations}
 
     def get_all(self, *, user_id: str | None = None, agent_id: str | None = None, run_id: str | None = None,
-                limit: int = 100, filters: Mapping[str, Any] | None = None) -> dict[str, list[dict[str, Any]]]:
-        """Up to `limit` memories of a scope, oldest first, in the shape of `search` (no scores).
+                limit: int = 100, filters: Mapping[str, Any] | None = None, offset: int = 0,
+                top_k: int | None = None) -> dict[str, list[dict[str, Any]]]:
+        """A page of a scope's memories, oldest first (``created_at``, then id), in the shape of `search`
+        (no scores). Page through with ``offset`` = 0, `limit`, 2 × `limit`, ... (pages are stable).
+
+        Args:
+            limit: at most this many (1..1000); `top_k` is Mem0's hosted name for it.
+            filters: as for `search`.
+            offset: memories to skip (0..`MAX_OFFSET`).
 
         Raises:
             MissingScope, InvalidScope: no or a bad scope id.
-            InvalidSearch, InvalidFilter: a bad limit or filter.
+            InvalidSearch, InvalidFilter: a bad limit, offset or filter.
         """
+        limit = limit if top_k is None else top_k
         check_list_args(limit=limit)
+        if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset <= MAX_OFFSET:
+            raise InvalidSearch(f"offset must be an int in 0..{MAX_OFFSET}", field="offset")
         parse_filters(filters)
         scope = self._scope(user_id, agent_id, run_id)
-        return {"results": [_item(m) for m in self.vectors.list(scope, limit=limit, filters=_jsonable(filters))],
-                "relations": []}
+        page = self.vectors.list(scope, limit=limit, filters=_jsonable(filters), offset=offset)
+        return {"results": [_item(m) for m in page], "relations": []}
 
     def _owned(self, memory_id: str, scope: Scope) -> MemoryItem | None:
         if not isinstance(memory_id, str) or not memory_id:

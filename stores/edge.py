@@ -42,7 +42,7 @@ import qdrant_edge as qe
 from memq.errors import StoreError, StoreNeedsMigration, StoreOwned, StoreUnavailable
 from memq.models import MemoryItem, Scope
 from memq.filters import Logic, Match, Node
-from stores.vectors import (KEYWORD_INDEXES, MemoryPoint, VectorStore, oldest_first, post_filtered, python_only,
+from stores.vectors import (KEYWORD_INDEXES, MemoryPoint, VectorStore, post_filtered, python_only,
                             select, to_item)
 
 __all__ = ["EdgeStore", "open_edge", "owner_of", "is_local_mode_folder", "VACUUM_MIN_CHURN", "VACUUM_FRACTION"]
@@ -224,7 +224,7 @@ class EdgeStore(VectorStore):
         """
         if not vectors:
             return []
-        selection = select(scope, filters, exact=exact, unsupported=edge_cannot)
+        selection = select(scope, filters, exact=exact, unsupported=self.unsupported)
         flt = edge_filter(selection.pushed)
 
         def run(n: int) -> list[list[MemoryItem]]:
@@ -247,26 +247,17 @@ class EdgeStore(VectorStore):
 
         return [post_filtered(nth(i), post, limit) for i in range(len(vectors))]
 
-    def list(self, scope: Scope, *, limit: int = 100, filters: Mapping[str, Any] | None = None) -> list[MemoryItem]:
-        """Up to `limit` memories of `scope` (no ranking), sorted oldest first by ``created_at``."""
-        selection = select(scope, filters, unsupported=edge_cannot)
-        if selection.post is not None:
-            return oldest_first(post_filtered(lambda n: self._scroll(edge_filter(selection.pushed), n),
-                                              selection.post, limit))
-        return oldest_first(self._scroll(edge_filter(selection.pushed), limit))
+    def unsupported(self, match: Match) -> bool:
+        """`edge_cannot`: ``icontains`` and boolean operands are evaluated in Python."""
+        return edge_cannot(match)
 
-    def _scroll(self, flt: qe.Filter | None, limit: int) -> builtins.list[MemoryItem]:
-        items: list[MemoryItem] = []
-        offset: Any = None
-        while len(items) < limit:
-            with self._lock, _mapped("scroll"):
-                records, offset = self.shard.scroll(qe.ScrollRequest(
-                    offset=offset, limit=min(256, limit - len(items)), filter=flt, with_payload=True,
-                    with_vector=False))
-            items += [to_item(r.id, r.payload) for r in records]
-            if offset is None:
-                break
-        return items
+    def oldest(self, node: Node | None, n: int) -> builtins.list[MemoryItem]:
+        """The `n` oldest points matching `node`, by ``created_at`` (Edge's order_by on its datetime index)."""
+        with self._lock, _mapped("scroll"):
+            records, _ = self.shard.scroll(qe.ScrollRequest(
+                limit=n, filter=edge_filter(node), with_payload=True, with_vector=False,
+                order_by=qe.OrderBy(key="created_at")))
+        return [to_item(r.id, r.payload) for r in records]
 
     def count(self, scope: Scope | None = None) -> int:
         """Number of points (of `scope`, or all)."""

@@ -24,7 +24,7 @@ from memq.config import QdrantSettings
 from memq.errors import StoreError, StoreUnavailable
 from memq.models import MemoryItem, Scope
 from memq.filters import Logic, Node
-from stores.vectors import KEYWORD_INDEXES, MemoryPoint, VectorStore, oldest_first, post_filtered, select, to_item
+from stores.vectors import KEYWORD_INDEXES, MemoryPoint, VectorStore, post_filtered, select, to_item
 
 __all__ = ["QdrantClientStore", "qdrant_filter", "connect_server"]
 
@@ -163,7 +163,7 @@ class QdrantClientStore(VectorStore):
         if not vectors:
             return []
         self.ensure_collection()
-        selection = select(scope, filters, exact=exact)
+        selection = select(scope, filters, exact=exact, unsupported=self.unsupported)
         flt = qdrant_filter(selection.pushed)
 
         def run(n: int) -> list[list[MemoryItem]]:
@@ -182,26 +182,14 @@ class QdrantClientStore(VectorStore):
 
         return [post_filtered(nth(i), post, limit) for i in range(len(vectors))]
 
-    def list(self, scope: Scope, *, limit: int = 100, filters: Mapping[str, Any] | None = None) -> list[MemoryItem]:
-        """Up to `limit` memories of `scope` (no ranking), oldest first by ``created_at``."""
+    def oldest(self, node: Node | None, n: int) -> builtins.list[MemoryItem]:
+        """The `n` oldest points matching `node`, by ``created_at`` (order_by: the server's datetime
+        index; local mode sorts in Python)."""
         self.ensure_collection()
-        selection = select(scope, filters)
-        flt = qdrant_filter(selection.pushed)
-        if selection.post is not None:
-            return oldest_first(post_filtered(lambda n: self._scroll(flt, n), selection.post, limit))
-        return oldest_first(self._scroll(flt, limit))
-
-    def _scroll(self, flt: qm.Filter | None, limit: int) -> builtins.list[MemoryItem]:
-        items: list[MemoryItem] = []
-        offset: Any = None
-        while len(items) < limit:
-            with self._lock, _mapped("scroll"):
-                records, offset = self._client.scroll(self.collection, scroll_filter=flt, with_payload=True,
-                                                      limit=min(256, limit - len(items)), offset=offset)
-            items += [to_item(r.id, r.payload) for r in records]
-            if offset is None:
-                break
-        return items
+        with self._lock, _mapped("scroll"):
+            records, _ = self._client.scroll(self.collection, scroll_filter=qdrant_filter(node), with_payload=True,
+                                             limit=n, order_by=qm.OrderBy(key="created_at"))
+        return [to_item(r.id, r.payload) for r in records]
 
     def count(self, scope: Scope | None = None) -> int:
         """Number of points (of `scope`, or all)."""

@@ -13,6 +13,7 @@ Payload of a point (Mem0's keys): ``data`` (the memory text), ``hash`` (md5 of t
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
@@ -180,7 +181,7 @@ def post_filtered(fetch: Callable[[int], list[MemoryItem]], post: Node | None, l
         n *= 4
 
 
-def oldest_first(items: list[MemoryItem]) -> list[MemoryItem]:
+def oldest_first(items: Sequence[MemoryItem]) -> list[MemoryItem]:
     """`items` sorted by ``created_at`` (missing last), then id: the order `VectorStore.list` returns."""
     return sorted(items, key=lambda m: (m.created_at is None, m.created_at, m.id))
 
@@ -238,9 +239,40 @@ class VectorStore(ABC):
             exact: only memories whose scope equals `scope` (see `select`).
         """
 
-    @abstractmethod
-    def list(self, scope: Scope, *, limit: int = 100, filters: Mapping[str, Any] | None = None) -> list[MemoryItem]:
-        """Up to `limit` memories of `scope` (no ranking), sorted oldest first by ``created_at``."""
+    def list(self, scope: Scope, *, limit: int = 100, filters: Mapping[str, Any] | None = None,
+             offset: int = 0) -> list[MemoryItem]:
+        """A page of the memories of `scope`: oldest first by ``created_at`` (then id), skipping `offset`.
+
+        Pages are stable: memories with the same ``created_at`` (a backfill writes many) are ordered by
+        id, and all of them are read when a page boundary falls among them.
+
+        Raises:
+            InvalidFilter: filters that do not parse (`memq.filters`).
+        """
+        selection = select(scope, filters, unsupported=self.unsupported)
+        if selection.post is not None:
+            candidates = self.oldest(selection.pushed, POST_FILTER_CAP)
+            kept = [i for i in candidates if evaluate(selection.post, payload_of(i))]
+            return oldest_first(kept)[offset:offset + limit]
+        wanted = offset + limit
+        items = self.oldest(selection.pushed, wanted)
+        if len(items) == wanted and items[-1].created_at is not None:
+            edge = items[-1].created_at
+            tied = Logic("and", (*([selection.pushed] if selection.pushed else []),
+                                 Match("created_at", "gte", edge), Match("created_at", "lte", edge)))
+            items = [i for i in items if i.created_at != edge] + self.oldest(tied, POST_FILTER_CAP)
+        return oldest_first(items)[offset:offset + limit]
+
+    def unsupported(self, match: Match) -> bool:
+        """Conditions this backend cannot apply (evaluated in Python on what it returns)."""
+        return python_only(match)
+
+    def oldest(self, node: Node | None, n: int) -> builtins.list[MemoryItem]:
+        """The `n` oldest points matching `node` by ``created_at`` (any order among equal times).
+
+        Backends that read through another process override `list` instead.
+        """
+        raise NotImplementedError(f"{type(self).__name__} reads pages through its owner")
 
     @abstractmethod
     def count(self, scope: Scope | None = None) -> int:

@@ -359,3 +359,10 @@ def test_every_add_becomes_a_job_that_ends_or_raises_a_named_error_with_nothing_
     unfinished = [(jobs[s.job_id], s.status, s.error_type, s.error) for s in statuses
                   if s.status is not JobState.SUCCEEDED]
     assert unfinished == []
+
+
+@pytest.mark.parametrize("offset", [-1, 10_001, 1.5, "10", True])
+def test_a_bad_get_all_offset_is_a_named_error(memories: Any, user_id: str, offset: object) -> None:
+    with pytest.raises(InvalidSearch, match="offset") as raised:
+        memories.get_all(user_id=user_id, offset=offset)
+    assert raised.value.field == "offset"

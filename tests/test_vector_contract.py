@@ -176,6 +176,27 @@ def test_list_is_oldest_first_and_limited(store: VectorStore) -> None:
     assert len(store.list(dan, limit=4)) == 4
 
 
+def test_pages_are_the_oldest_first_and_stable_across_equal_times(store: VectorStore) -> None:
+    store.ensure_collection()
+    fay = Scope(user_id="fay")
+    # 40 memories: ids in reverse time order (so scrolling by id is not oldest first), 12 of them at one
+    # instant (a backfill writes many at once), plus another scope's
+    minutes = [m if m < 10 or m >= 22 else 10 for m in range(40)]
+    store.upsert([_point(100 - i, fay, metadata={"n": i % 3}, minutes=minutes[i]) for i in range(40)]
+                 + [_point(7, Scope(user_id="gus"), minutes=-5)])
+    everything = store.list(fay, limit=100)
+    assert [m.created_at for m in everything] == sorted(m.created_at for m in everything)
+    assert len({m.id for m in everything}) == 40
+
+    pages = [store.list(fay, limit=7, offset=o) for o in range(0, 42, 7)]
+    assert [m.id for page in pages for m in page] == [m.id for m in everything]
+    assert store.list(fay, limit=5) == everything[:5]  # the oldest five, not the first five by id
+    assert store.list(fay, limit=5, offset=40) == []
+    filtered = store.list(fay, limit=100, filters={"n": 1})
+    assert [m.id for o in range(0, 14, 4) for m in store.list(fay, limit=4, offset=o, filters={"n": 1})] \
+        == [m.id for m in filtered]
+
+
 def test_retrieve_and_delete_by_id_skip_missing_ids(store: VectorStore) -> None:
     store.ensure_collection()
     ann = Scope(user_id="ann")
