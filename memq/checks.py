@@ -7,7 +7,6 @@ queried. A leaf module: it imports only `memq.errors`, `memq.models` and `memq.c
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from datetime import datetime, timedelta, timezone
 
 from memq.config import LimitsSettings

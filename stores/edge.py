@@ -31,7 +31,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -41,9 +41,9 @@ import qdrant_edge as qe
 
 from memq.errors import StoreError, StoreNeedsMigration, StoreOwned, StoreUnavailable
 from memq.models import MemoryItem, Scope
-from memq.filters import Logic, Match, Node
-from stores.vectors import (KEYWORD_INDEXES, MemoryPoint, VectorStore, post_filtered, python_only,
-                            select, to_item)
+from memq.filters import Match, Node
+from stores.vectors import (KEYWORD_INDEXES, MemoryPoint, Spelling, VectorStore, python_only, searched,
+                            select, to_item, translate)
 
 __all__ = ["EdgeStore", "open_edge", "owner_of", "is_local_mode_folder", "VACUUM_MIN_CHURN", "VACUUM_FRACTION"]
 
@@ -65,42 +65,23 @@ def edge_cannot(match: Match) -> bool:
         isinstance(match.value, tuple) and any(isinstance(v, bool) for v in match.value))
 
 
+EDGE = Spelling(
+    filter=lambda must, should, must_not: qe.Filter(must=must, should=should, must_not=must_not),
+    match=lambda key, value: qe.FieldCondition(key=key, match=qe.MatchValue(value)),
+    match_any=lambda key, values: qe.FieldCondition(key=key, match=qe.MatchAny(values)),
+    number=lambda key, bounds: qe.FieldCondition(key=key, range=qe.RangeFloat(**bounds)),
+    date=lambda key, bounds: qe.FieldCondition(key=key, range=qe.RangeDateTime(
+        **{k: v.isoformat() for k, v in bounds.items()})),
+    substring=lambda key, text: qe.FieldCondition(key=key, match=qe.MatchSubstring(text)),
+    empty=lambda key: qe.IsEmptyCondition(key=key),
+)
+"""Qdrant Edge's conditions (``contains`` is its case-sensitive ``MatchSubstring``)."""
+
+
 def edge_filter(node: Node | None) -> qe.Filter | None:
-    """Edge's filter for a `memq.filters` tree (None selects everything).
-
-    ``contains`` is Edge's case-sensitive substring match; ``ne``/``nin`` are ``must_not`` (memories
-    without the field match, as `memq.filters.evaluate` says); a float equality is a closed range.
-    """
-    if node is None:
-        return None
-    condition = _edge(node)
-    return condition if isinstance(condition, qe.Filter) else qe.Filter(must=[condition])
-
-
-def _edge(node: Node) -> Any:
-    if isinstance(node, Logic):
-        parts = [_edge(p) for p in node.parts]
-        return (qe.Filter(must=parts) if node.kind == "and" else qe.Filter(should=parts) if node.kind == "or"
-                else qe.Filter(must_not=parts))
-    key, op, value = node.key, node.op, node.value
-    if op in ("eq", "ne"):
-        cond = (qe.FieldCondition(key=key, range=qe.RangeFloat(gte=value, lte=value)) if isinstance(value, float)
-                else qe.FieldCondition(key=key, match=qe.MatchValue(value)))
-        return cond if op == "eq" else qe.Filter(must_not=[cond])
-    if op in ("in", "nin"):
-        cond = qe.FieldCondition(key=key, match=qe.MatchAny(list(value)))
-        return cond if op == "in" else qe.Filter(must_not=[cond])
-    if op in ("gt", "gte", "lt", "lte"):
-        if isinstance(value, datetime):
-            return qe.FieldCondition(key=key, range=qe.RangeDateTime(**{op: value.isoformat()}))
-        return qe.FieldCondition(key=key, range=qe.RangeFloat(**{op: float(value)}))
-    if op == "contains":
-        return qe.FieldCondition(key=key, match=qe.MatchSubstring(value))
-    if op == "exists":
-        return qe.Filter(must_not=[qe.IsEmptyCondition(key=key)])
-    if op == "empty":
-        return qe.IsEmptyCondition(key=key)
-    raise StoreError(f"filter operator {op!r} has no Edge condition")  # icontains is applied after the read
+    """Edge's filter for a `memq.filters` tree (`stores.vectors.translate`; None selects everything)."""
+    flt: qe.Filter | None = translate(node, EDGE)
+    return flt
 
 
 @contextmanager
@@ -238,14 +219,7 @@ class EdgeStore(VectorStore):
                     responses = self.shard.query_batch(qe.QueryBatchRequest(requests))
             return [[to_item(p.id, p.payload, p.score) for p in hits] for hits in responses]
 
-        if selection.post is None:
-            return run(limit)
-        post = selection.post
-
-        def nth(i: int) -> Callable[[int], list[MemoryItem]]:
-            return lambda n: run(n)[i]
-
-        return [post_filtered(nth(i), post, limit) for i in range(len(vectors))]
+        return searched(run, selection, limit, len(vectors))
 
     def unsupported(self, match: Match) -> bool:
         """`edge_cannot`: ``icontains`` and boolean operands are evaluated in Python."""

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import builtins
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from datetime import datetime
 from typing import Any
 
 import httpx
@@ -23,48 +22,29 @@ from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedR
 from memq.config import QdrantSettings
 from memq.errors import StoreError, StoreUnavailable
 from memq.models import MemoryItem, Scope
-from memq.filters import Logic, Node
-from stores.vectors import KEYWORD_INDEXES, MemoryPoint, VectorStore, post_filtered, select, to_item
+from memq.filters import Node
+from stores.vectors import (KEYWORD_INDEXES, MemoryPoint, Spelling, VectorStore, searched, select, to_item,
+                            translate)
 
 __all__ = ["QdrantClientStore", "qdrant_filter", "connect_server"]
 
 
+QDRANT = Spelling(
+    filter=lambda must, should, must_not: qm.Filter(must=must, should=should, must_not=must_not),
+    match=lambda key, value: qm.FieldCondition(key=key, match=qm.MatchValue(value=value)),
+    match_any=lambda key, values: qm.FieldCondition(key=key, match=qm.MatchAny(any=values)),
+    number=lambda key, bounds: qm.FieldCondition(key=key, range=qm.Range(**bounds)),
+    date=lambda key, bounds: qm.FieldCondition(key=key, range=qm.DatetimeRange(**bounds)),
+    substring=lambda key, text: qm.FieldCondition(key=key, match=qm.MatchSubstring(substring=text)),
+    empty=lambda key: qm.IsEmptyCondition(is_empty=qm.PayloadField(key=key)),
+)
+"""`qdrant-client`'s conditions (``contains`` is ``MatchSubstring``; ``MatchText`` matches whole words)."""
+
+
 def qdrant_filter(node: Node | None) -> qm.Filter | None:
-    """`qdrant-client`'s filter for a `memq.filters` tree (None selects everything).
-
-    ``contains`` is ``MatchSubstring`` (case-sensitive; ``MatchText`` would match whole words only);
-    ``ne``/``nin`` are ``must_not``; a float equality is a closed range.
-    """
-    if node is None:
-        return None
-    condition = _qdrant(node)
-    return condition if isinstance(condition, qm.Filter) else qm.Filter(must=[condition])
-
-
-def _qdrant(node: Node) -> Any:
-    if isinstance(node, Logic):
-        parts = [_qdrant(p) for p in node.parts]
-        return (qm.Filter(must=parts) if node.kind == "and" else qm.Filter(should=parts) if node.kind == "or"
-                else qm.Filter(must_not=parts))
-    key, op, value = node.key, node.op, node.value
-    if op in ("eq", "ne"):
-        cond = (qm.FieldCondition(key=key, range=qm.Range(gte=value, lte=value)) if isinstance(value, float)
-                else qm.FieldCondition(key=key, match=qm.MatchValue(value=value)))
-        return cond if op == "eq" else qm.Filter(must_not=[cond])
-    if op in ("in", "nin"):
-        cond = qm.FieldCondition(key=key, match=qm.MatchAny(any=list(value)))
-        return cond if op == "in" else qm.Filter(must_not=[cond])
-    if op in ("gt", "gte", "lt", "lte"):
-        if isinstance(value, datetime):
-            return qm.FieldCondition(key=key, range=qm.DatetimeRange(**{op: value}))
-        return qm.FieldCondition(key=key, range=qm.Range(**{op: float(value)}))
-    if op == "contains":
-        return qm.FieldCondition(key=key, match=qm.MatchSubstring(substring=value))
-    if op == "exists":
-        return qm.Filter(must_not=[qm.IsEmptyCondition(is_empty=qm.PayloadField(key=key))])
-    if op == "empty":
-        return qm.IsEmptyCondition(is_empty=qm.PayloadField(key=key))
-    raise StoreError(f"filter operator {op!r} has no Qdrant condition")  # icontains is applied after the read
+    """`qdrant-client`'s filter for a `memq.filters` tree (`stores.vectors.translate`; None: everything)."""
+    flt: qm.Filter | None = translate(node, QDRANT)
+    return flt
 
 
 @contextmanager
@@ -173,14 +153,7 @@ class QdrantClientStore(VectorStore):
                 responses = self._client.query_batch_points(self.collection, requests=requests)
             return [[to_item(p.id, p.payload, p.score) for p in r.points] for r in responses]
 
-        if selection.post is None:
-            return run(limit)
-        post = selection.post
-
-        def nth(i: int) -> Callable[[int], list[MemoryItem]]:
-            return lambda n: run(n)[i]
-
-        return [post_filtered(nth(i), post, limit) for i in range(len(vectors))]
+        return searched(run, selection, limit, len(vectors))
 
     def oldest(self, node: Node | None, n: int) -> builtins.list[MemoryItem]:
         """The `n` oldest points matching `node`, by ``created_at`` (order_by: the server's datetime

@@ -23,6 +23,7 @@ from typing import Any
 
 from pydantic import JsonValue
 
+from memq.errors import StoreError
 from memq.filters import Logic, Match, Node, evaluate, has_op, parse_filters, relax
 from memq.models import MemoryItem, Scope
 
@@ -150,6 +151,20 @@ def select(scope: Scope | None, filters: Mapping[str, Any] | None = None, *, exa
     return Selection(Logic("and", tuple(parts)) if parts else None, post)
 
 
+def searched(run: Callable[[int], list[list[MemoryItem]]], selection: Selection, limit: int,
+             queries: int) -> list[list[MemoryItem]]:
+    """The hits of a batch of `queries` searches: ``run(n)`` (the first `n` hits of each) when the
+    backend applies the whole selection, else each query's hits checked by `post_filtered`."""
+    post = selection.post
+    if post is None:
+        return run(limit)
+
+    def nth(i: int) -> Callable[[int], list[MemoryItem]]:
+        return lambda n: run(n)[i]
+
+    return [post_filtered(nth(i), post, limit) for i in range(queries)]
+
+
 def payload_of(item: MemoryItem) -> dict[str, Any]:
     """The payload fields of a read memory, as `memq.filters.evaluate` reads them."""
     payload: dict[str, Any] = dict(item.metadata)
@@ -160,6 +175,67 @@ def payload_of(item: MemoryItem) -> dict[str, Any]:
         "user_id": item.user_id, "agent_id": item.agent_id, "run_id": item.run_id,
         "actor_id": item.actor_id, "role": item.role, "source_message_ids": list(item.source_message_ids)})
     return payload
+
+
+@dataclass(frozen=True)
+class Spelling:
+    """How one backend spells filter conditions (`translate` walks the tree with it).
+
+    Attributes:
+        filter: ``(must, should, must_not) -> filter`` (each a list of conditions, or None).
+        match: ``(key, value) -> condition``: equality on a string, integer or boolean.
+        match_any: ``(key, values) -> condition``: equality with one of the values.
+        number: ``(key, {"gte": 2.0, ...}) -> condition``: a numeric range.
+        date: ``(key, {"gte": datetime, ...}) -> condition``: a datetime range.
+        substring: ``(key, text) -> condition``: a case-sensitive substring match.
+        empty: ``key -> condition``: the field is absent, null or [].
+    """
+
+    filter: Callable[[list[Any] | None, list[Any] | None, list[Any] | None], Any]
+    match: Callable[[str, Any], Any]
+    match_any: Callable[[str, list[Any]], Any]
+    number: Callable[[str, dict[str, float]], Any]
+    date: Callable[[str, dict[str, datetime]], Any]
+    substring: Callable[[str, str], Any]
+    empty: Callable[[str], Any]
+
+
+def translate(node: Node | None, spell: Spelling) -> Any:
+    """A backend's filter for a `memq.filters` tree (None selects everything).
+
+    ``ne``/``nin`` are ``must_not`` (memories without the field match, as `memq.filters.evaluate`
+    says); a float equality is a closed range; ``exists`` is "not empty". ``icontains`` never gets here
+    (`select` evaluates it in Python).
+
+    Raises:
+        StoreError: an operator the backend was not meant to receive.
+    """
+    if node is None:
+        return None
+    top = _spelled(node, spell)
+    return top if isinstance(node, Logic) else spell.filter([top], None, None)
+
+
+def _spelled(node: Node, spell: Spelling) -> Any:
+    if isinstance(node, Logic):
+        parts = [_spelled(p, spell) for p in node.parts]
+        return spell.filter(parts if node.kind == "and" else None, parts if node.kind == "or" else None,
+                            parts if node.kind == "not" else None)
+    key, op, value = node.key, node.op, node.value
+    negated = op in ("ne", "nin")
+    if op in ("eq", "ne"):
+        cond = spell.number(key, {"gte": value, "lte": value}) if isinstance(value, float) else spell.match(key, value)
+    elif op in ("in", "nin"):
+        cond = spell.match_any(key, list(value))
+    elif op in ("gt", "gte", "lt", "lte"):
+        cond = spell.date(key, {op: value}) if isinstance(value, datetime) else spell.number(key, {op: float(value)})
+    elif op == "contains":
+        cond = spell.substring(key, value)
+    elif op in ("exists", "empty"):
+        cond, negated = spell.empty(key), op == "exists"
+    else:
+        raise StoreError(f"filter operator {op!r} reached the backend")
+    return spell.filter(None, None, [cond]) if negated else cond
 
 
 POST_FILTER_CAP = 10_000

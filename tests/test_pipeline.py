@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from memq.errors import InvalidFilter, MissingScope
+from memq.errors import MissingScope
 from memq.models import JobState, MemoryEvent
 from tests.rigs.llm_server import LLMTestServer, Reply
 from tests.helpers import decisions_reply, facts_reply, wait_done
