@@ -36,6 +36,8 @@ RANGES = ("gt", "gte", "lt", "lte")
 MAX_DEPTH = 8
 MAX_CONDITIONS = 100
 MAX_KEY_CHARS = 128
+MAX_VALUE_CHARS = 4_096
+MAX_LIST = 1_000
 
 Scalar = str | int | float | bool
 
@@ -147,8 +149,8 @@ def _operand(key: str, op: object, value: object) -> Any:
     if op in ("eq", "ne"):
         return _scalar(where, value)
     if op in ("in", "nin"):
-        if not isinstance(value, list) or not value:
-            raise InvalidFilter(f"{where}: {op} takes a non-empty list", field="filters")
+        if not isinstance(value, list) or not value or len(value) > MAX_LIST:
+            raise InvalidFilter(f"{where}: {op} takes a list of 1..{MAX_LIST} values", field="filters")
         items = tuple(_scalar(where, v) for v in value)
         kinds = {"str" if isinstance(v, str) else "bool" if isinstance(v, bool) else "num" for v in items}
         if len(kinds) > 1 or kinds == {"bool"} or any(isinstance(v, float) for v in items):
@@ -168,12 +170,14 @@ def _operand(key: str, op: object, value: object) -> Any:
         raise InvalidFilter(f"{where}: {op} takes a number or an ISO-8601 date", field="filters")
     if not isinstance(value, str) or not value:
         raise InvalidFilter(f"{where}: {op} takes a non-empty string", field="filters")
-    check_text(value, "filters", InvalidFilter, what=where)
-    return value
+    return _scalar(where, value)
 
 
 def _scalar(where: str, value: object) -> Scalar:
     if isinstance(value, str):
+        if len(value) > MAX_VALUE_CHARS:
+            raise InvalidFilter(f"{where}: a value of {len(value)} characters; the limit is {MAX_VALUE_CHARS}",
+                                field="filters")
         check_text(value, "filters", InvalidFilter, what=where)
         return value
     if isinstance(value, bool) or (isinstance(value, int) and -2**63 <= value < 2**63):

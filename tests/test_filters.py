@@ -41,6 +41,9 @@ def test_the_mem0_forms_parse_into_one_tree() -> None:
     ({"topic": {"eq": [1]}}, "values are strings"),
     ({"n": 2**64}, "values are strings"),
     ({f"k{i}": i for i in range(101)}, "more than 100 conditions"),
+    ({"topic": {"in": [str(i) for i in range(1_001)]}}, "list of 1..1000 values"),
+    ({"topic": "x" * 4_097}, "the limit is 4096"),
+    ({"topic": {"icontains": "x" * 4_097}}, "the limit is 4096"),
 ], ids=lambda v: str(v)[:40])
 def test_bad_filters_are_named_errors(filters: Any, message: str) -> None:
     with pytest.raises(InvalidFilter, match=message) as raised:
