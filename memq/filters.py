@@ -21,6 +21,7 @@ another user never reaches beyond the scope. ``ne`` and ``nin`` also match memor
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -40,6 +41,10 @@ MAX_VALUE_CHARS = 4_096
 MAX_LIST = 1_000
 
 Scalar = str | int | float | bool
+
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_\-]+")
+UNFILTERABLE = frozenset({"job_id"})
+DATE_KEYS = frozenset({"created_at", "updated_at"})
 
 
 @dataclass(frozen=True)
@@ -116,6 +121,13 @@ def _key(key: object) -> str:
     check_text(key, "filters", InvalidFilter, what="a filter key")
     if key.upper() in ("AND", "OR", "NOT") or key.startswith("$"):
         raise InvalidFilter(f"unknown logical key {key[:40]!r}; use AND, OR or NOT", field="filters")
+    if not _PLAIN_KEY.fullmatch(key):
+        # Qdrant reads ".", "[]" and quotes as paths into nested values: a key is one top-level field
+        raise InvalidFilter(f"filter key {key[:40]!r}: keys are letters, digits, '_' and '-' (one top-level "
+                            "payload field)", field="filters")
+    if key in UNFILTERABLE:
+        raise InvalidFilter(f"filter key {key!r} is memq's own bookkeeping and cannot be filtered on",
+                            field="filters")
     return key
 
 
@@ -135,14 +147,13 @@ def _field(key: str, value: object, counter: list[int]) -> list[Match]:
         counter[0] += 1
         if counter[0] > MAX_CONDITIONS:
             raise InvalidFilter(f"filters hold more than {MAX_CONDITIONS} conditions", field="filters")
-        out.append(Match(key, op, _operand(key, op, operand)))
+        exists = op == "exists" and value == "*"
+        out.append(Match(key, "exists") if exists else Match(key, op, _operand(key, op, operand)))
     return out
 
 
 def _operand(key: str, op: object, value: object) -> Any:
     where = f"filter {key!r}"
-    if op == "exists":
-        return None
     if not isinstance(op, str) or op not in OPERATORS:
         raise InvalidFilter(f"{where}: unknown operator {str(op)[:20]!r}; use one of {sorted(OPERATORS)}",
                             field="filters")
@@ -158,19 +169,26 @@ def _operand(key: str, op: object, value: object) -> Any:
         return items
     if op in RANGES:
         if isinstance(value, datetime):
-            return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+            return _utc(value)
         if isinstance(value, str):
             try:
                 parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
             except ValueError:
                 raise InvalidFilter(f"{where}: {op} takes a number or an ISO-8601 date", field="filters") from None
-            return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+            return _utc(parsed)
+        if key in DATE_KEYS:
+            raise InvalidFilter(f"{where}: {op} takes an ISO-8601 date or a datetime", field="filters")
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             return value
         raise InvalidFilter(f"{where}: {op} takes a number or an ISO-8601 date", field="filters")
     if not isinstance(value, str) or not value:
         raise InvalidFilter(f"{where}: {op} takes a non-empty string", field="filters")
     return _scalar(where, value)
+
+
+def _utc(when: datetime) -> datetime:
+    """An aware datetime in UTC, whole microseconds (naive means UTC)."""
+    return when.replace(tzinfo=timezone.utc) if when.tzinfo is None else when.astimezone(timezone.utc)
 
 
 def _scalar(where: str, value: object) -> Scalar:
@@ -246,10 +264,16 @@ def evaluate(node: Node | None, payload: Mapping[str, Any]) -> bool:
     return any(isinstance(v, str) and node.value.casefold() in v.casefold() for v in values)  # icontains
 
 
-def _same(a: object, b: object) -> bool:
-    if isinstance(a, bool) or isinstance(b, bool):
-        return a is b
-    return a == b
+def _same(stored: object, operand: object) -> bool:
+    """Equality as Qdrant matches it: a boolean only a boolean, an integer operand only an integer (not
+    ``1.0``), a float operand any number of that value (a closed range), a string the same string."""
+    if isinstance(operand, bool) or isinstance(stored, bool):
+        return isinstance(stored, bool) and stored is operand
+    if isinstance(operand, int):
+        return isinstance(stored, int) and stored == operand
+    if isinstance(operand, float):
+        return isinstance(stored, (int, float)) and stored == operand
+    return isinstance(stored, str) and stored == operand
 
 
 def _in_range(v: object, op: str, bound: Any) -> bool:

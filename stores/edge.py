@@ -206,7 +206,8 @@ class EdgeStore(VectorStore):
         if not vectors:
             return []
         selection = select(scope, filters, exact=exact, unsupported=self.unsupported)
-        flt = edge_filter(selection.pushed)
+        with _mapped("filter"):
+            flt = edge_filter(selection.pushed)
 
         def run(n: int) -> list[list[MemoryItem]]:
             requests = [qe.QueryRequest(limit=n, query=qe.Query.Nearest([float(x) for x in v]), filter=flt,
@@ -225,11 +226,16 @@ class EdgeStore(VectorStore):
         """`edge_cannot`: ``icontains`` and boolean operands are evaluated in Python."""
         return edge_cannot(match)
 
+    def count_of(self, node: Node | None) -> int:
+        """How many points match `node` (at least 1)."""
+        with self._lock, _mapped("count"):
+            return max(1, int(self.shard.count(qe.CountRequest(exact=True, filter=edge_filter(node)))))
+
     def oldest(self, node: Node | None, n: int) -> builtins.list[MemoryItem]:
         """The `n` oldest points matching `node`, by ``created_at`` (Edge's order_by on its datetime index)."""
         with self._lock, _mapped("scroll"):
             records, _ = self.shard.scroll(qe.ScrollRequest(
-                limit=n, filter=edge_filter(node), with_payload=True, with_vector=False,
+                limit=max(1, n), filter=edge_filter(node), with_payload=True, with_vector=False,
                 order_by=qe.OrderBy(key="created_at")))
         return [to_item(r.id, r.payload) for r in records]
 

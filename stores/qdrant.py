@@ -155,13 +155,19 @@ class QdrantClientStore(VectorStore):
 
         return searched(run, selection, limit, len(vectors))
 
+    def count_of(self, node: Node | None) -> int:
+        """How many points match `node` (at least 1)."""
+        self.ensure_collection()
+        with self._lock, _mapped("count"):
+            return max(1, self._client.count(self.collection, count_filter=qdrant_filter(node), exact=True).count)
+
     def oldest(self, node: Node | None, n: int) -> builtins.list[MemoryItem]:
         """The `n` oldest points matching `node`, by ``created_at`` (order_by: the server's datetime
         index; local mode sorts in Python)."""
         self.ensure_collection()
         with self._lock, _mapped("scroll"):
             records, _ = self._client.scroll(self.collection, scroll_filter=qdrant_filter(node), with_payload=True,
-                                             limit=n, order_by=qm.OrderBy(key="created_at"))
+                                             limit=max(1, n), order_by=qm.OrderBy(key="created_at"))
         return [to_item(r.id, r.payload) for r in records]
 
     def count(self, scope: Scope | None = None) -> int:

@@ -238,21 +238,17 @@ def _spelled(node: Node, spell: Spelling) -> Any:
     return spell.filter(None, None, [cond]) if negated else cond
 
 
-POST_FILTER_CAP = 10_000
-"""Most candidates a read examines in Python for a condition the backend cannot apply (``icontains``)."""
-
-
 def post_filtered(fetch: Callable[[int], list[MemoryItem]], post: Node | None, limit: int) -> list[MemoryItem]:
     """Up to `limit` items of ``fetch(n)`` (the first `n` candidates, in the read's order) that match
-    `post`, asking for 4x more candidates each round until enough match, the candidates run out, or
-    `POST_FILTER_CAP` is reached."""
+    `post`, asking for 4x more candidates each round until enough match or the candidates run out (at
+    worst the whole selection: such reads cost time linear in the scope)."""
     if post is None:
         return fetch(limit)
     n = max(limit * 4, 64)
     while True:
-        candidates = fetch(min(n, POST_FILTER_CAP))
+        candidates = fetch(n)
         kept = [i for i in candidates if evaluate(post, payload_of(i))]
-        if len(kept) >= limit or len(candidates) < min(n, POST_FILTER_CAP) or n >= POST_FILTER_CAP:
+        if len(kept) >= limit or len(candidates) < n:
             return kept[:limit]
         n *= 4
 
@@ -326,18 +322,25 @@ class VectorStore(ABC):
             InvalidFilter: filters that do not parse (`memq.filters`).
         """
         selection = select(scope, filters, unsupported=self.unsupported)
-        if selection.post is not None:
-            candidates = self.oldest(selection.pushed, POST_FILTER_CAP)
-            kept = [i for i in candidates if evaluate(selection.post, payload_of(i))]
-            return oldest_first(kept)[offset:offset + limit]
         wanted = offset + limit
-        items = self.oldest(selection.pushed, wanted)
-        if len(items) == wanted and items[-1].created_at is not None:
-            edge = items[-1].created_at
-            tied = Logic("and", (*([selection.pushed] if selection.pushed else []),
-                                 Match("created_at", "gte", edge), Match("created_at", "lte", edge)))
-            items = [i for i in items if i.created_at != edge] + self.oldest(tied, POST_FILTER_CAP)
+        items = post_filtered(
+            lambda n: oldest_first(self._all_tied(selection.pushed, self.oldest(selection.pushed, n), n)),
+            selection.post, wanted)
         return oldest_first(items)[offset:offset + limit]
+
+    def _all_tied(self, pushed: Node | None, items: builtins.list[MemoryItem], n: int) -> builtins.list[MemoryItem]:
+        """`items` (the `n` oldest) with every memory that shares the last one's ``created_at``, so a
+        page boundary among equal times cuts the same place every time (ties are then ordered by id)."""
+        if len(items) < n or not items or items[-1].created_at is None:
+            return items
+        edge = items[-1].created_at
+        tied = Logic("and", (*([pushed] if pushed else []), Match("created_at", "gte", edge),
+                             Match("created_at", "lte", edge)))
+        return [i for i in items if i.created_at != edge] + self.oldest(tied, self.count_of(tied))
+
+    def count_of(self, node: Node | None) -> int:
+        """How many points match `node` (at least 1, a valid scroll limit)."""
+        raise NotImplementedError(f"{type(self).__name__} reads pages through its owner")
 
     def unsupported(self, match: Match) -> bool:
         """Conditions this backend cannot apply (evaluated in Python on what it returns)."""

@@ -42,6 +42,12 @@ def test_the_mem0_forms_parse_into_one_tree() -> None:
     ({"n": 2**64}, "values are strings"),
     ({f"k{i}": i for i in range(101)}, "more than 100 conditions"),
     ({"topic": {"in": [str(i) for i in range(1_001)]}}, "list of 1..1000 values"),
+    ({"meta.x": 1}, "one top-level payload field"),
+    ({"tags[]": "a"}, "one top-level payload field"),
+    ({"user_id ": "ann"}, "one top-level payload field"),
+    ({"job_id": "j"}, "bookkeeping"),
+    ({"topic": {"exists": True}}, "unknown operator 'exists'"),
+    ({"created_at": {"gte": 1.0}}, "ISO-8601 date or a datetime"),
     ({"topic": "x" * 4_097}, "the limit is 4096"),
     ({"topic": {"icontains": "x" * 4_097}}, "the limit is 4096"),
 ], ids=lambda v: str(v)[:40])

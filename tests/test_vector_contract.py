@@ -133,6 +133,7 @@ MIXED = [  # (metadata, actor_id, minutes after NOW) of the points the filter co
     ({"n": -3, "city": "lyon"}, None, 30),
     ({"topic": "work", "tags": ["desk"]}, "Cy", 40),
     ({}, "Bob", 50),
+    ({"n": 1.0, "ok": 1}, "Cy", 60),
 ]
 
 FILTERS = [
@@ -149,6 +150,8 @@ FILTERS = [
     {"OR": [{"topic": {"icontains": "COURT"}}, {"n": {"lt": 0}}]},
     {"NOT": [{"city": {"icontains": "LYON"}}]},
     {"actor_id": "Ann", "OR": [{"n": 1}, {"city": "Lyon"}], "NOT": [{"tags": "cake"}]},
+    {"n": {"eq": 1.0}}, {"n": {"in": [1, 7]}}, {"n": {"ne": 1}}, {"n": {"nin": [1]}}, {"ok": 1},
+    {"ok": {"ne": True}}, {"created_at": {"gte": "2024-01-02T08:34:05+05:30:15"}},
 ]
 
 
@@ -174,6 +177,19 @@ def test_list_is_oldest_first_and_limited(store: VectorStore) -> None:
     listed = store.list(dan, limit=100)
     assert [m.memory for m in listed] == [f"memory {i}" for i in range(5, -1, -1)]
     assert len(store.list(dan, limit=4)) == 4
+
+
+def test_a_needle_filtered_in_python_is_found_however_deep_it_lies(store: VectorStore) -> None:
+    # booleans (on Edge) and icontains are checked in Python on what the store returns: the read keeps
+    # asking for more candidates until it finds enough or the scope runs out, never stopping at a cap
+    store.ensure_collection()
+    hal = Scope(user_id="hal")
+    store.upsert([_point(i, hal, metadata={"flag": i == 999, "note": "NEEDLE" if i == 999 else "hay"},
+                         minutes=i) for i in range(1_000)])
+    for filters in ({"flag": True}, {"note": {"icontains": "needle"}}):
+        assert [m.memory for m in store.list(hal, limit=1, filters=filters)] == ["memory 999"]
+        assert [m.memory for m in store.search([1.0, 0.0, 0.0, 0.0], hal, limit=1, filters=filters)] \
+            == ["memory 999"]
 
 
 def test_pages_are_the_oldest_first_and_stable_across_equal_times(store: VectorStore) -> None:
