@@ -115,7 +115,8 @@ def extract(job_id: str, c: Clients) -> Transition:
             if not mine:
                 raise StageBusy("another delivery is extracting", retry_after_s=BUSY_WAIT_S, job_id=job_id)
             captioned = _stored(c, job_id, "caption", CaptionedMessages)
-            out = extract_stage.extract_facts(c.ledger.job(job_id), captioned, c.llm, graph=c.graph is not None)
+            out = extract_stage.extract_facts(c.ledger.job(job_id), captioned, c.llm, graph=c.graph is not None,
+                                              instructions=c.settings.prompts.fact_extraction)
     return Advance("extract", out, (Next(DECIDE),))
 
 
@@ -146,7 +147,8 @@ def decide(job_id: str, c: Clients) -> Transition:
             facts = _stored(c, job_id, "extract", ExtractedFacts)
             near = retrieve.find_neighbours(facts.facts, job.scope, c.embedder, c.vectors,
                                             top_k=c.settings.jobs.neighbours_top_k)
-            plan = decide_stage.decide(job, facts, near, c.llm, c.embedder, relations=_relations(c, job, facts))
+            plan = decide_stage.decide(job, facts, near, c.llm, c.embedder, relations=_relations(c, job, facts),
+                                       instructions=c.settings.prompts.update_memory)
     return Advance("decide", plan, (Next(WRITE_VECTORS), Next(WRITE_GRAPH)))
 
 

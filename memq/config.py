@@ -140,6 +140,17 @@ class VisionSettings(_Group):
                            max_tokens=self.max_tokens, rpm=self.rpm, tpm=self.tpm, burst_s=self.burst_s)
 
 
+class PromptSettings(_Group):
+    """Instructions that replace memq's built-in ones for every job (Mem0's ``custom_fact_extraction_prompt``
+    and ``custom_update_memory_prompt``). The reply format is always appended, so replies still parse.
+    An add's own ``prompt`` wins over `fact_extraction`."""
+
+    fact_extraction: str | None = Field(default=None, min_length=1, max_length=20_000,
+                                        description="Instructions of the extract stage.")
+    update_memory: str | None = Field(default=None, min_length=1, max_length=20_000,
+                                      description="Instructions of the decide stage (ADD/UPDATE/DELETE/NONE).")
+
+
 class EmbedderSettings(_Group):
     """Embedding model: sentence-transformers all-MiniLM-L6-v2 offline by default, or a litellm model."""
 
@@ -227,6 +238,7 @@ class Settings(BaseSettings):
     llm: LLMSettings = LLMSettings()
     embedder: EmbedderSettings = EmbedderSettings()
     vision: VisionSettings = VisionSettings()
+    prompts: PromptSettings = PromptSettings()
     limits: LimitsSettings = LimitsSettings()
     jobs: JobSettings = JobSettings()
 

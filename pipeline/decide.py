@@ -145,7 +145,8 @@ class _Planner:
 
 
 def decide(job: AddJob, extracted: ExtractedFacts, neighbourhood: Neighbourhood, llm: LLM,
-           embedder: Embedder, *, relations: Sequence[Relation] | None = None) -> Plan:
+           embedder: Embedder, *, relations: Sequence[Relation] | None = None,
+           instructions: str | None = None) -> Plan:
     """Decide what the job's facts do to memory (and, with graph memory, which relations they contradict).
 
     Args:
@@ -156,6 +157,8 @@ def decide(job: AddJob, extracted: ExtractedFacts, neighbourhood: Neighbourhood,
             existing relation), for ``infer=False``, or for procedural memory.
         embedder: embeds decided texts that are not a fact verbatim (one batch).
         relations: existing valid relations touching the job's entities; None when graph memory is off.
+        instructions: the deployment's own instructions (``MEMQ_PROMPTS__UPDATE_MEMORY``) in place of
+            `INSTRUCTIONS`; the reply format (and the graph part) is always appended.
 
     Returns:
         The `Plan`: actions in order, the graph change (graph on), usage (0 or 1 model call), and how
@@ -178,10 +181,10 @@ def decide(job: AddJob, extracted: ExtractedFacts, neighbourhood: Neighbourhood,
         graph = build_graph_plan(job.job_id, extracted, actions, [], []) if relations is not None else None
         return Plan(actions=actions, graph=graph)
     if relations is None:
-        system = INSTRUCTIONS + "\n\n" + REPLY_FORMAT
+        system = (instructions or INSTRUCTIONS) + "\n\n" + REPLY_FORMAT
         user = build_user_prompt(existing, facts)
     else:
-        system = INSTRUCTIONS + "\n\n" + GRAPH_INSTRUCTIONS + "\n\n" + GRAPH_REPLY_FORMAT
+        system = (instructions or INSTRUCTIONS) + "\n\n" + GRAPH_INSTRUCTIONS + "\n\n" + GRAPH_REPLY_FORMAT
         user = build_user_prompt(existing, facts, shown, extracted.relations)
     reply, usage = llm.complete_json(system, user, DecisionsReply)
     actions = _actions(reply.memory, existing, planner)

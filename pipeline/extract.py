@@ -127,7 +127,8 @@ def verbatim_facts(messages: list[Message]) -> ExtractedFacts:
     return ExtractedFacts(facts=facts)
 
 
-def extract_facts(job: AddJob, captioned: CaptionedMessages, llm: LLM, *, graph: bool = False) -> ExtractedFacts:
+def extract_facts(job: AddJob, captioned: CaptionedMessages, llm: LLM, *, graph: bool = False,
+                  instructions: str | None = None) -> ExtractedFacts:
     """Turn a job's messages into facts (and, with `graph`, entities and relations) in one model call.
 
     Args:
@@ -135,6 +136,8 @@ def extract_facts(job: AddJob, captioned: CaptionedMessages, llm: LLM, *, graph:
         captioned: the messages after the caption stage.
         llm: the model.
         graph: graph memory is on: ask for entities and relations in the same reply.
+        instructions: the deployment's own instructions (``MEMQ_PROMPTS__FACT_EXTRACTION``) in place of
+            `INSTRUCTIONS`; the job's ``prompt`` wins over both. The reply format is always appended.
 
     Returns:
         Facts with their source message ids, entities and relations, and the stage's usage (0 or 1
@@ -154,10 +157,11 @@ def extract_facts(job: AddJob, captioned: CaptionedMessages, llm: LLM, *, graph:
                                          build_user_prompt("procedural_summary", messages, when), ProceduralReply)
         return ExtractedFacts(facts=[Fact(text=reply.summary.strip(), source_message_ids=ids, role="assistant")],
                               usage=usage)
+    base = job.prompt or instructions or INSTRUCTIONS
     if graph:
-        system = (job.prompt or INSTRUCTIONS) + "\n\n" + GRAPH_INSTRUCTIONS + "\n\n" + GRAPH_REPLY_FORMAT
+        system = base + "\n\n" + GRAPH_INSTRUCTIONS + "\n\n" + GRAPH_REPLY_FORMAT
     else:
-        system = (job.prompt or INSTRUCTIONS) + "\n\n" + REPLY_FORMAT
+        system = base + "\n\n" + REPLY_FORMAT
     user = build_user_prompt("extract_facts", messages, when, graph=graph)
     facts_reply, usage = llm.complete_json(system, user, FactsReply)
     facts: list[Fact] = []

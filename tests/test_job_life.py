@@ -124,3 +124,34 @@ def test_a_replayed_job_whose_vectors_had_landed_joins_again_and_succeeds(
     by_hand.ledger.commit(job_id, done)
     assert by_hand.ledger.jobs.status(job_id).status is JobState.SUCCEEDED
     assert len(memories.get_all(user_id=user_id)["results"]) == 1
+
+
+def test_the_deployments_prompts_replace_the_built_in_instructions(
+        by_hand: Clients, settings: Settings, llm_server: Any, user_id: str) -> None:
+    from pipeline import decide as decide_stage, extract as extract_stage
+    from tests.helpers import facts_reply
+
+    prompts = settings.prompts.model_copy(update={"fact_extraction": "Only keep facts about music.",
+                                                  "update_memory": "Never delete a memory about music."})
+    c = dataclasses.replace(by_hand, settings=settings.model_copy(update={"prompts": prompts}))
+    # Given a memory of the scope, so that decide asks the model
+    earlier = _enqueue(c, settings, "Jun plays the cello.", user_id)
+    for life in (add.start, add.caption, add.extract, add.decide, add.write_vectors, add.write_graph, add.finalize):
+        c.ledger.commit(earlier, life(earlier, c))
+    [(job_id, _)] = c.ledger.jobs.enqueue([Producer(settings).build("Jun plays the cello every day.",
+                                                                      user_id=user_id)])
+    llm_server.reset()
+    llm_server.script(facts_reply("Jun plays the cello every day."))
+    for life in (add.start, add.caption, add.extract, add.decide):
+        c.ledger.commit(job_id, life(job_id, c))
+    systems = [r["messages"][0]["content"] for r in llm_server.requests]
+    assert len(systems) == 2
+    assert systems[0].startswith("Only keep facts about music.\n\n") and extract_stage.INSTRUCTIONS not in systems[0]
+    assert systems[1].startswith("Never delete a memory about music.\n\n")
+    assert decide_stage.REPLY_FORMAT in systems[1] or decide_stage.GRAPH_REPLY_FORMAT in systems[1]
+    # And an add's own prompt still wins over the deployment's
+    own = Producer(settings).build("Jun sings.", user_id=user_id, prompt="Keep everything.")
+    [(own_id, _)] = c.ledger.jobs.enqueue([own])
+    for life in (add.start, add.caption, add.extract):
+        c.ledger.commit(own_id, life(own_id, c))
+    assert llm_server.requests[-1]["messages"][0]["content"].startswith("Keep everything.\n\n")
