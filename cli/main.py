@@ -31,6 +31,7 @@ T = TypeVar("T")
 app = typer.Typer(help="memq: long-term memory for AI assistants, as a Celery pipeline.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
 console = Console()
+err_console = Console(stderr=True)
 app.add_typer(ops.dlq, name="dlq")
 app.add_typer(ops.jobs, name="jobs")
 app.add_typer(ops.poison, name="poison")
@@ -38,9 +39,9 @@ app.command(name="migrate-scope-keys")(ops.migrate_scope_keys)
 app.command(name="migrate-store")(ops.migrate_store)
 
 
-def _progress() -> Progress:
+def _progress(*, disable: bool = False) -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console)
+                    console=console, disable=disable)
 
 
 @app.command()
@@ -74,8 +75,10 @@ def backfill(
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Follow the jobs to the end.")] = False,
     timeout_s: Annotated[float, typer.Option("--timeout", help="Seconds to wait with --wait.")] = 3600.0,
     batch: Annotated[int, typer.Option(help="Requests per add_many round trip.")] = 100,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the jobs as JSON lines (no progress bar).")] = False,
 ) -> None:
     """Enqueue a chat log, one add per session in chronological order; re-runs enqueue nothing twice.
+    Prints each job's id (``--json``: one object per session: conversation, session, job_id, duplicate).
 
     Sessions whose job already succeeded (per the SQL job records, which survive a Redis restart) are
     skipped, so a re-run after a crash resumes where the backfill stopped.
@@ -96,24 +99,35 @@ def backfill(
         todo = [item for item, job in zip(items, jobs)
                 if done.get((job.scope, str(job.idempotency_key))) != "succeeded"]
         receipts = []
-        with _progress() as progress:
+        with _progress(disable=as_json) as progress:
             task = progress.add_task("enqueue", total=len(todo))
             for i in range(0, len(todo), batch):
                 chunk = todo[i:i + batch]
                 receipts += producer.add_many([item.request for item in chunk])
                 progress.advance(task, len(chunk))
         fresh = sum(not r.duplicate for r in receipts)
-        console.print(f"{len(items)} sessions: {len(items) - len(todo)} done before, {fresh} enqueued, "
-                      f"{len(receipts) - fresh} already enqueued before")
+        for item, receipt in zip(todo, receipts):
+            if as_json:
+                print(json.dumps({"conversation": item.conversation_id, "session": item.session_id,
+                                  "job_id": receipt.job_id, "duplicate": receipt.duplicate}))
+            else:
+                console.print(f"{item.conversation_id} {item.session_id}: {receipt.job_id}"
+                              + (" (enqueued before)" if receipt.duplicate else ""), highlight=False)
+        summary = (f"{len(items)} sessions: {len(items) - len(todo)} done before, {fresh} enqueued, "
+                   f"{len(receipts) - fresh} already enqueued before")
+        (err_console if as_json else console).print(summary)
         if wait and receipts:
-            _follow(producer, receipts, timeout_s)
+            _follow(producer, receipts, timeout_s, err_console if as_json else console)
     except MemqError as exc:
         console.print(f"[red]{type(exc).__name__}: {exc}[/]")
         raise typer.Exit(1) from exc
 
 
-def _follow(producer: Producer, receipts: list[Receipt], timeout_s: float) -> None:
-    with _progress() as progress:
+def _follow(producer: Producer, receipts: list[Receipt], timeout_s: float, out: Console) -> None:
+    """Wait for the jobs with a progress bar on `out`, then print their states, events and images there;
+    exit 1 unless all succeeded."""
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=out) as progress:
         task = progress.add_task("jobs done", total=len(receipts))
         statuses = producer.wait(receipts, timeout_s=timeout_s,
                                  on_progress=lambda done, total: progress.update(task, completed=done))
@@ -126,19 +140,22 @@ def _follow(producer: Producer, receipts: list[Receipt], timeout_s: float) -> No
             events[event] = events.get(event, 0) + n
         for source, n in s.images.items():
             images[source] = images.get(source, 0) + n
-    console.print("jobs: " + ", ".join(f"{k} {v}" for k, v in sorted(by_state.items())))
-    console.print("events: " + ", ".join(f"{k} {v}" for k, v in events.items()))
+    out.print("jobs: " + ", ".join(f"{k} {v}" for k, v in sorted(by_state.items())))
+    out.print("events: " + ", ".join(f"{k} {v}" for k, v in events.items()))
     if any(images.values()):
-        console.print("images: " + ", ".join(f"{k} {v}" for k, v in images.items())
-                      + f" (warnings: {sum(len(s.warnings) for s in statuses)}; `memq status JOB_ID` shows them)")
+        out.print("images: " + ", ".join(f"{k} {v}" for k, v in images.items())
+                  + f" (warnings: {sum(len(s.warnings) for s in statuses)}; `memq status JOB_ID` shows them)")
     failed = [s for s in statuses if s.status.value == "failed"]
     for s in failed[:10]:
-        console.print(f"[red]failed {s.job_id}: {s.error_type}: {s.error}[/]")
+        out.print(f"[red]failed {s.job_id}: {s.error_type}: {s.error}[/]")
     if failed or by_state.get("succeeded", 0) != len(receipts):
         raise typer.Exit(1)
 
 
 ScopeOption = Annotated[str | None, typer.Option(help="Scope: user id.")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON (Mem0's shapes) instead of a table.")]
+FiltersOption = Annotated[str | None, typer.Option(help="Mem0-style filters as JSON, e.g. "
+                                                        "'{\"topic\": \"food\", \"n\": {\"gte\": 2}}'.")]
 AgentOption = Annotated[str | None, typer.Option(help="Scope: agent id.")]
 RunOption = Annotated[str | None, typer.Option(help="Scope: run id.")]
 
@@ -169,15 +186,105 @@ def search(
     agent_id: AgentOption = None,
     run_id: RunOption = None,
     limit: Annotated[int, typer.Option(help="At most this many results.")] = 10,
-    as_json: Annotated[bool, typer.Option("--json", help="Print Mem0's JSON shape.")] = False,
+    filters: FiltersOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Search memories of a scope by meaning (in embedded mode through the worker when one runs)."""
-    found = _read(lambda m: m.search(query, user_id=user_id, agent_id=agent_id, run_id=run_id, limit=limit))
+    parsed = _filters(filters)
+    found = _read(lambda m: m.search(query, user_id=user_id, agent_id=agent_id, run_id=run_id, limit=limit,
+                                     filters=parsed))
     if as_json:
         print(json.dumps(found, indent=1))
         return
-    for hit in found["results"]:
-        console.print(f"{hit['score']:.3f}  {hit['memory']}  [dim]{','.join(hit['source_message_ids'])}[/]")
+    _table(found["results"], score=True)
+
+
+@app.command("get-all")
+def get_all(
+    user_id: ScopeOption = None,
+    agent_id: AgentOption = None,
+    run_id: RunOption = None,
+    limit: Annotated[int, typer.Option(help="At most this many memories.")] = 100,
+    offset: Annotated[int, typer.Option(help="Memories to skip (pages: 0, LIMIT, 2*LIMIT, ...).")] = 0,
+    filters: FiltersOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """A scope's memories, oldest first, a page at a time."""
+    parsed = _filters(filters)
+    found = _read(lambda m: m.get_all(user_id=user_id, agent_id=agent_id, run_id=run_id, limit=limit,
+                                      offset=offset, filters=parsed))
+    if as_json:
+        print(json.dumps(found, indent=1))
+        return
+    _table(found["results"], score=False)
+
+
+@app.command()
+def delete(
+    memory_id: Annotated[str, typer.Argument(help="A memory id.")],
+    user_id: ScopeOption = None,
+    agent_id: AgentOption = None,
+    run_id: RunOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Delete one memory of the scope (its relations too; a DELETE history row is kept). Exit 1 when the
+    scope holds no such memory."""
+    deleted = _read(lambda m: m.delete(memory_id, user_id=user_id, agent_id=agent_id, run_id=run_id))
+    if as_json:
+        print(json.dumps({"id": memory_id, "deleted": deleted}))
+    else:
+        console.print(f"deleted {memory_id}" if deleted else f"no memory {memory_id} in this scope")
+    if not deleted:
+        raise typer.Exit(1)
+
+
+@app.command("delete-all")
+def delete_all(
+    user_id: ScopeOption = None,
+    agent_id: AgentOption = None,
+    run_id: RunOption = None,
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Delete every memory, entity and relation the scope covers (DELETE history rows are kept)."""
+    if not yes and not typer.confirm(f"Delete every memory of user_id={user_id} agent_id={agent_id} "
+                                     f"run_id={run_id}?"):
+        raise typer.Exit(1)
+    counts = _read(lambda m: m.delete_all(user_id=user_id, agent_id=agent_id, run_id=run_id))
+    if as_json:
+        print(json.dumps(counts))
+    else:
+        console.print(f"deleted {counts['memories']} memories and {counts['entities']} entities")
+
+
+def _filters(text: str | None) -> dict[str, object] | None:
+    """``--filters`` as a dict (JSON text), or a one-line error (exit 2)."""
+    if text is None:
+        return None
+    try:
+        parsed = json.loads(text)
+    except json.JSONDecodeError as exc:
+        console.print(f"[red]--filters is not JSON: {exc.msg} at position {exc.pos}[/]")
+        raise typer.Exit(2) from exc
+    if not isinstance(parsed, dict):
+        console.print("[red]--filters must be a JSON object, e.g. '{\"topic\": \"food\"}'[/]")
+        raise typer.Exit(2)
+    return parsed
+
+
+def _table(items: list[dict[str, object]], *, score: bool) -> None:
+    """Memories as a readable table."""
+    from rich.table import Table
+
+    table = Table(show_lines=False)
+    for column in (["score"] if score else []) + ["memory", "id", "created", "from"]:
+        table.add_column(column, overflow="fold")
+    for m in items:
+        row = [f"{m['score']:.3f}"] if score else []
+        sources = m.get("source_message_ids") or []
+        table.add_row(*row, str(m["memory"]), str(m["id"]), str(m.get("created_at") or "")[:19],
+                      ",".join(map(str, sources if isinstance(sources, list) else [])))
+    console.print(table)
 
 
 @app.command()
