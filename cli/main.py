@@ -39,9 +39,9 @@ app.command(name="migrate-scope-keys")(ops.migrate_scope_keys)
 app.command(name="migrate-store")(ops.migrate_store)
 
 
-def _progress(*, disable: bool = False) -> Progress:
+def _progress(out: Console = console, *, disable: bool = False) -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console, disable=disable)
+                    console=out, disable=disable)
 
 
 @app.command()
@@ -126,8 +126,7 @@ def backfill(
 def _follow(producer: Producer, receipts: list[Receipt], timeout_s: float, out: Console) -> None:
     """Wait for the jobs with a progress bar on `out`, then print their states, events and images there;
     exit 1 unless all succeeded."""
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=out) as progress:
+    with _progress(out) as progress:
         task = progress.add_task("jobs done", total=len(receipts))
         statuses = producer.wait(receipts, timeout_s=timeout_s,
                                  on_progress=lambda done, total: progress.update(task, completed=done))

@@ -42,7 +42,7 @@ import qdrant_edge as qe
 from memq.errors import StoreError, StoreNeedsMigration, StoreOwned, StoreUnavailable
 from memq.models import MemoryItem, Scope
 from memq.filters import Match, Node
-from stores.vectors import (KEYWORD_INDEXES, MemoryPoint, Spelling, VectorStore, python_only, searched,
+from stores.vectors import (KEYWORD_INDEXES, MemoryPoint, PagedVectorStore, Spelling, python_only, searched,
                             select, to_item, translate)
 
 __all__ = ["EdgeStore", "open_edge", "owner_of", "is_local_mode_folder", "VACUUM_MIN_CHURN", "VACUUM_FRACTION"]
@@ -99,7 +99,7 @@ def _mapped(what: str) -> Iterator[None]:
         raise StoreError(f"Qdrant Edge {what}: {reason}") from None  # the text may quote payloads
 
 
-class EdgeStore(VectorStore):
+class EdgeStore(PagedVectorStore):
     """Memories in one Edge shard, owned by this process.
 
     Args:
@@ -209,7 +209,7 @@ class EdgeStore(VectorStore):
         with _mapped("filter"):
             flt = edge_filter(selection.pushed)
 
-        def run(n: int) -> list[list[MemoryItem]]:
+        def run(vectors: Sequence[Sequence[float]], n: int) -> list[list[MemoryItem]]:
             requests = [qe.QueryRequest(limit=n, query=qe.Query.Nearest([float(x) for x in v]), filter=flt,
                                         with_payload=True, with_vector=False, score_threshold=threshold)
                         for v in vectors]
@@ -220,7 +220,7 @@ class EdgeStore(VectorStore):
                     responses = self.shard.query_batch(qe.QueryBatchRequest(requests))
             return [[to_item(p.id, p.payload, p.score) for p in hits] for hits in responses]
 
-        return searched(run, selection, limit, len(vectors))
+        return searched(run, vectors, selection, limit)
 
     def unsupported(self, match: Match) -> bool:
         """`edge_cannot`: ``icontains`` and boolean operands are evaluated in Python."""

@@ -23,7 +23,7 @@ from memq.config import QdrantSettings
 from memq.errors import StoreError, StoreUnavailable
 from memq.models import MemoryItem, Scope
 from memq.filters import Node
-from stores.vectors import (KEYWORD_INDEXES, MemoryPoint, Spelling, VectorStore, searched, select, to_item,
+from stores.vectors import (KEYWORD_INDEXES, MemoryPoint, PagedVectorStore, Spelling, searched, select, to_item,
                             translate)
 
 __all__ = ["QdrantClientStore", "qdrant_filter", "connect_server"]
@@ -61,7 +61,7 @@ def _mapped(what: str) -> Iterator[None]:
         raise StoreError(f"Qdrant {what}: {type(exc).__name__}") from exc
 
 
-class QdrantClientStore(VectorStore):
+class QdrantClientStore(PagedVectorStore):
     """Memories in one collection of a Qdrant server (or of `qdrant-client` local mode).
 
     Args:
@@ -146,14 +146,14 @@ class QdrantClientStore(VectorStore):
         selection = select(scope, filters, exact=exact, unsupported=self.unsupported)
         flt = qdrant_filter(selection.pushed)
 
-        def run(n: int) -> list[list[MemoryItem]]:
+        def run(vectors: Sequence[Sequence[float]], n: int) -> list[list[MemoryItem]]:
             requests = [qm.QueryRequest(query=list(v), filter=flt, limit=n, with_payload=True,
                                         score_threshold=threshold) for v in vectors]
             with self._lock, _mapped("query"):
                 responses = self._client.query_batch_points(self.collection, requests=requests)
             return [[to_item(p.id, p.payload, p.score) for p in r.points] for r in responses]
 
-        return searched(run, selection, limit, len(vectors))
+        return searched(run, vectors, selection, limit)
 
     def count_of(self, node: Node | None) -> int:
         """How many points match `node` (at least 1)."""

@@ -151,18 +151,18 @@ def select(scope: Scope | None, filters: Mapping[str, Any] | None = None, *, exa
     return Selection(Logic("and", tuple(parts)) if parts else None, post)
 
 
-def searched(run: Callable[[int], list[list[MemoryItem]]], selection: Selection, limit: int,
-             queries: int) -> list[list[MemoryItem]]:
-    """The hits of a batch of `queries` searches: ``run(n)`` (the first `n` hits of each) when the
-    backend applies the whole selection, else each query's hits checked by `post_filtered`."""
+def searched(run: Callable[[Sequence[Sequence[float]], int], list[list[MemoryItem]]],
+             vectors: Sequence[Sequence[float]], selection: Selection, limit: int) -> list[list[MemoryItem]]:
+    """The hits of a batch of searches: ``run(vectors, n)`` (the first `n` hits of each vector) in one
+    batch when the backend applies the whole selection, else each vector's hits on their own, checked
+    by `post_filtered`."""
     post = selection.post
     if post is None:
-        return run(limit)
+        return run(vectors, limit)
+    def alone(vector: Sequence[float]) -> Callable[[int], list[MemoryItem]]:
+        return lambda n: run([vector], n)[0]
 
-    def nth(i: int) -> Callable[[int], list[MemoryItem]]:
-        return lambda n: run(n)[i]
-
-    return [post_filtered(nth(i), post, limit) for i in range(queries)]
+    return [post_filtered(alone(v), post, limit) for v in vectors]
 
 
 def payload_of(item: MemoryItem) -> dict[str, Any]:
@@ -311,6 +311,28 @@ class VectorStore(ABC):
             exact: only memories whose scope equals `scope` (see `select`).
         """
 
+    @abstractmethod
+    def list(self, scope: Scope, *, limit: int = 100, filters: Mapping[str, Any] | None = None,
+             offset: int = 0) -> list[MemoryItem]:
+        """A page of the memories of `scope`: oldest first by ``created_at`` (then id), skipping `offset`.
+
+        Raises:
+            InvalidFilter: filters that do not parse (`memq.filters`).
+        """
+
+    @abstractmethod
+    def count(self, scope: Scope | None = None) -> int:
+        """Number of points (of `scope`, or all)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the store (an embedded store's folder is free for another process afterwards)."""
+
+
+class PagedVectorStore(VectorStore):
+    """A store that reads its own engine (Edge, `qdrant-client`): pages and Python-side filters are
+    built here on two primitives, `oldest` and `count_of`. (`RemoteVectorStore` asks the owner instead.)"""
+
     def list(self, scope: Scope, *, limit: int = 100, filters: Mapping[str, Any] | None = None,
              offset: int = 0) -> list[MemoryItem]:
         """A page of the memories of `scope`: oldest first by ``created_at`` (then id), skipping `offset`.
@@ -338,25 +360,14 @@ class VectorStore(ABC):
                              Match("created_at", "lte", edge)))
         return [i for i in items if i.created_at != edge] + self.oldest(tied, self.count_of(tied))
 
+    @abstractmethod
     def count_of(self, node: Node | None) -> int:
         """How many points match `node` (at least 1, a valid scroll limit)."""
-        raise NotImplementedError(f"{type(self).__name__} reads pages through its owner")
 
     def unsupported(self, match: Match) -> bool:
         """Conditions this backend cannot apply (evaluated in Python on what it returns)."""
         return python_only(match)
 
+    @abstractmethod
     def oldest(self, node: Node | None, n: int) -> builtins.list[MemoryItem]:
-        """The `n` oldest points matching `node` by ``created_at`` (any order among equal times).
-
-        Backends that read through another process override `list` instead.
-        """
-        raise NotImplementedError(f"{type(self).__name__} reads pages through its owner")
-
-    @abstractmethod
-    def count(self, scope: Scope | None = None) -> int:
-        """Number of points (of `scope`, or all)."""
-
-    @abstractmethod
-    def close(self) -> None:
-        """Release the store (an embedded store's folder is free for another process afterwards)."""
+        """The `n` oldest points matching `node` by ``created_at`` (any order among equal times)."""
