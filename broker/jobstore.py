@@ -47,12 +47,12 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import redis
-import tenacity
 from pydantic import BaseModel, ValidationError
 
 from broker import scripts
 from broker.messages import Next, TaskMessages
-from memq.errors import BrokerUnavailable, InvalidJob, JobNotFound, describe
+from broker.outage import ride_out
+from memq.errors import InvalidJob, JobNotFound, describe
 from memq.models import AddJob, JobState, JobStatus, MemoryResult, Scope, utcnow
 
 M = TypeVar("M", bound=BaseModel)
@@ -152,21 +152,12 @@ class JobStore:
         return self._messages
 
     def _call(self, fn: Callable[[], T]) -> T:
-        """Run one Redis call, retried while Redis is unreachable for up to `outage_s`.
+        """Run one Redis call, retried while Redis is unreachable for up to `outage_s` (`ride_out`).
 
         Raises:
             BrokerUnavailable: Redis stayed unreachable (nothing was changed by this call).
         """
-        try:
-            if self._outage_s <= 0:
-                return fn()
-            retrying = tenacity.Retrying(
-                retry=tenacity.retry_if_exception_type((redis.ConnectionError, redis.TimeoutError)),
-                stop=tenacity.stop_after_delay(self._outage_s),
-                wait=tenacity.wait_exponential(multiplier=0.1, max=2.0), reraise=True)
-            return retrying(fn)
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise BrokerUnavailable(f"Redis is unreachable: {type(exc).__name__}") from None
+        return ride_out(fn, self._outage_s)
 
     # --- enqueue ------------------------------------------------------------------------------
 

@@ -130,7 +130,7 @@ def caption(job: AddJob, *, vision: LLM | None = None, cache: CaptionCache | Non
             requests of this job are cached, so a retry does not pay for them again).
         StageBusy: another worker is describing one of the job's images right now (re-queued, not
             an attempt; the job then reads the cache).
-        redis.RedisError: the caption cache is unreachable.
+        BrokerUnavailable: Redis (the caption cache) stayed unreachable; nothing is lost, the stage runs again.
     """
     settings = settings or VisionSettings()
     images = [_Image(f"messages[{i}].content[{j}]", part) for i, m in enumerate(job.messages)

@@ -16,6 +16,8 @@ from collections.abc import Sequence
 
 import redis
 
+from broker.outage import ride_out
+
 __all__ = ["CaptionCache"]
 
 PREFIX = "memq:caption:"
@@ -30,25 +32,31 @@ return 0
 class CaptionCache:
     """Model captions by image key, in Redis.
 
+    Every call rides out a Redis restart of up to `outage_s` seconds like the job records do, then
+    raises `BrokerUnavailable` (the worker leaves the stage's message for redelivery; the job is not
+    failed).
+
     Args:
         client: a `redis.Redis` client (``decode_responses=False``).
         ttl_s: how long a caption stays cached (seconds).
+        outage_s: how long a call keeps retrying while Redis is unreachable (seconds).
     """
 
-    def __init__(self, client: redis.Redis, *, ttl_s: int) -> None:
+    def __init__(self, client: redis.Redis, *, ttl_s: int, outage_s: float = 0.0) -> None:
         self._r = client
         self._ttl_s = ttl_s
+        self._outage_s = outage_s
         self._release = client.register_script(_RELEASE)
 
     def get_many(self, keys: Sequence[str]) -> dict[str, str]:
         """The cached captions of `keys` (missing keys left out), in one round trip.
 
         Raises:
-            redis.RedisError: Redis is unreachable.
+            BrokerUnavailable: Redis stayed unreachable.
         """
         if not keys:
             return {}
-        values: list[bytes | str | None] = self._r.mget([PREFIX + k for k in keys])
+        values: list[bytes | str | None] = ride_out(lambda: self._r.mget([PREFIX + k for k in keys]), self._outage_s)
         return {k: v.decode() if isinstance(v, bytes) else v for k, v in zip(keys, values) if v is not None}
 
     def put_many(self, captions: dict[str, str]) -> None:
@@ -58,7 +66,7 @@ class CaptionCache:
         pipe = self._r.pipeline(transaction=False)
         for key, caption in captions.items():
             pipe.set(PREFIX + key, caption.encode(), ex=self._ttl_s)
-        pipe.execute()
+        ride_out(pipe.execute, self._outage_s)
 
     def lease(self, keys: Sequence[str], *, ttl_s: float) -> tuple[dict[str, str], list[str]]:
         """Take the right to describe each image of `keys` (one worker at a time per image).
@@ -77,11 +85,11 @@ class CaptionCache:
         pipe = self._r.pipeline(transaction=False)
         for key, token in tokens.items():
             pipe.set(LEASE_PREFIX + key, token, nx=True, px=max(1, int(ttl_s * 1000)))
-        taken = pipe.execute()
+        taken = ride_out(pipe.execute, self._outage_s)
         mine = {k: t for (k, t), ok in zip(tokens.items(), taken) if ok}
         return mine, [k for k in keys if k not in mine]
 
     def release(self, leases: dict[str, str]) -> None:
         """Give back leases taken with `lease` (a lease another worker took after ours lapsed is kept)."""
         for key, token in leases.items():
-            self._release(keys=[LEASE_PREFIX + key], args=[token])
+            ride_out(lambda: self._release(keys=[LEASE_PREFIX + key], args=[token]), self._outage_s)

@@ -17,7 +17,7 @@ import redis
 
 from broker.ratelimit import RateLimiter
 from memq.config import LimitsSettings, Settings, VisionSettings
-from memq.errors import LLMOutputError, RateLimited, StageBusy
+from memq.errors import BrokerUnavailable, LLMOutputError, RateLimited, StageBusy
 from memq.images import image_key
 from pipeline import caption as caption_stage
 from pipeline.llm import LLM, ImageInput
@@ -238,3 +238,16 @@ def test_data_images_are_sent_in_canonical_form_and_the_detail_is_part_of_the_ke
 
     assert llm_server.vision_requests == [[canonical], [canonical]]  # low and default detail: two captions
     assert llm_server.requests[0]["messages"][1]["content"][2]["image_url"] == {"url": canonical, "detail": "low"}
+
+
+def test_a_redis_outage_in_the_caption_stage_leaves_the_job_for_redelivery_instead_of_failing_it(
+        settings: Settings, llm_server: LLMTestServer) -> None:
+    # Given a caption cache whose Redis is down (a closed port), riding out an outage of 0.5 s
+    dead = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)
+    cache = CaptionCache(dead, ttl_s=60, outage_s=0.5)
+    job = _job([{"role": "user", "content": [_image(f"https://img.example/{uuid.uuid4().hex}.jpg")]}])
+    # When the stage runs, Then it reports the broker unavailable (the worker requeues the message;
+    # an unknown error would fail the job) and asks the model nothing
+    with pytest.raises(BrokerUnavailable):
+        caption_stage.caption(job, vision=_vision(settings), cache=cache)
+    assert llm_server.calls == 0
