@@ -285,6 +285,37 @@ class JobStore:
         rows: list[Any] = self._call(lambda: self._r.zrange(LIVE_KEY, 0, limit - 1, withscores=True))
         return [(_text(job_id), float(score)) for job_id, score in rows]
 
+    def live_scopes(self, scope: Scope, *, batch: int = 1000) -> list[Scope]:
+        """The exact scopes of unfinished jobs that `scope` covers (an edit spanning `scope` must also
+        follow the jobs already accepted there, even in a scope that has no memory yet).
+
+        Reads the live set in pages of `batch` ids (one pipelined ``HGET`` of each job's scope ids).
+
+        Raises:
+            BrokerUnavailable: Redis is unreachable.
+        """
+        found: dict[tuple[str | None, ...], None] = {}
+        start = 0
+        while True:
+            ids: list[Any] = self._call(lambda: self._r.zrange(LIVE_KEY, start, start + batch - 1))
+            if not ids:
+                break
+
+            def read(ids: list[Any] = ids) -> list[Any]:
+                pipe = self._r.pipeline(transaction=False)
+                for job_id in ids:
+                    pipe.hget(_key(_text(job_id)), "ids")
+                return pipe.execute()
+
+            for raw in self._call(read):
+                if raw is None:
+                    continue
+                u, a, r = json.loads(_text(raw))
+                if scope.covers(u, a, r):
+                    found.setdefault((u, a, r))
+            start += batch
+        return [Scope(user_id=u, agent_id=a, run_id=r) for u, a, r in found]
+
     # --- leases -------------------------------------------------------------------------------
 
     def lease(self, job_id: str, stage: str, *, ttl_s: float) -> str | None:
@@ -396,7 +427,7 @@ class JobStore:
         return _text(self._call(lambda: self._retry(keys=[], args=args)))
 
     def finish(self, job_id: str, state: JobState, *, results: Sequence[MemoryResult] | None = None,
-               counts: Mapping[str, int] | None = None, relations: Sequence[Mapping[str, str]] = (),
+               counts: Mapping[str, int] | None = None, relations: Sequence[Mapping[str, str | bool]] = (),
                error: BaseException | None = None, stage: str = "done", then: Next | None = None,
                parent_id: str | None = None, images: Mapping[str, int] | None = None,
                warnings: Sequence[str] = ()) -> str:

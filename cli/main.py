@@ -1,4 +1,5 @@
-"""The ``memq`` command line: worker, backfill, search, status, history, demo (operators' commands
+"""The ``memq`` command line: worker, backfill, add, update, delete, delete-all (writes are jobs, run by a
+worker), search, get, get-all, status, history, demo (operators' commands
 ``jobs``, ``dlq``, ``migrate-scope-keys`` and ``migrate-store`` are in `cli.ops`).
 
 Commands import the layers they need when they run, so ``memq --help`` stays fast and light.
@@ -23,7 +24,7 @@ from memq.errors import MemqError
 from memq.models import Receipt
 
 if TYPE_CHECKING:
-    from memories import Memories
+    from memories import Memories, Memory
     from producer import Producer
 
 T = TypeVar("T")
@@ -218,23 +219,119 @@ def get_all(
     _table(found["results"], score=False)
 
 
+def _write(call: Callable[[Memory], T]) -> T:
+    """Run one write (a job) through `memq.Memory`, waiting for it, and print a memq error as a one-line
+    failure (exit 1). Writes need a running worker: in embedded mode with none, `NoStoreOwner` says so."""
+    from memories import Memory
+
+    client = Memory()
+    try:
+        return call(client)
+    except MemqError as exc:
+        raise _fail(exc) from exc
+    finally:
+        client.close()
+
+
+WaitOption = Annotated[bool, typer.Option(help="Wait for the job and print its result (else its job id).")]
+TimeoutOption = Annotated[float, typer.Option(help="Seconds to wait for the job.")]
+MetadataOption = Annotated[str | None, typer.Option(help="Metadata as a JSON object, e.g. '{\"topic\": \"food\"}'.")]
+
+
+def _done(result: object, as_json: bool, line: str) -> None:
+    """Print a write's outcome: its receipt(s) or Mem0-shaped result as JSON, or one readable line."""
+    from memq.models import Receipt as ReceiptModel
+
+    if isinstance(result, ReceiptModel) or isinstance(result, list):
+        receipts = result if isinstance(result, list) else [result]
+        if as_json:
+            print(json.dumps([r.model_dump(mode="json") for r in receipts] if isinstance(result, list)
+                             else result.model_dump(mode="json")))
+        else:
+            console.print("queued: " + (", ".join(r.job_id for r in receipts) or "nothing to do"), highlight=False)
+        return
+    if as_json:
+        print(json.dumps(result))
+    else:
+        console.print(line, highlight=False)
+
+
+@app.command()
+def add(
+    text: Annotated[str | None, typer.Argument(help="A user message to remember.")] = None,
+    messages: Annotated[Path | None, typer.Option(help="A JSON file holding a list of chat messages.")] = None,
+    user_id: ScopeOption = None,
+    agent_id: AgentOption = None,
+    run_id: RunOption = None,
+    metadata: MetadataOption = None,
+    infer: Annotated[bool, typer.Option(help="Extract facts (--no-infer stores each message as it is).")] = True,
+    prompt: Annotated[str | None, typer.Option(help="Custom fact-extraction instructions.")] = None,
+    wait: WaitOption = True,
+    timeout: TimeoutOption = 60.0,
+    as_json: JsonOption = False,
+) -> None:
+    """Remember a message (or a file of chat messages) for a scope, through the queue."""
+    if (text is None) == (messages is None):
+        console.print("[red]give a TEXT or --messages FILE (one of them)[/]")
+        raise typer.Exit(2)
+    payload: object = text
+    if messages is not None:
+        try:
+            payload = json.loads(messages.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            console.print(f"[red]--messages: {type(exc).__name__}: {exc}[/]")
+            raise typer.Exit(2) from exc
+    meta = _json_object(metadata, "--metadata")
+    result = _write(lambda m: m.add(payload, user_id=user_id, agent_id=agent_id, run_id=run_id, metadata=meta,
+                                    infer=infer, prompt=prompt, wait=wait, timeout=timeout))
+    if isinstance(result, dict) and not as_json:
+        from rich.table import Table
+
+        table = Table()
+        for column in ("event", "memory", "id"):
+            table.add_column(column, overflow="fold")
+        for r in result["results"]:
+            table.add_row(r["event"], r["memory"], r["id"])
+        console.print(table if result["results"] else "no new memory (nothing worth remembering, or known already)")
+        return
+    _done(result, as_json, "")
+
+
+@app.command()
+def update(
+    memory_id: Annotated[str, typer.Argument(help="A memory id.")],
+    text: Annotated[str | None, typer.Argument(help="The memory's new text.")] = None,
+    metadata: MetadataOption = None,
+    user_id: ScopeOption = None,
+    agent_id: AgentOption = None,
+    run_id: RunOption = None,
+    wait: WaitOption = True,
+    timeout: TimeoutOption = 60.0,
+    as_json: JsonOption = False,
+) -> None:
+    """Change a memory's text and/or metadata, through the queue (an UPDATE history row is kept). Exit 1
+    when the scope holds no such memory."""
+    meta = _json_object(metadata, "--metadata")
+    result = _write(lambda m: m.update(memory_id, text, meta, user_id=user_id, agent_id=agent_id, run_id=run_id,
+                                       wait=wait, timeout=timeout))
+    _done(result, as_json, f"updated {memory_id}")
+
+
 @app.command()
 def delete(
     memory_id: Annotated[str, typer.Argument(help="A memory id.")],
     user_id: ScopeOption = None,
     agent_id: AgentOption = None,
     run_id: RunOption = None,
+    wait: WaitOption = True,
+    timeout: TimeoutOption = 60.0,
     as_json: JsonOption = False,
 ) -> None:
-    """Delete one memory of the scope (its relations too; a DELETE history row is kept). Exit 1 when the
-    scope holds no such memory."""
-    deleted = _read(lambda m: m.delete(memory_id, user_id=user_id, agent_id=agent_id, run_id=run_id))
-    if as_json:
-        print(json.dumps({"id": memory_id, "deleted": deleted}))
-    else:
-        console.print(f"deleted {memory_id}" if deleted else f"no memory {memory_id} in this scope")
-    if not deleted:
-        raise typer.Exit(1)
+    """Delete one memory of the scope, through the queue (its relations too; a DELETE history row is kept).
+    Exit 1 when the scope holds no such memory."""
+    result = _write(lambda m: m.delete(memory_id, user_id=user_id, agent_id=agent_id, run_id=run_id, wait=wait,
+                                       timeout=timeout))
+    _done(result, as_json, f"deleted {memory_id}")
 
 
 @app.command("delete-all")
@@ -243,32 +340,38 @@ def delete_all(
     agent_id: AgentOption = None,
     run_id: RunOption = None,
     yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+    wait: WaitOption = True,
+    timeout: TimeoutOption = 120.0,
     as_json: JsonOption = False,
 ) -> None:
-    """Delete every memory, entity and relation the scope covers (DELETE history rows are kept)."""
+    """Delete every memory, entity and relation the scope covers, through the queue (DELETE history rows
+    are kept)."""
     if not yes and not typer.confirm(f"Delete every memory of user_id={user_id} agent_id={agent_id} "
                                      f"run_id={run_id}?"):
         raise typer.Exit(1)
-    counts = _read(lambda m: m.delete_all(user_id=user_id, agent_id=agent_id, run_id=run_id))
-    if as_json:
-        print(json.dumps(counts))
-    else:
-        console.print(f"deleted {counts['memories']} memories and {counts['entities']} entities")
+    result = _write(lambda m: m.delete_all(user_id=user_id, agent_id=agent_id, run_id=run_id, wait=wait,
+                                           timeout=timeout))
+    _done(result, as_json, "deleted every memory of the scope")
 
 
-def _filters(text: str | None) -> dict[str, object] | None:
-    """``--filters`` as a dict (JSON text), or a one-line error (exit 2)."""
+def _json_object(text: str | None, option: str) -> dict[str, object] | None:
+    """An option's JSON object, or a one-line error (exit 2)."""
     if text is None:
         return None
     try:
         parsed = json.loads(text)
     except json.JSONDecodeError as exc:
-        console.print(f"[red]--filters is not JSON: {exc.msg} at position {exc.pos}[/]")
+        console.print(f"[red]{option} is not JSON: {exc.msg} at position {exc.pos}[/]")
         raise typer.Exit(2) from exc
     if not isinstance(parsed, dict):
-        console.print("[red]--filters must be a JSON object, e.g. '{\"topic\": \"food\"}'[/]")
+        console.print(f"[red]{option} must be a JSON object[/]")
         raise typer.Exit(2)
     return parsed
+
+
+def _filters(text: str | None) -> dict[str, object] | None:
+    """``--filters`` as a dict (JSON text), or a one-line error (exit 2)."""
+    return _json_object(text, "--filters")
 
 
 def _table(items: list[dict[str, object]], *, score: bool) -> None:

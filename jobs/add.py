@@ -10,6 +10,10 @@ and `workers.tasks` (Celery only) turns errors into `retry`, `requeue` or `fail`
                                      |    -> write_graph    }
                                      '-> Deferred until every earlier job of the scope has finished
 
+An edit job (update / delete / delete_all, `memq.models.Operation`) goes from start straight to
+decide, which plans it from the memories as they are in its turn (`pipeline.edit`, no model call);
+the writes and finalize are the add's.
+
 Every function is safe to run again for the same job (redelivery, duplicates): a finished job is
 skipped, a stage whose output is stored reuses it (so a retried stage never asks the model twice),
 two deliveries of one stage never ask the model at the same time (a lease: the second waits, then
@@ -33,7 +37,7 @@ from jobs.transitions import Advance, Deferred, Finished, Joined, Retry, Skip, T
 from memq.errors import StageBusy, StoreUnavailable
 from memq.models import AddJob, JobState, Relation
 from pipeline import apply, caption as caption_stage, decide as decide_stage, extract as extract_stage
-from pipeline import finalize as finalize_stage, graph_plan, retrieve
+from pipeline import edit as edit_stage, finalize as finalize_stage, graph_plan, retrieve
 from pipeline.types import CaptionedMessages, ExtractedFacts, LLMUsage, Plan, WriteResult
 
 logger = logging.getLogger(__name__)
@@ -62,7 +66,7 @@ def start(job_id: str, c: Clients) -> Transition:
     job = c.ledger.job(job_id)
     if c.ledger.meta(job_id).finished:
         return Skip("finished")
-    return Advance("start", None, (Next(CAPTION),), record=job)
+    return Advance("start", None, (Next(DECIDE if job.is_edit else CAPTION),), record=job)
 
 
 def caption(job_id: str, c: Clients) -> Transition:
@@ -144,12 +148,17 @@ def decide(job_id: str, c: Clients) -> Transition:
             if not mine:
                 raise StageBusy("another delivery is deciding", retry_after_s=BUSY_WAIT_S, job_id=job_id)
             job = c.ledger.job(job_id)
-            facts = _stored(c, job_id, "extract", ExtractedFacts)
-            near = retrieve.find_neighbours(facts.facts, job.scope, c.embedder, c.vectors,
-                                            top_k=c.settings.jobs.neighbours_top_k)
-            plan = decide_stage.decide(job, facts, near, c.llm, c.embedder, relations=_relations(c, job, facts),
-                                       instructions=c.settings.prompts.update_memory)
+            plan = edit_stage.plan_edit(job, c.vectors, c.embedder) if job.is_edit else _decided(c, job)
     return Advance("decide", plan, (Next(WRITE_VECTORS), Next(WRITE_GRAPH)))
+
+
+def _decided(c: Clients, job: AddJob) -> Plan:
+    """An add's plan: its facts against their nearest memories of exactly its scope, by the model."""
+    facts = _stored(c, job.job_id, "extract", ExtractedFacts)
+    near = retrieve.find_neighbours(facts.facts, job.scope, c.embedder, c.vectors,
+                                    top_k=c.settings.jobs.neighbours_top_k)
+    return decide_stage.decide(job, facts, near, c.llm, c.embedder, relations=_relations(c, job, facts),
+                               instructions=c.settings.prompts.update_memory)
 
 
 def write_vectors(job_id: str, c: Clients) -> Transition:
@@ -275,10 +284,13 @@ def _published(job_id: str, c: Clients, state: JobState, *, error: BaseException
     captioned = c.ledger.output(job_id, "caption", CaptionedMessages)
     usage = ((captioned.usage if captioned is not None else LLMUsage())
              + (extracted.usage if extracted is not None else LLMUsage()) + plan.usage)
-    relations = [r.triple() for r in (plan.graph.relations if plan.graph else [])]
+    relations: list[dict[str, str | bool]] = [
+        {**r.triple()} for r in (plan.graph.relations if plan.graph else [])]
+    relations += [{**r.triple(), "valid": False} for r in (plan.graph.invalidated_relations if plan.graph else [])]
     return Finished(state, job, results=finalize_stage.results(plan), counts=finalize_stage.event_counts(plan),
                     relations=relations, history=finalize_stage.history_rows(job, plan), error=error,
                     stage=stage if state is JobState.PARTIAL else "done", then=then, llm_calls=usage.calls,
                     prompt_tokens=usage.prompt_tokens,
                     images=captioned.images.as_dict() if captioned is not None else {},
-                    warnings=tuple(captioned.warnings) if captioned is not None else ())
+                    warnings=(*(captioned.warnings if captioned is not None else ()),
+                              *(f"memory {m} not found in the job's scope" for m in plan.missing)))

@@ -14,7 +14,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from pydantic import BaseModel
@@ -110,7 +110,7 @@ class Finished:
     job: AddJob | None
     results: Sequence[MemoryResult] | None = None
     counts: dict[str, int] = field(default_factory=dict)
-    relations: Sequence[dict[str, str]] = ()
+    relations: Sequence[Mapping[str, str | bool]] = ()
     history: Sequence[HistoryRecord] = ()
     error: BaseException | None = None
     stage: str = "done"

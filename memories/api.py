@@ -1,4 +1,5 @@
-"""Synchronous reads and deletes of memories, in Mem0's shapes; no queue is involved.
+"""Synchronous reads of memories, in memq's full shapes; no queue is involved (writes, deletes included,
+are jobs: see `memories.client.Memory`).
 
 `search` embeds the query (one call) and queries Qdrant with the scope as a filter and, with graph
 memory on, Neo4j for the valid relations of the entities most related to the query, both at once.
@@ -7,12 +8,12 @@ destination}, ...]}``.
 
 **Scope on every call.** Each read and delete takes the caller's scope (``user_id`` / ``agent_id`` /
 ``run_id``, at least one), with Mem0's read semantics: a memory is visible when every id the caller
-gives equals the memory's (`Scope.covers`). Id-based calls (`get`, `history`, `delete`) answer for a
-memory outside the caller's scope exactly as for an unknown id (None, [], False), so a caller cannot
-even learn that it exists.
+gives equals the memory's (`Scope.covers`). Id-based calls (`get`, `history`) answer for a memory
+outside the caller's scope exactly as for an unknown id (None, []), so a caller cannot even learn
+that it exists.
 
 Stores are opened on first use: `history` needs only the SQL database (no embedder, no vector store),
-`get` and `delete` no embedder. In embedded mode the vector store belongs to one process, the worker;
+`get` no embedder. In embedded mode the vector store belongs to one process, the worker;
 any other process reads through it over Redis (`stores.vector_open`), so these helpers work while
 workers run. With ``open_embedded=True`` (the CLI) a process that finds no worker opens the folder itself.
 """
@@ -22,12 +23,12 @@ from __future__ import annotations
 import threading
 import uuid
 from datetime import datetime
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from memq.checks import check_list_args, check_search_args
+from memq.checks import MAX_RESULTS, check_list_args, check_search_args
 from memq.filters import parse_filters
 from memq.config import Settings, load_settings
 from memq.errors import InvalidRequest, InvalidSearch
@@ -64,7 +65,7 @@ def _item(item: MemoryItem) -> dict[str, Any]:
 
 
 class Memories:
-    """Reads and deletes over one process's stores, each checked against the caller's scope.
+    """Reads over one process's stores, each checked against the caller's scope.
 
     Args:
         settings: memq settings (the environment's when omitted). Stores are the process-wide
@@ -114,7 +115,8 @@ class Memories:
 
     def search(self, query: str, *, user_id: str | None = None, agent_id: str | None = None,
                run_id: str | None = None, limit: int = 100, filters: Mapping[str, Any] | None = None,
-               threshold: float | None = None, top_k: int | None = None) -> dict[str, list[dict[str, Any]]]:
+               threshold: float | None = None, top_k: int | None = None,
+               rerank: bool = True) -> dict[str, list[dict[str, Any]]]:
         """Memories of a scope by meaning.
 
         Args:
@@ -126,6 +128,9 @@ class Memories:
                 narrow the caller's scope.
             threshold: minimum cosine similarity (-1..1).
             top_k: Mem0's hosted name for `limit` (when given, it is the limit).
+            rerank: with a rerank model configured (``MEMQ_RERANK__MODEL``), reorder the best
+                ``max(limit, rerank.candidates)`` hits by the model and keep the best `limit`; each then
+                carries ``rerank_score`` (`memories.rerank`). No effect without a model, as in Mem0.
 
         Returns:
             ``{"results": [{id, memory, hash, metadata, score, created_at, updated_at, user_id, agent_id,
@@ -138,6 +143,7 @@ class Memories:
             InvalidFilter: filters that do not parse: an unknown operator or logical key, a bad operand.
             NoStoreOwner: embedded mode, no worker owns the vector store and `open_embedded` is False.
             StoreUnavailable: Qdrant or Neo4j is unreachable, or the store's owner did not answer in time.
+            LLMUnavailable, LLMOutputError: the rerank model failed (the search fails: no silent fallback).
         """
         limit = limit if top_k is None else top_k
         check_search_args(query, limit=limit, threshold=threshold, limits=self.settings.limits)
@@ -147,9 +153,18 @@ class Memories:
         vector = self.embedder.embed([query])[0]
         graph = self.graph
         related = _pool().submit(graph.search, scope, vector, query) if graph is not None else None
-        hits = self.vectors.search(vector, scope, limit=limit, threshold=threshold, filters=filters)
+        reranking = rerank and self.settings.rerank.model is not None
+        wanted = min(max(limit, self.settings.rerank.candidates), MAX_RESULTS) \
+            if reranking else limit
+        hits = self.vectors.search(vector, scope, limit=wanted, threshold=threshold, filters=filters)
+        results = [_item(h) for h in hits]
+        if reranking and results:
+            from memories.rerank import rerank as rerank_hits
+
+            order = rerank_hits(self.settings.rerank, query, [h.memory for h in hits])
+            results = [{**results[i], "rerank_score": score} for i, score in order[:limit]]
         relations = [r.triple() for r in (related.result() if related is not None else [])]
-        return {"results": [_item(h) for h in hits], "relations": relations}
+        return {"results": results, "relations": relations}
 
     def get_all(self, *, user_id: str | None = None, agent_id: str | None = None, run_id: str | None = None,
                 limit: int = 100, filters: Mapping[str, Any] | None = None, offset: int = 0,
@@ -178,9 +193,7 @@ class Memories:
     def _owned(self, memory_id: str, scope: Scope) -> MemoryItem | None:
         if not isinstance(memory_id, str) or not memory_id:
             raise InvalidRequest("memory_id must be a non-empty string", field="memory_id")
-        try:
-            uuid.UUID(memory_id)
-        except ValueError:
+        if not _is_uuid(memory_id):
             return None  # memory ids are UUIDs: anything else is unknown
         items = self.vectors.retrieve([memory_id])
         if not items or not scope.covers(items[0].user_id, items[0].agent_id, items[0].run_id):
@@ -210,50 +223,25 @@ class Memories:
         rows = self.history_store.history(memory_id)
         return [h.model_dump(mode="json") for h in rows if scope.covers(h.user_id, h.agent_id, h.run_id)]
 
-    # --- deletes ------------------------------------------------------------------------------
-
-    def delete(self, memory_id: str, *, user_id: str | None = None, agent_id: str | None = None,
-               run_id: str | None = None) -> bool:
-        """Delete one memory everywhere: its point, its support of relations (relations left without
-        support and entities left without relations go too) and a DELETE history row.
-
-        Returns:
-            True if it existed in the caller's scope (False for an unknown id or another scope's).
+    def owners(self, memory_ids: Sequence[str], scope: Scope) -> dict[str, Scope]:
+        """The exact scope of each memory the caller's `scope` covers (ids it does not cover, unknown
+        ids and non-UUID strings are left out): where an edit of it must be enqueued.
 
         Raises:
-            MissingScope, InvalidScope: no or a bad scope id.
-            StoreUnavailable: a store is unreachable (nothing is half-deleted in Qdrant: the point goes last).
+            StoreUnavailable: the vector store is unreachable.
         """
-        item = self._owned(memory_id, self._scope(user_id, agent_id, run_id))
-        if item is None:
-            return False
-        owner = Scope(user_id=item.user_id, agent_id=item.agent_id, run_id=item.run_id)
-        if self.graph is not None:
-            self.graph.forget_memories(owner, [memory_id])
-        self.history_store.add([_deleted(item, "api:delete")])
-        self.vectors.delete([memory_id])
-        return True
+        wanted = [m for m in dict.fromkeys(memory_ids) if _is_uuid(m)]
+        found = self.vectors.retrieve(wanted) if wanted else []
+        return {m.id: Scope(user_id=m.user_id, agent_id=m.agent_id, run_id=m.run_id)
+                for m in found if scope.covers(m.user_id, m.agent_id, m.run_id)}
 
-    def delete_all(self, *, user_id: str | None = None, agent_id: str | None = None,
-                   run_id: str | None = None) -> dict[str, int]:
-        """Delete every memory, entity and relation the caller's scope covers; each memory gets a DELETE
-        history row (as `delete` writes), written before its point goes.
 
-        Returns:
-            ``{"memories": n, "entities": m}`` deleted.
-
-        Raises:
-            MissingScope, InvalidScope: no or a bad scope id (never deletes everything).
-            StoreUnavailable: a store is unreachable.
-        """
-        scope = self._scope(user_id, agent_id, run_id)
-        entities = self.graph.delete_scope(scope) if self.graph is not None else 0
-        deleted = 0
-        while batch := self.vectors.list(scope, limit=256):
-            self.history_store.add([_deleted(m, "api:delete_all") for m in batch])  # rows first: never a silent gap
-            self.vectors.delete([m.id for m in batch])
-            deleted += len(batch)
-        return {"memories": deleted, "entities": entities}
+def _is_uuid(value: str) -> bool:
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True
 
 
 def _jsonable(value: Any) -> Any:
@@ -263,12 +251,3 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, list):
         return [_jsonable(v) for v in value]
     return value.isoformat() if isinstance(value, datetime) else value
-
-
-def _deleted(item: MemoryItem, job_id: str) -> HistoryRecord:
-    """The DELETE history row of a memory deleted through the API (`job_id` names the call)."""
-    now = utcnow()
-    return HistoryRecord(id=str(uuid.uuid4()), memory_id=item.id, old_memory=item.memory, new_memory=None,
-                         event=MemoryEvent.DELETE.value, created_at=now, updated_at=now, is_deleted=True,
-                         actor_id=item.actor_id, role=item.role, job_id=job_id, user_id=item.user_id,
-                         agent_id=item.agent_id, run_id=item.run_id)

@@ -151,6 +151,22 @@ class PromptSettings(_Group):
                                       description="Instructions of the decide stage (ADD/UPDATE/DELETE/NONE).")
 
 
+class RerankSettings(_Group):
+    """An optional rerank step after a search's vector hits (off while `model` is unset).
+
+    `model` is any litellm rerank model (``cohere/rerank-v3.5``, ``jina_ai/...``, ``infinity/...``),
+    called through `litellm.rerank`, or ``cross-encoder:<name or folder>`` for a local
+    sentence-transformers cross-encoder when one is installed (the ``local`` extra).
+    """
+
+    model: str | None = Field(default=None, min_length=1, description="Rerank model; None: no rerank step.")
+    api_base: str | None = None
+    api_key: SecretStr | None = None
+    timeout_s: float = Field(default=30.0, gt=0, description="Seconds one rerank call may take.")
+    candidates: int = Field(default=50, ge=1, le=1000, description="Vector hits the reranker reorders (at "
+                            "least the search's limit); the best `limit` of them are returned.")
+
+
 class EmbedderSettings(_Group):
     """Embedding model: sentence-transformers all-MiniLM-L6-v2 offline by default, or a litellm model."""
 
@@ -239,6 +255,7 @@ class Settings(BaseSettings):
     embedder: EmbedderSettings = EmbedderSettings()
     vision: VisionSettings = VisionSettings()
     prompts: PromptSettings = PromptSettings()
+    rerank: RerankSettings = RerankSettings()
     limits: LimitsSettings = LimitsSettings()
     jobs: JobSettings = JobSettings()
 

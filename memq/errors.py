@@ -14,8 +14,12 @@
     │   ├── InvalidTimestamp          a timestamp of the wrong type or outside the years memq handles
     │   ├── InvalidOption             infer, memory_type, prompt or idempotency_key of a bad type or value
     │   ├── InvalidSearch             a search/get_all query, limit or threshold of a bad type or value
-    │   └── InvalidFilter             search/get_all filters: not a dict, a key memq owns, a bad value
+    │   ├── InvalidFilter             search/get_all filters: not a dict, a key memq owns, a bad value
+    │   ├── ScopeMismatch             a call's scope id differs from the one its client is bound to
+    │   └── InvalidEdit               an update/delete/batch request: no change, a bad id, over 1,000 items
+    ├── MemoryNotFound (ValueError)   no memory of that id in the caller's scope (Mem0 raises ValueError)
     ├── JobNotFound (KeyError)        no record for that job id
+    ├── WaitTimeout (TimeoutError)    a call that waits for its job gave up before the job ended
     ├── BrokerUnavailable             Redis refused or timed out while enqueuing; nothing was enqueued
     └── PipelineError                 raised inside workers; the job records it
         ├── InvalidJob                the stored job fails validation; never retried
@@ -115,6 +119,41 @@ class InvalidSearch(InvalidRequest):
 
 class InvalidFilter(InvalidRequest):
     """Search or get_all filters are not a dict of string keys to scalar values, or name a key memq owns."""
+
+
+class ScopeMismatch(InvalidScope):
+    """A call names a scope id that differs from the one its `memq.Memory` client is bound to (a client
+    bound to a tenant can narrow its scope, never leave it)."""
+
+
+class InvalidEdit(InvalidRequest):
+    """An update, delete or batch request memq refuses: no text and no metadata, a memory id that is not
+    a string, an item without ``memory_id``, or more items than a batch takes."""
+
+
+class MemoryNotFound(MemqError, ValueError):
+    """No memory with this id is visible in the caller's scope (unknown, deleted, or another scope's:
+    the same error, so a caller cannot learn that another tenant's memory exists).
+
+    Attributes:
+        memory_id: the id asked for.
+    """
+
+    def __init__(self, memory_id: str) -> None:
+        super().__init__(f"no memory {memory_id[:64]!r} in this scope")
+        self.memory_id = memory_id
+
+
+class WaitTimeout(MemqError, TimeoutError):
+    """A call that waits for its jobs (``wait=True``) gave up after its timeout; the jobs go on.
+
+    Attributes:
+        job_ids: the jobs that had not ended (follow them with `memq.Memory.status`).
+    """
+
+    def __init__(self, message: str, *, job_ids: list[str]) -> None:
+        super().__init__(message)
+        self.job_ids = job_ids
 
 
 class JobNotFound(MemqError, KeyError):

@@ -191,12 +191,40 @@ class Relation(_Frozen):
         return {"source": self.source, "relationship": self.relationship, "destination": self.destination}
 
 
+class Operation(StrEnum):
+    """What a job does. ``add`` runs the whole pipeline on messages; the others are edits a caller asks
+    for by memory id (or for a whole scope), run in the scope's order like adds."""
+
+    ADD = "add"
+    UPDATE = "update"
+    DELETE = "delete"
+    DELETE_ALL = "delete_all"
+
+
+class Edit(_Frozen):
+    """One memory an ``update`` or ``delete`` job changes, by id.
+
+    Attributes:
+        memory_id: the memory (a point id).
+        text: the new text (``update``; None keeps the text and changes only metadata).
+        metadata: keys to set in the memory's metadata (``update``; others are kept, as Mem0 merges).
+    """
+
+    memory_id: str = Field(min_length=1)
+    text: str | None = None
+    metadata: dict[str, JsonValue] | None = None
+
+
 class AddJob(_Frozen):
-    """A validated add request, stored in Redis under its `job_id` (tasks carry only the id)."""
+    """A validated job, stored in Redis under its `job_id` (tasks carry only the id): an add request
+    (`messages`), or an edit of memories of exactly its `scope` (`operation` update / delete /
+    delete_all, with `edits`)."""
 
     job_id: str
     scope: Scope
-    messages: list[Message] = Field(min_length=1)
+    messages: list[Message] = Field(default_factory=list)
+    operation: Operation = Operation.ADD
+    edits: list[Edit] = Field(default_factory=list)
     metadata: dict[str, JsonValue] = Field(default_factory=dict)
     infer: bool = True
     memory_type: Literal["procedural_memory"] | None = None
@@ -204,6 +232,23 @@ class AddJob(_Frozen):
     timestamp: datetime | None = Field(default=None, description="Backdates created_at (backfills).")
     idempotency_key: str | None = None
     enqueued_at: datetime = Field(default_factory=utcnow)
+
+    @model_validator(mode="after")
+    def _shape(self) -> AddJob:
+        if self.operation is Operation.ADD:
+            if not self.messages or self.edits:
+                raise ValueError("an add job has messages and no edits")
+        elif self.messages:
+            raise ValueError(f"a {self.operation.value} job has no messages")
+        elif (self.operation is Operation.DELETE_ALL) != (not self.edits):
+            raise ValueError(f"a {self.operation.value} job has " +
+                             ("no edits" if self.operation is Operation.DELETE_ALL else "at least one edit"))
+        return self
+
+    @property
+    def is_edit(self) -> bool:
+        """True for update / delete / delete_all jobs (no caption, extraction or model call)."""
+        return self.operation is not Operation.ADD
 
 
 class Receipt(_Frozen):
@@ -237,7 +282,9 @@ class JobStatus(_Frozen):
     created_at: datetime | None = None
     updated_at: datetime | None = None
     results: list[MemoryResult] = Field(default_factory=list)
-    relations: list[dict[str, JsonValue]] = Field(default_factory=list)
+    relations: list[dict[str, JsonValue]] = Field(default_factory=list, description="Relations the job added "
+                                                  "(``{source, relationship, destination}``) and, with ``\"valid\": "
+                                                  "false``, those its facts contradicted.")
     counts: dict[str, int] = Field(default_factory=dict, description="Events per kind, NONE included.")
     images: dict[str, int] = Field(default_factory=dict, description="Images by how they were described: "
                                    "supplied, model, cached, dropped (see `pipeline.types.ImageCounts`).")

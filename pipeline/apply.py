@@ -80,12 +80,13 @@ def write_graph(job: AddJob, plan: Plan, graph: GraphStore | None, embedder: Emb
     g = plan.graph
     names = [e.name for e in g.entities]
     vectors = embedder.embed(names) if names else []
-    deleted = [a.memory_id for a in plan.actions if a.event is MemoryEvent.DELETE]
+    deleted = list(dict.fromkeys([*(a.memory_id for a in plan.actions if a.event is MemoryEvent.DELETE),
+                                  *g.forgotten]))
     graph.write(GraphWrite(
         job_id=job.job_id, scope=job.scope, when=job.timestamp or job.enqueued_at,
         entities=[EntityWrite(key=entity_key(e.name), name=e.name, entity_type=e.entity_type, embedding=v)
                   for e, v in zip(g.entities, vectors)],
         relations=g.relations,
-        invalidated=g.invalidated, deleted_memory_ids=deleted,
+        invalidated=g.invalidated, deleted_memory_ids=deleted, clear=g.clear,
     ))
     return WriteResult(store="neo4j", upserted=len(g.entities) + len(g.relations), deleted=len(g.invalidated))

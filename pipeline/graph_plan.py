@@ -79,7 +79,9 @@ def build_graph_plan(job_id: str, extracted: ExtractedFacts, actions: Sequence[A
             relationship=rel_type, destination=destination, memory_ids=_supporters(source, destination, actions)))
     if rejected:
         logger.warning("job %s: dropped %d relations with invalid relationship types", job_id, rejected)
-    by_small_id = {str(i): r.rid for i, r in enumerate(shown) if r.rid}
-    invalidated = sorted({by_small_id[i.strip()] for i in invalidated_ids if i.strip() in by_small_id})
+    by_small_id = {str(i): r for i, r in enumerate(shown) if r.rid}
+    contradicted = {by_small_id[i.strip()].rid: by_small_id[i.strip()]
+                    for i in invalidated_ids if i.strip() in by_small_id}
+    invalidated = sorted(rid for rid in contradicted if rid)
     return GraphPlan(entities=list(entities.values()), relations=relations, invalidated=invalidated,
-                     rejected=rejected)
+                     invalidated_relations=[contradicted[rid] for rid in invalidated], rejected=rejected)

@@ -133,7 +133,12 @@ class GraphPlan(_Stage):
     entities: list[Entity] = Field(default_factory=list)
     relations: list[Relation] = Field(default_factory=list, description="Planned: keys, normalized types, rids.")
     invalidated: list[str] = Field(default_factory=list, description="rids of contradicted relations.")
+    invalidated_relations: list[Relation] = Field(default_factory=list, description="The contradicted relations "
+                                                  "themselves (for the job's result).")
     rejected: int = Field(default=0, description="Relations dropped for an invalid relationship type.")
+    forgotten: list[str] = Field(default_factory=list, description="Memories whose support of relations goes "
+                                 "(an edit's deleted or rewritten memories).")
+    clear: bool = Field(default=False, description="Delete the scope's whole graph (a delete_all job).")
 
 
 class Plan(_Stage):
@@ -144,6 +149,8 @@ class Plan(_Stage):
     usage: LLMUsage = LLMUsage()
     neighbours: int = Field(default=0, description="Existing memories shown to the decider.")
     relations_shown: int = Field(default=0, description="Existing relations shown to the decider.")
+    missing: list[str] = Field(default_factory=list, description="Memory ids an edit job named that were not "
+                               "there (deleted meanwhile, or not of the job's exact scope).")
 
 
 class WriteResult(_Stage):

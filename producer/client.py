@@ -94,6 +94,22 @@ class Producer:
                 raise type(exc)(f"requests[{i}]: {exc}", field=exc.field) from exc
         return self._enqueue(jobs)
 
+    def edit(self, jobs: Sequence[AddJob]) -> list[Receipt]:
+        """Enqueue edit jobs (`producer.edits.build_edit_job`) in one round trip, each at the end of its
+        scope's order.
+
+        Returns:
+            One `Receipt` per job, in order.
+
+        Raises:
+            BrokerUnavailable: Redis is unreachable (nothing was enqueued) or too slow.
+        """
+        return self._enqueue(jobs)
+
+    def live_scopes(self, scope: Scope) -> list[Scope]:
+        """The exact scopes of unfinished jobs that `scope` covers (`JobStore.live_scopes`)."""
+        return self._jobs.live_scopes(scope)
+
     def _scope(self, user_id: object, agent_id: object, run_id: object) -> Scope:
         return make_scope(user_id=user_id, agent_id=agent_id, run_id=run_id,
                           max_chars=self.settings.limits.max_scope_id_chars)

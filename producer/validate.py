@@ -180,7 +180,12 @@ def _check_images(messages: list[Message], limits: LimitsSettings, networks: tup
                 check_image_url(url, field=where, allow=networks)
 
 
-def _check_metadata(metadata: object, limits: LimitsSettings) -> dict[str, Any]:
+def check_metadata(metadata: object, limits: LimitsSettings) -> dict[str, Any]:
+    """Metadata as a plain JSON object, checked (no reserved key, depth, size); {} for None.
+
+    Raises:
+        InvalidMetadata: not a JSON object of JSON values, a reserved key, too deep or too large.
+    """
     if metadata is None:
         return {}
     if not isinstance(metadata, Mapping):
@@ -300,7 +305,7 @@ def build_job(
         job_id=str(uuid.uuid4()),  # random, never derived from caller strings (ids of memories derive from it)
         scope=scope,
         messages=checked,
-        metadata=_check_metadata(metadata, limits),
+        metadata=check_metadata(metadata, limits),
         infer=bool(infer),
         memory_type="procedural_memory" if memory_type is not None else None,
         prompt=prompt if isinstance(prompt, str) else None,

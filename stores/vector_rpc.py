@@ -109,7 +109,7 @@ class VectorServer:
                 filters=a["filters"], exact=a["exact"])],
             "retrieve": lambda a: _items(store.retrieve(a["ids"])),
             "list": lambda a: _items(store.list(Scope(**a["scope"]), limit=a["limit"], filters=a["filters"],
-                                                offset=a.get("offset", 0))),
+                                                offset=a.get("offset", 0), exact=a.get("exact", False))),
             "count": lambda a: store.count(_scope(a["scope"])),
             "delete": lambda a: store.delete(a["ids"]),
             "upsert": lambda a: store.upsert([_point(p) for p in a["points"]]),
@@ -263,10 +263,10 @@ class RemoteVectorStore(VectorStore):
         return [[MemoryItem.model_validate(i) for i in hits] for hits in answer]
 
     def list(self, scope: Scope, *, limit: int = 100, filters: Mapping[str, Any] | None = None,
-             offset: int = 0) -> list[MemoryItem]:
+             offset: int = 0, exact: bool = False) -> list[MemoryItem]:
         """A page of the memories of `scope`, oldest first (`VectorStore.list`), read by the owner."""
         answer = self._call("list", scope=scope.model_dump(), limit=limit, filters=dict(filters) if filters else None,
-                            offset=offset)
+                            offset=offset, exact=exact)
         return [MemoryItem.model_validate(i) for i in answer]
 
     def count(self, scope: Scope | None = None) -> int:

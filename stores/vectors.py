@@ -313,12 +313,25 @@ class VectorStore(ABC):
 
     @abstractmethod
     def list(self, scope: Scope, *, limit: int = 100, filters: Mapping[str, Any] | None = None,
-             offset: int = 0) -> list[MemoryItem]:
+             offset: int = 0, exact: bool = False) -> list[MemoryItem]:
         """A page of the memories of `scope`: oldest first by ``created_at`` (then id), skipping `offset`.
+
+        Args:
+            exact: only memories whose scope equals `scope` (see `select`).
 
         Raises:
             InvalidFilter: filters that do not parse (`memq.filters`).
         """
+
+    def scopes(self, scope: Scope) -> builtins.list[Scope]:
+        """The exact scopes of the memories `scope` covers (``user_id=alice`` may cover alice's own
+        memories and alice-with-agent-bot's), in the order their oldest memory was written. Reads every
+        covered memory once (an edit that spans a scope, ``delete_all``, is fanned out to each).
+        """
+        found: dict[tuple[str | None, str | None, str | None], None] = {}
+        for m in self.list(scope, limit=max(1, self.count(scope))):
+            found.setdefault((m.user_id, m.agent_id, m.run_id))
+        return [Scope(user_id=u, agent_id=a, run_id=r) for u, a, r in found]
 
     @abstractmethod
     def count(self, scope: Scope | None = None) -> int:
@@ -334,8 +347,9 @@ class PagedVectorStore(VectorStore):
     built here on two primitives, `oldest` and `count_of`. (`RemoteVectorStore` asks the owner instead.)"""
 
     def list(self, scope: Scope, *, limit: int = 100, filters: Mapping[str, Any] | None = None,
-             offset: int = 0) -> list[MemoryItem]:
+             offset: int = 0, exact: bool = False) -> list[MemoryItem]:
         """A page of the memories of `scope`: oldest first by ``created_at`` (then id), skipping `offset`.
+        With `exact`, only memories whose scope equals `scope`.
 
         Pages are stable: memories with the same ``created_at`` (a backfill writes many) are ordered by
         id, and all of them are read when a page boundary falls among them.
@@ -343,7 +357,7 @@ class PagedVectorStore(VectorStore):
         Raises:
             InvalidFilter: filters that do not parse (`memq.filters`).
         """
-        selection = select(scope, filters, unsupported=self.unsupported)
+        selection = select(scope, filters, exact=exact, unsupported=self.unsupported)
         wanted = offset + limit
         items = post_filtered(
             lambda n: oldest_first(self._all_tied(selection.pushed, self.oldest(selection.pushed, n), n)),

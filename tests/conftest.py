@@ -140,6 +140,16 @@ def memories(settings: Settings, worker: Any) -> Any:
 
 
 @pytest.fixture()
+def client(settings: Settings, worker: Any) -> Iterator[Any]:
+    """`memq.Memory` on the session services, waiting for its jobs (as a ported Mem0 script does)."""
+    from memories import Memory
+
+    m = Memory(settings, wait=True, timeout=90.0)
+    yield m
+    m.close()
+
+
+@pytest.fixture()
 def graph(settings: Settings, worker: Any) -> Any:
     """The worker's graph store; skips the test where graph memory is off (no Neo4j on a laptop)."""
     from jobs.clients import build_clients

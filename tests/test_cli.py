@@ -1,5 +1,6 @@
-"""The command line over an embedded store with no worker running (the CLI opens the folder itself):
-get-all pages and filters, delete, delete-all, and backfill printing its job ids."""
+"""The command line: reads over an embedded store with no worker running (the CLI opens the folder
+itself: get-all pages and filters), writes as jobs the session worker runs (add, update, delete,
+delete-all), and backfill printing its job ids."""
 
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "cli", *args], env=env, capture_output=True, text=True, timeout=120)
 
 
-def test_get_all_pages_filters_and_deletes_from_the_command_line(env: dict[str, str]) -> None:
+def test_get_all_pages_and_filters_from_the_command_line(env: dict[str, str]) -> None:
     page = _cli(env, "get-all", "--user-id", "cli-ann", "--limit", "2", "--offset", "2", "--json")
     assert page.returncode == 0, page.stderr[-2000:]
     assert [m["memory"] for m in json.loads(page.stdout)["results"]] == ["Ann fact 2", "Ann fact 3"]
@@ -60,19 +61,38 @@ def test_get_all_pages_filters_and_deletes_from_the_command_line(env: dict[str, 
     assert not_json.returncode == 2 and "--filters is not JSON" in not_json.stdout
 
     first = str(uuid.UUID(int=1))
-    other = _cli(env, "delete", first, "--user-id", "cli-bob", "--json")  # another scope's memory: unknown
-    assert other.returncode == 1 and json.loads(other.stdout) == {"id": first, "deleted": False}
-    mine = _cli(env, "delete", first, "--user-id", "cli-ann", "--json")
-    assert mine.returncode == 0 and json.loads(mine.stdout) == {"id": first, "deleted": True}
-    history = json.loads(_cli(env, "history", first, "--user-id", "cli-ann").stdout)
-    assert [h["event"] for h in history] == ["DELETE"]
+    no_worker = _cli(env, "delete", first, "--user-id", "cli-ann")  # writes are jobs: they need a worker
+    assert no_worker.returncode == 1 and "NoStoreOwner" in no_worker.stdout and "Traceback" not in no_worker.stderr
+    assert len(json.loads(_cli(env, "get-all", "--user-id", "cli-ann", "--json").stdout)["results"]) == 5
 
-    refused = _cli(env, "delete-all", "--user-id", "cli-ann")  # no --yes and no terminal: nothing deleted
+
+def test_writes_from_the_command_line_are_jobs_run_by_the_worker(worker: object, settings: object,
+                                                                 user_id: str) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # the session's MEMQ_* settings: its Redis and worker
+    added = _cli(env, "add", "I like green tea.", "--user-id", user_id, "--no-infer", "--metadata",
+                 '{"topic": "drinks"}', "--json")
+    assert added.returncode == 0, added.stdout + added.stderr[-2000:]
+    [event] = json.loads(added.stdout)["results"]
+    assert event["event"] == "ADD" and event["memory"] == "I like green tea." and event["role"] == "user"
+    table = _cli(env, "add", "I like black tea.", "--user-id", user_id, "--no-infer")
+    assert table.returncode == 0 and "ADD" in table.stdout and "{" not in table.stdout
+
+    other = _cli(env, "update", event["id"], "I like oolong.", "--user-id", user_id + "-x")
+    assert other.returncode == 1 and "MemoryNotFound" in other.stdout
+    changed = _cli(env, "update", event["id"], "I like oolong tea.", "--user-id", user_id, "--json")
+    assert changed.returncode == 0 and json.loads(changed.stdout) == {"message": "Memory updated successfully!"}
+    got = json.loads(_cli(env, "get", event["id"], "--user-id", user_id).stdout)
+    assert got["memory"] == "I like oolong tea." and got["metadata"] == {"topic": "drinks"}
+
+    queued = _cli(env, "delete", event["id"], "--user-id", user_id, "--no-wait", "--json")
+    assert queued.returncode == 0 and uuid.UUID(json.loads(queued.stdout)["job_id"])
+    refused = _cli(env, "delete-all", "--user-id", user_id)  # no --yes and no terminal: nothing deleted
     assert refused.returncode == 1
-    everything = _cli(env, "delete-all", "--user-id", "cli-ann", "--yes", "--json")
-    assert everything.returncode == 0 and json.loads(everything.stdout) == {"memories": 4, "entities": 0}
-    assert json.loads(_cli(env, "get-all", "--user-id", "cli-ann", "--json").stdout)["results"] == []
-    assert len(json.loads(_cli(env, "get-all", "--user-id", "cli-bob", "--json").stdout)["results"]) == 1
+    everything = _cli(env, "delete-all", "--user-id", user_id, "--yes", "--json")
+    assert everything.returncode == 0 and json.loads(everything.stdout) == {"message": "Memories deleted successfully!"}
+    assert json.loads(_cli(env, "get-all", "--user-id", user_id, "--json").stdout)["results"] == []
+    history = json.loads(_cli(env, "history", event["id"], "--user-id", user_id).stdout)
+    assert [h["event"] for h in history] == ["ADD", "UPDATE", "DELETE"]
 
 
 def test_backfill_prints_each_job_id(env: dict[str, str], tmp_path: Path) -> None:

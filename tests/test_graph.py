@@ -101,7 +101,7 @@ def test_an_injected_relationship_type_is_rejected_and_the_graph_is_unchanged(
 
 
 def test_two_scopes_never_see_each_others_graph(producer: Any, memories: Any, graph: Any, user_id: str,
-                                                llm_server: LLMTestServer) -> None:
+                                                client: Any, llm_server: LLMTestServer) -> None:
     other = user_id + "-b"
     reply = _graph_reply(["Ann works at Acme"], [("Ann", "person"), ("Acme", "company")], [("Ann", "WORKS_AT", "Acme")])
     llm_server.script(reply, reply)
@@ -109,9 +109,7 @@ def test_two_scopes_never_see_each_others_graph(producer: Any, memories: Any, gr
     wait_done(producer, producer.add("I work at Acme.", user_id=other))
     mine, theirs = graph.all_relations(Scope(user_id=user_id)), graph.all_relations(Scope(user_id=other))
     assert len(mine) == len(theirs) == 1 and mine[0].rid != theirs[0].rid
-    from memories import Memories
-
-    assert Memories(producer.settings).delete_all(user_id=user_id)["entities"] == 2
+    client.delete_all(user_id=user_id)
     assert graph.entities(Scope(user_id=user_id)) == [] and memories.get_all(user_id=user_id)["results"] == []
     assert len(graph.all_relations(Scope(user_id=other))) == 1
     assert memories.search("Where does Ann work?", user_id=other)["relations"] == [
@@ -119,13 +117,11 @@ def test_two_scopes_never_see_each_others_graph(producer: Any, memories: Any, gr
 
 
 def test_deleting_a_memory_leaves_no_orphaned_entity_or_relation(producer: Any, graph: Any, user_id: str,
-                                                                 llm_server: LLMTestServer) -> None:
-    from memories import Memories
-
+                                                                 client: Any, llm_server: LLMTestServer) -> None:
     llm_server.script(_graph_reply(["Ann has a cat named Pixel"], [("Ann", "person"), ("Pixel", "cat")],
                                    [("Ann", "HAS_PET", "Pixel")]))
     status = wait_done(producer, producer.add("My cat is Pixel.", user_id=user_id))
-    assert Memories(producer.settings).delete(status.results[0].id, user_id=user_id)
+    assert client.delete(status.results[0].id, user_id=user_id) == {"message": "Memory deleted successfully!"}
     assert graph.all_relations(Scope(user_id=user_id), include_invalid=True) == []
     assert graph.entities(Scope(user_id=user_id)) == []
 

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings as hsettings, strategies as st
 
-from memq.errors import JobNotFound, MissingScope
+from memq.errors import JobNotFound, MemoryNotFound, MissingScope
 from memq.models import AddJob, JobState, MemoryEvent, Scope
 from producer import Producer
 from tests.helpers import json_input, wait_done
@@ -138,16 +138,21 @@ def test_job_ids_are_not_derivable_from_the_idempotency_key(producer: Producer, 
 # --- 3. id-based calls check the caller's scope -------------------------------------------------
 
 def test_id_based_reads_and_deletes_refuse_another_scope_as_if_the_id_were_unknown(
-        producer: Producer, memories: Any) -> None:
+        producer: Producer, memories: Any, client: Any) -> None:
     tag = uuid.uuid4().hex[:8]
     owner, other = f"owner-{tag}", f"other-{tag}"
     receipt = producer.add("Erin's locker code is 3141.", user_id=owner, agent_id="bot", infer=False)
     [memory] = wait_done(producer, receipt).results
     unknown = str(uuid.uuid4())
-    # Then another scope gets exactly what an unknown id gets: get None, history [], delete False, status JobNotFound
+    # Then another scope gets exactly what an unknown id gets: get None, history [], status JobNotFound,
+    # and update/delete MemoryNotFound (nothing enqueued)
     assert memories.get(memory.id, user_id=other) is None and memories.get(unknown, user_id=other) is None
     assert memories.history(memory.id, user_id=other) == [] == memories.history(unknown, user_id=other)
-    assert memories.delete(memory.id, user_id=other) is False
+    for memory_id in (memory.id, unknown):
+        with pytest.raises(MemoryNotFound):
+            client.delete(memory_id, user_id=other)
+        with pytest.raises(MemoryNotFound):
+            client.update(memory_id, "Erin's locker code is 0000.", user_id=other)
     assert memories.get(memory.id, user_id=owner, agent_id="other-bot") is None
     for job_id in (receipt.job_id, unknown):
         with pytest.raises(JobNotFound):
@@ -161,7 +166,7 @@ def test_id_based_reads_and_deletes_refuse_another_scope_as_if_the_id_were_unkno
     assert memories.get(memory.id, user_id=owner)["memory"] == memory.memory
     assert [h["event"] for h in memories.history(memory.id, agent_id="bot", user_id=owner)] == ["ADD"]
     assert producer.status(receipt.job_id, user_id=owner).status is JobState.SUCCEEDED
-    assert memories.delete(memory.id, user_id=owner) is True
+    assert client.delete(memory.id, user_id=owner) == {"message": "Memory deleted successfully!"}
     assert memories.get(memory.id, user_id=owner) is None
 
 

@@ -228,19 +228,20 @@ def user_id_suffix() -> str:
     return uuid.uuid4().hex[:8]
 
 
-def test_delete_all_writes_a_delete_history_row_for_every_memory(producer: Any, memories: Any, user_id: str) -> None:
+def test_delete_all_writes_a_delete_history_row_for_every_memory(producer: Any, memories: Any, client: Any,
+                                                                   user_id: str) -> None:
     said = [{"role": "user", "content": t} for t in ("I moved to Lyon in March.", "My sister Ida is a nurse.")]
     status = wait_done(producer, producer.add(said, user_id=user_id, infer=False))
     ids = [r.id for r in status.results]
     assert len(ids) == 2
 
-    assert memories.delete_all(user_id=user_id)["memories"] == 2
+    assert client.delete_all(user_id=user_id) == {"message": "Memories deleted successfully!"}
 
     assert memories.get_all(user_id=user_id)["results"] == []
     for memory_id in ids:
         rows = memories.history(memory_id, user_id=user_id)
         assert [r["event"] for r in rows] == ["ADD", "DELETE"]
-        assert rows[-1]["is_deleted"] and rows[-1]["new_memory"] is None and rows[-1]["job_id"] == "api:delete_all"
+        assert rows[-1]["is_deleted"] and rows[-1]["new_memory"] is None and rows[-1]["job_id"] != status.job_id
         assert rows[-1]["old_memory"] == rows[0]["new_memory"]
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import threading
 import time
 from collections import deque
@@ -88,6 +89,14 @@ def _completion(content: str, model: str, tokens_in: int) -> dict[str, Any]:
     }
 
 
+def word_overlap(query: str, document: str) -> float:
+    """The test server's rerank relevance: the share of the document's words that are in the query
+    (0..1; deterministic, and unlike cosine order so a rerank visibly reorders)."""
+    words = re.findall(r"\w+", document.lower())
+    asked = set(re.findall(r"\w+", query.lower()))
+    return round(sum(w in asked for w in words) / len(words), 6) if words else 0.0
+
+
 def _hashed_vector(text: str, dims: int) -> list[float]:
     vector = [0.0] * dims
     for word in text.lower().split():
@@ -115,6 +124,7 @@ class LLMTestServer:
         image_captions: what the server "sees" in an image, by URL (a vision call about an image not
             listed gets ``"a photo numbered <first 8 hex of the URL's sha256>"``).
         vision_requests: the image URLs of every vision call (a chat request with image parts), in order.
+        rerank_requests: every ``/rerank`` body (Cohere's shape); documents are scored by `word_overlap`.
     """
 
     def __init__(self, default: Callable[[str], str] | None = None, *, latency_s: float = 0.0,
@@ -131,6 +141,7 @@ class LLMTestServer:
         self.rate_limited = 0
         self.image_captions: dict[str, str] = {}
         self.vision_requests: list[list[str]] = []
+        self.rerank_requests: list[dict[str, Any]] = []
         self._window: deque[float] = deque()  # monotonic times (s) of accepted chat requests, last 60 s
         self._script: deque[Reply] = deque()
         self._lock = threading.Lock()
@@ -161,6 +172,7 @@ class LLMTestServer:
             self.requests.clear()
             self.embedding_requests.clear()
             self.vision_requests.clear()
+            self.rerank_requests.clear()
             self._window.clear()
             self.rate_limited = 0
 
@@ -239,6 +251,16 @@ class LLMTestServer:
                     usage = {"prompt_tokens": sum(len(t) for t in texts) // 4, "total_tokens": 0}
                     self._send(200, json.dumps({"object": "list", "data": data, "model": body.get("model"),
                                                 "usage": usage}).encode())
+                    return
+                if self.path.endswith("/rerank"):  # Cohere's rerank (v1 and v2), as litellm.rerank sends it
+                    with server._lock:
+                        server.rerank_requests.append(body)
+                    query, documents = str(body.get("query", "")), body.get("documents", [])
+                    scored = sorted(((i, word_overlap(query, d if isinstance(d, str) else d.get("text", "")))
+                                     for i, d in enumerate(documents)), key=lambda r: -r[1])
+                    results = [{"index": i, "relevance_score": s} for i, s in scored[:body.get("top_n") or None]]
+                    self._send(200, json.dumps({"id": "rerank-test", "results": results,
+                                                "meta": {"billed_units": {"search_units": 1}}}).encode())
                     return
                 if not self.path.endswith("/chat/completions"):
                     self._send(404, b'{"error": {"message": "not found"}}')
