@@ -289,21 +289,20 @@ class JobStore:
         """The exact scopes of unfinished jobs that `scope` covers (an edit spanning `scope` must also
         follow the jobs already accepted there, even in a scope that has no memory yet).
 
-        Reads the live set in pages of `batch` ids (one pipelined ``HGET`` of each job's scope ids).
+        Reads the whole live set at once (ids only; a job that leaves it meanwhile has finished), then
+        each job's scope ids in pipelined batches of `batch`.
 
         Raises:
             BrokerUnavailable: Redis is unreachable.
         """
+        ids: list[Any] = self._call(lambda: self._r.zrange(LIVE_KEY, 0, -1))
         found: dict[tuple[str | None, ...], None] = {}
-        start = 0
-        while True:
-            ids: list[Any] = self._call(lambda: self._r.zrange(LIVE_KEY, start, start + batch - 1))
-            if not ids:
-                break
+        for start in range(0, len(ids), batch):
+            chunk = ids[start:start + batch]
 
-            def read(ids: list[Any] = ids) -> list[Any]:
+            def read(chunk: list[Any] = chunk) -> list[Any]:
                 pipe = self._r.pipeline(transaction=False)
-                for job_id in ids:
+                for job_id in chunk:
                     pipe.hget(_key(_text(job_id)), "ids")
                 return pipe.execute()
 
@@ -313,7 +312,6 @@ class JobStore:
                 u, a, r = json.loads(_text(raw))
                 if scope.covers(u, a, r):
                     found.setdefault((u, a, r))
-            start += batch
         return [Scope(user_id=u, agent_id=a, run_id=r) for u, a, r in found]
 
     # --- leases -------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ from memq.models import AddJob, JobState, Relation
 from pipeline import apply, caption as caption_stage, decide as decide_stage, extract as extract_stage
 from pipeline import edit as edit_stage, finalize as finalize_stage, graph_plan, retrieve
 from pipeline.types import CaptionedMessages, ExtractedFacts, LLMUsage, Plan, WriteResult
+from stores.history import HistoryRecord
 
 logger = logging.getLogger(__name__)
 
@@ -211,12 +212,20 @@ def requeue(task: str, wait_s: float, *, attempt: int) -> Transition:
 
 
 def fail(job_id: str, c: Clients, task: str, error: BaseException, *, attempts: int) -> Transition:
-    """End the job as ``failed``: its error recorded, a dead letter kept for replay, its scope moved on."""
+    """End the job as ``failed``: its error recorded, a dead letter kept for replay, its scope moved on.
+
+    If its vector write had already landed (the graph write failed for good), the history rows of what
+    it did to the points are written too, so the audit trail never misses a change that happened.
+    """
     try:
         job: AddJob | None = c.ledger.job(job_id)
     except Exception:  # noqa: BLE001  (a job whose request is gone or invalid still fails, without a letter)
         job = None
-    return Finished(JobState.FAILED, job, error=error, stage=task, attempts=attempts)
+    history: tuple[HistoryRecord, ...] = ()
+    if job is not None and task == WRITE_GRAPH and "write_vectors" in c.ledger.written(job_id):
+        plan = c.ledger.output(job_id, "decide", Plan)
+        history = tuple(finalize_stage.history_rows(job, plan)) if plan is not None else ()
+    return Finished(JobState.FAILED, job, error=error, stage=task, attempts=attempts, history=history)
 
 
 # --- helpers ------------------------------------------------------------------------------------

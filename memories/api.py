@@ -195,7 +195,7 @@ class Memories:
             raise InvalidRequest("memory_id must be a non-empty string", field="memory_id")
         if not _is_uuid(memory_id):
             return None  # memory ids are UUIDs: anything else is unknown
-        items = self.vectors.retrieve([memory_id])
+        items = self.vectors.retrieve([str(uuid.UUID(memory_id))])
         if not items or not scope.covers(items[0].user_id, items[0].agent_id, items[0].run_id):
             return None
         return items[0]
@@ -220,7 +220,11 @@ class Memories:
             MissingScope, InvalidScope: no or a bad scope id.
         """
         scope = self._scope(user_id, agent_id, run_id)
-        rows = self.history_store.history(memory_id)
+        if not isinstance(memory_id, str) or not memory_id:
+            raise InvalidRequest("memory_id must be a non-empty string", field="memory_id")
+        if not _is_uuid(memory_id):
+            return []  # memory ids are UUIDs: anything else is unknown
+        rows = self.history_store.history(str(uuid.UUID(memory_id)))
         return [h.model_dump(mode="json") for h in rows if scope.covers(h.user_id, h.agent_id, h.run_id)]
 
     def owners(self, memory_ids: Sequence[str], scope: Scope) -> dict[str, Scope]:
@@ -230,7 +234,7 @@ class Memories:
         Raises:
             StoreUnavailable: the vector store is unreachable.
         """
-        wanted = [m for m in dict.fromkeys(memory_ids) if _is_uuid(m)]
+        wanted = [str(uuid.UUID(m)) for m in dict.fromkeys(memory_ids) if _is_uuid(m)]
         found = self.vectors.retrieve(wanted) if wanted else []
         return {m.id: Scope(user_id=m.user_id, agent_id=m.agent_id, run_id=m.run_id)
                 for m in found if scope.covers(m.user_id, m.agent_id, m.run_id)}
@@ -239,7 +243,7 @@ class Memories:
 def _is_uuid(value: str) -> bool:
     try:
         uuid.UUID(value)
-    except ValueError:
+    except (ValueError, TypeError, AttributeError):
         return False
     return True
 

@@ -21,7 +21,9 @@ exactly as an unknown id (`MemoryNotFound`, None or []).
 **Shapes.** Results are Mem0 1.0.11's key for key (`mem0_item`, `mem0_history_row`): items carry
 ``id, memory, hash, metadata, score, created_at, updated_at`` and the scope, ``actor_id`` and ``role``
 keys that are set; ``relations`` is present when graph memory is on, as in Mem0. memq's own fuller
-shapes (provenance, job ids) are in `Memory.memories` (`memories.api.Memories`) and `Memory.status`.
+shapes (provenance, job ids) are in `memories.api.Memories` (unbound: it takes each call's scope) and
+`Memory.status`. The client's binding holds for its own methods; keep it private to the request that
+made it.
 
 Differences from Mem0, on purpose: ``reset`` deletes the caller's scope only (a web app's client never
 wipes other tenants) and keeps the audit trail (a DELETE history row per memory) where Mem0 drops the
@@ -36,14 +38,14 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from memq.config import Settings, load_settings
-from memq.errors import JobFailed, MemoryNotFound, MissingScope, ScopeMismatch, WaitTimeout
+from memq.errors import InvalidOption, JobFailed, MemoryNotFound, MissingScope, ScopeMismatch, WaitTimeout
 from memq.models import AddJob, JobState, JobStatus, Operation, Receipt, Scope
 from memq.scope import make_scope
 from memories.api import Memories
 from producer.client import Producer
 from producer.edits import build_edit_job, check_edits, check_memory_id
 
-__all__ = ["AsyncMemory", "Memory", "mem0_history_row", "mem0_item"]
+__all__ = ["AsyncMemory", "Memory", "mem0_history", "mem0_item"]
 
 _SCOPE_KEYS = ("user_id", "agent_id", "run_id")
 _PROMOTED = ("user_id", "agent_id", "run_id", "actor_id", "role")
@@ -51,27 +53,34 @@ _HISTORY = ("id", "memory_id", "old_memory", "new_memory", "event", "created_at"
             "actor_id", "role")
 
 
-def mem0_item(item: Mapping[str, Any]) -> dict[str, Any]:
+def mem0_item(item: Mapping[str, Any], *, score: bool = True) -> dict[str, Any]:
     """A memq item (`memq.models.MemoryItem` as a dict) in Mem0's item shape.
 
+    Args:
+        score: keep the ``score`` key (Mem0's search and get have it, None in get; get_all has none).
+
     Returns:
-        ``{id, memory, hash, metadata (None when empty), score (None outside search), created_at,
-        updated_at}`` plus each of ``user_id, agent_id, run_id, actor_id, role`` that is set, plus
-        ``rerank_score`` when the search was reranked.
+        ``{id, memory, hash, metadata (None when empty), score, created_at, updated_at}`` plus each of
+        ``user_id, agent_id, run_id, actor_id, role`` that is set, plus ``rerank_score`` when the search
+        was reranked.
     """
     out: dict[str, Any] = {k: item.get(k) for k in ("id", "memory", "hash")}
     out["metadata"] = dict(item["metadata"]) if item.get("metadata") else None
-    out.update({k: item.get(k) for k in ("score", "created_at", "updated_at")})
+    out.update({k: item.get(k) for k in (("score",) if score else ()) + ("created_at", "updated_at")})
     out.update({k: item[k] for k in _PROMOTED if item.get(k) is not None})
     if "rerank_score" in item:
         out["rerank_score"] = item["rerank_score"]
     return out
 
 
-def mem0_history_row(row: Mapping[str, Any]) -> dict[str, Any]:
-    """A memq history row in Mem0's columns: ``{id, memory_id, old_memory, new_memory, event, created_at,
-    updated_at, is_deleted, actor_id, role}``."""
-    return {k: row.get(k) for k in _HISTORY}
+def mem0_history(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """A memory's memq history rows in Mem0's columns: ``{id, memory_id, old_memory, new_memory, event,
+    created_at, updated_at, is_deleted, actor_id, role}``. As in Mem0, ``created_at`` is the memory's
+    creation time on every row (memq's rows carry the event's time there) and ``updated_at`` the time
+    of the UPDATE or DELETE."""
+    born = next((r.get("created_at") for r in rows if r.get("event") == "ADD"), None)
+    return [{**{k: row.get(k) for k in _HISTORY},
+             **({"created_at": born} if born is not None and row.get("event") != "ADD" else {})} for row in rows]
 
 
 class Memory:
@@ -89,6 +98,7 @@ class Memory:
 
     Raises:
         InvalidScope: a bound scope id that is not a valid id.
+        InvalidOption: `wait` not a bool, `timeout` not a positive number.
     """
 
     def __init__(self, settings: Settings | None = None, *, user_id: str | None = None, agent_id: str | None = None,
@@ -99,10 +109,12 @@ class Memory:
         if user_id is not None or agent_id is not None or run_id is not None:
             self.bound = make_scope(user_id=user_id, agent_id=agent_id, run_id=run_id,
                                     max_chars=self.settings.limits.max_scope_id_chars).as_filter()
+        if not isinstance(wait, bool):
+            raise InvalidOption(f"wait must be True or False, got {type(wait).__name__}", field="wait")
         self.wait = wait
-        self.timeout = timeout
-        self.producer = Producer(self.settings)
-        self.memories = Memories(self.settings, open_embedded=open_embedded)
+        self.timeout = _seconds(timeout)
+        self._producer = Producer(self.settings)
+        self._reads = Memories(self.settings, open_embedded=open_embedded)
 
     # --- scope ----------------------------------------------------------------------------------
 
@@ -147,7 +159,7 @@ class Memory:
             WaitTimeout: (wait) the job had not ended after `timeout` seconds.
         """
         ids = self._ids(user_id, agent_id, run_id)
-        receipt = self.producer.add(messages, **ids, metadata=metadata, infer=infer,  # type: ignore[arg-type]
+        receipt = self._producer.add(messages, **ids, metadata=metadata, infer=infer,  # type: ignore[arg-type]
                                     memory_type=memory_type, prompt=prompt, timestamp=timestamp,
                                     idempotency_key=idempotency_key)
         if not self._waits(wait):
@@ -155,12 +167,12 @@ class Memory:
         status = self._wait([receipt], timeout)[0]
         results = [self._event(r.model_dump(mode="json")) for r in status.results]
         if not infer and results:
-            found = {m.id: m for m in self.memories.vectors.retrieve([r["id"] for r in results])}
+            found = {m.id: m for m in self._reads.vectors.retrieve([r["id"] for r in results])}
             for r in results:
                 item = found.get(r["id"])
                 r.update(actor_id=item.actor_id if item else None, role=item.role if item else None)
         out: dict[str, Any] = {"results": results}
-        if self.memories.graph is not None:
+        if self._reads.graph is not None:
             out["relations"] = _graph_events(status.relations)
         return out
 
@@ -260,7 +272,7 @@ class Memory:
         """
         scope = self._scope(user_id, agent_id, run_id)
         jobs = [build_edit_job(Operation.DELETE_ALL, s) for s in self._scopes_under(scope)]
-        receipts = self.producer.edit(jobs)
+        receipts = self._producer.edit(jobs)
         if not self._waits(wait):
             return receipts
         self._wait(receipts, timeout)
@@ -297,14 +309,14 @@ class Memory:
             ``{"results": [mem0 item with score], "relations": [{source, relationship, destination}]}``
             (relations only with graph memory on).
         """
-        found = self.memories.search(query, **self._scope(user_id, agent_id, run_id).as_filter(), limit=limit,
+        found = self._reads.search(query, **self._scope(user_id, agent_id, run_id).as_filter(), limit=limit,
                                      filters=filters, threshold=threshold, top_k=top_k, rerank=rerank)
         return self._shaped(found, found["relations"])
 
     def get(self, memory_id: str, *, user_id: str | None = None, agent_id: str | None = None,
             run_id: str | None = None) -> dict[str, Any] | None:
         """One memory in Mem0's item shape, or None when the caller's scope has no such memory."""
-        item = self.memories.get(memory_id, **self._scope(user_id, agent_id, run_id).as_filter())
+        item = self._reads.get(memory_id, **self._scope(user_id, agent_id, run_id).as_filter())
         return mem0_item(item) if item is not None else None
 
     def get_all(self, *, user_id: str | None = None, agent_id: str | None = None, run_id: str | None = None,
@@ -318,16 +330,17 @@ class Memory:
             scope's valid ones up to `limit`, only with graph memory on, as Mem0).
         """
         scope = self._scope(user_id, agent_id, run_id)
-        found = self.memories.get_all(**scope.as_filter(), filters=filters, limit=limit, offset=offset, top_k=top_k)
-        graph = self.memories.graph
-        relations = graph.relations(scope, limit=limit if top_k is None else top_k) if graph is not None else []
-        return self._shaped(found, relations)
+        found = self._reads.get_all(**scope.as_filter(), filters=filters, limit=limit, offset=offset, top_k=top_k)
+        graph = self._reads.graph
+        relations = graph.relations(scope, limit=limit if top_k is None else top_k, offset=offset) \
+            if graph is not None else []
+        return self._shaped(found, relations, score=False)
 
     def history(self, memory_id: str, *, user_id: str | None = None, agent_id: str | None = None,
                 run_id: str | None = None) -> list[dict[str, Any]]:
         """A memory's events, oldest first, in Mem0's history columns ([] outside the caller's scope)."""
-        rows = self.memories.history(memory_id, **self._scope(user_id, agent_id, run_id).as_filter())
-        return [mem0_history_row(r) for r in rows]
+        rows = self._reads.history(memory_id, **self._scope(user_id, agent_id, run_id).as_filter())
+        return mem0_history(rows)
 
     def status(self, job: str | Receipt, *, user_id: str | None = None, agent_id: str | None = None,
                run_id: str | None = None) -> JobStatus:
@@ -335,23 +348,30 @@ class Memory:
 
         Raises:
             JobNotFound: no such job in the scope.
+            ScopeMismatch: a receipt of a scope outside the one the client is bound to.
         """
-        if isinstance(job, Receipt):
-            return self.producer.status(job.job_id, **job.scope.as_filter())
-        return self.producer.status(job, **self._scope(user_id, agent_id, run_id).as_filter())
+        if isinstance(job, Receipt):  # the receipt's scope must still lie inside the client's own
+            scope = self._scope(job.scope.user_id, job.scope.agent_id, job.scope.run_id)
+            return self._producer.status(job.job_id, **scope.as_filter())
+        return self._producer.status(job, **self._scope(user_id, agent_id, run_id).as_filter())
 
     def close(self) -> None:
         """Release the Redis connections (stores are process-wide and stay open)."""
-        self.producer.close()
+        self._producer.close()
 
     # --- helpers --------------------------------------------------------------------------------
 
-    def _waits(self, wait: bool | None) -> bool:
-        return self.wait if wait is None else bool(wait)
+    def _waits(self, wait: object) -> bool:
+        if wait is None:
+            return self.wait
+        if not isinstance(wait, bool):
+            raise InvalidOption(f"wait must be True, False or None, got {type(wait).__name__}", field="wait")
+        return wait
 
-    def _wait(self, receipts: Sequence[Receipt], timeout: float | None) -> list[JobStatus]:
+    def _wait(self, receipts: Sequence[Receipt], timeout: object) -> list[JobStatus]:
         """Follow the jobs to their end; raise for a failed one or at the timeout."""
-        statuses = self.producer.wait(receipts, timeout_s=self.timeout if timeout is None else timeout, poll_s=0.05)
+        seconds = _seconds(self.timeout if timeout is None else timeout)
+        statuses = self._producer.wait(receipts, timeout_s=seconds, poll_s=0.05)
         late = [s.job_id for s in statuses if not s.done]
         if late:
             raise WaitTimeout(f"{len(late)} of {len(statuses)} jobs had not ended; they go on", job_ids=late)
@@ -368,7 +388,7 @@ class Memory:
             The receipts, or (wait) how many memories the jobs changed.
         """
         edits = check_edits(operation, items, self.settings.limits)
-        owners = self.memories.owners([check_memory_id(e.memory_id) for e in edits], scope)
+        owners = self._reads.owners([check_memory_id(e.memory_id) for e in edits], scope)
         for e in edits:
             if e.memory_id not in owners:
                 raise MemoryNotFound(e.memory_id)
@@ -376,7 +396,7 @@ class Memory:
         for e in edits:
             groups.setdefault(owners[e.memory_id], []).append(e)
         jobs: list[AddJob] = [build_edit_job(operation, s, group) for s, group in groups.items()]
-        receipts = self.producer.edit(jobs)
+        receipts = self._producer.edit(jobs)
         if not self._waits(wait):
             return receipts
         statuses = self._wait(receipts, timeout)
@@ -388,11 +408,12 @@ class Memory:
         return len(changed)
 
     def _scopes_under(self, scope: Scope) -> list[Scope]:
-        """Every exact scope `scope` covers that has memories, graph entities or unfinished jobs."""
-        found = dict.fromkeys(self.memories.vectors.scopes(scope))
-        if self.memories.graph is not None:
-            found.update(dict.fromkeys(self.memories.graph.scopes(scope)))
-        found.update(dict.fromkeys(self.producer.live_scopes(scope)))
+        """Every exact scope `scope` covers that has memories or unfinished jobs.
+
+        Unfinished jobs are read first: a job leaves that set only once its writes have landed, so a job
+        that ends between the two reads is seen in the vector store instead; none falls between."""
+        found = dict.fromkeys(self._producer.live_scopes(scope))
+        found.update(dict.fromkeys(self._reads.vectors.scopes(scope)))
         return list(found)
 
     def _event(self, result: dict[str, Any]) -> dict[str, Any]:
@@ -401,11 +422,22 @@ class Memory:
             event["previous_memory"] = result.get("previous_memory")
         return event
 
-    def _shaped(self, found: Mapping[str, Any], relations: list[Any]) -> dict[str, Any]:
-        out: dict[str, Any] = {"results": [mem0_item(i) for i in found["results"]]}
-        if self.memories.graph is not None:
+    def _shaped(self, found: Mapping[str, Any], relations: list[Any], *, score: bool = True) -> dict[str, Any]:
+        out: dict[str, Any] = {"results": [mem0_item(i, score=score) for i in found["results"]]}
+        if self._reads.graph is not None:
             out["relations"] = relations
         return out
+
+
+def _seconds(timeout: object) -> float:
+    """A wait's timeout in seconds: a positive finite number.
+
+    Raises:
+        InvalidOption: anything else.
+    """
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < float("inf"):
+        raise InvalidOption(f"timeout must be a positive number of seconds, got {str(timeout)[:40]!r}", field="timeout")
+    return float(timeout)
 
 
 def _graph_events(relations: Sequence[Mapping[str, Any]]) -> dict[str, list[list[dict[str, Any]]]]:

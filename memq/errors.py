@@ -6,6 +6,7 @@
     ├── InvalidRequest (ValueError)   a bad add/search request, raised before anything is enqueued
     │   ├── MissingScope              no user_id / agent_id / run_id
     │   ├── InvalidScope              a scope id that is empty, too long, not a string or not valid text
+    │   │   └── ScopeMismatch         a call's scope id differs from the one its client is bound to
     │   ├── EmptyMessages             no message, or only empty text
     │   ├── InvalidMessage            unknown role, non-text content, malformed message, invalid text
     │   ├── MessageTooLarge           a message's text, name, id or image URL over its limit
@@ -15,7 +16,6 @@
     │   ├── InvalidOption             infer, memory_type, prompt or idempotency_key of a bad type or value
     │   ├── InvalidSearch             a search/get_all query, limit or threshold of a bad type or value
     │   ├── InvalidFilter             search/get_all filters: not a dict, a key memq owns, a bad value
-    │   ├── ScopeMismatch             a call's scope id differs from the one its client is bound to
     │   └── InvalidEdit               an update/delete/batch request: no change, a bad id, over 1,000 items
     ├── MemoryNotFound (ValueError)   no memory of that id in the caller's scope (Mem0 raises ValueError)
     ├── JobNotFound (KeyError)        no record for that job id

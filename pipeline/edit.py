@@ -9,8 +9,10 @@ touched (the client enqueues each edit in its memory's own scope).
 The plan is an ordinary `Plan` of UPDATE / DELETE actions, so the write stages, history rows (a
 DELETE row for every deleted memory), results and redelivery rules are the add pipeline's. The graph
 part forgets the memories deleted or rewritten: a relation that only they supported goes, and so do
-entities left without relations; ``delete_all`` clears the scope's graph. An update does not extract
-new relations from the new text (no model call); Mem0 re-links entities there.
+entities left without relations. (``delete_all`` forgets its memories rather than wiping the scope's
+graph by key: a graph write retried after the scope has moved on then never touches what a later add
+wrote.) An update does not extract new relations from the new text (no model call); Mem0 re-links
+entities there.
 """
 
 from __future__ import annotations
@@ -19,10 +21,6 @@ from memq.models import AddJob, MemoryEvent, MemoryItem, Operation
 from pipeline.types import Action, GraphPlan, Plan
 from stores.embedder import Embedder
 from stores.vectors import VectorStore
-
-PAGE = 1_000
-"""Memories read per page when a ``delete_all`` lists its scope."""
-
 
 def plan_edit(job: AddJob, vectors: VectorStore, embedder: Embedder) -> Plan:
     """The actions of an edit job, from the memories as they are now.
@@ -48,8 +46,8 @@ def plan_edit(job: AddJob, vectors: VectorStore, embedder: Embedder) -> Plan:
     if not job.is_edit:
         raise ValueError("plan_edit plans edit jobs only")
     if job.operation is Operation.DELETE_ALL:
-        doomed = _whole_scope(job, vectors)
-        return Plan(actions=[_delete(m, job) for m in doomed], graph=GraphPlan(clear=True))
+        doomed = vectors.list(job.scope, limit=max(1, vectors.count(job.scope)), exact=True)
+        return Plan(actions=[_delete(m, job) for m in doomed], graph=GraphPlan(forgotten=[m.id for m in doomed]))
     found = {m.id: m for m in vectors.retrieve(list(dict.fromkeys(e.memory_id for e in job.edits)))
              if _mine(job, m)}
     missing = [e.memory_id for e in job.edits if e.memory_id not in found]
@@ -72,16 +70,6 @@ def plan_edit(job: AddJob, vectors: VectorStore, embedder: Embedder) -> Plan:
 def _mine(job: AddJob, m: MemoryItem) -> bool:
     s = job.scope
     return (m.user_id, m.agent_id, m.run_id) == (s.user_id, s.agent_id, s.run_id)
-
-
-def _whole_scope(job: AddJob, vectors: VectorStore) -> list[MemoryItem]:
-    """Every memory of exactly the job's scope, oldest first (read in pages before anything is deleted)."""
-    items: list[MemoryItem] = []
-    while page := vectors.list(job.scope, limit=PAGE, offset=len(items), exact=True):
-        items += page
-        if len(page) < PAGE:
-            break
-    return list({m.id: m for m in items}.values())
 
 
 def _delete(m: MemoryItem, job: AddJob) -> Action:

@@ -138,7 +138,6 @@ class GraphPlan(_Stage):
     rejected: int = Field(default=0, description="Relations dropped for an invalid relationship type.")
     forgotten: list[str] = Field(default_factory=list, description="Memories whose support of relations goes "
                                  "(an edit's deleted or rewritten memories).")
-    clear: bool = Field(default=False, description="Delete the scope's whole graph (a delete_all job).")
 
 
 class Plan(_Stage):

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 
 from memq.checks import check_text
 from memq.config import LimitsSettings
-from memq.errors import InvalidEdit, MessageTooLarge
+from memq.errors import InvalidEdit, MessageTooLarge, RequestTooLarge
 from memq.models import AddJob, Edit, Operation, Scope
 from producer.validate import check_metadata
 
@@ -42,6 +42,7 @@ def check_edits(operation: Operation, items: Sequence[object], limits: LimitsSet
         InvalidEdit: not a list of dicts, empty or over `MAX_BATCH`, a missing, bad or repeated memory
             id, an unknown key, an update with neither text nor metadata, a text that is not a string.
         MessageTooLarge: a text over `max_message_chars`.
+        RequestTooLarge: the texts together over `max_request_chars` (an add's limit).
         InvalidMetadata: metadata as an add would refuse it.
     """
     if isinstance(items, (str, bytes, Mapping)) or not isinstance(items, Sequence):
@@ -50,6 +51,7 @@ def check_edits(operation: Operation, items: Sequence[object], limits: LimitsSet
         raise InvalidEdit(f"{len(items)} items; a batch takes 1..{MAX_BATCH}", field="memories")
     edits: list[Edit] = []
     seen: set[str] = set()
+    chars = 0
     for i, item in enumerate(items):
         where = f"memories[{i}]"
         if not isinstance(item, Mapping):
@@ -79,20 +81,29 @@ def check_edits(operation: Operation, items: Sequence[object], limits: LimitsSet
                 raise MessageTooLarge(f"{where}.text is {len(text)} characters; the limit is "
                                       f"{limits.max_message_chars}", field=f"{where}.text")
             check_text(text, f"{where}.text", InvalidEdit)
+            chars += len(text)
+            if chars > limits.max_request_chars:
+                raise RequestTooLarge(f"the batch's texts hold over {limits.max_request_chars} characters (one "
+                                      "embedding call): split it", field="memories")
         edits.append(Edit(memory_id=memory_id, text=text,
                           metadata=check_metadata(metadata, limits) if metadata is not None else None))
     return edits
 
 
 def check_memory_id(memory_id: object, *, field: str = "memory_id") -> str:
-    """A memory id as a caller gave it: a string of 1..`MAX_MEMORY_ID_CHARS` characters.
+    """A memory id as a caller gave it: a string of 1..`MAX_MEMORY_ID_CHARS` characters; a UUID in any
+    spelling Python reads (upper case, braces, ``urn:uuid:``) comes back in the store's spelling
+    (lower case, hyphens), anything else as it is (no memory has such an id).
 
     Raises:
-        InvalidEdit: anything else.
+        InvalidEdit: not a string, empty or too long.
     """
     if not isinstance(memory_id, str) or not 1 <= len(memory_id) <= MAX_MEMORY_ID_CHARS:
         raise InvalidEdit(f"{field} must be a string of 1..{MAX_MEMORY_ID_CHARS} characters", field=field)
-    return memory_id
+    try:
+        return str(uuid.UUID(memory_id))
+    except ValueError:
+        return memory_id
 
 
 def build_edit_job(operation: Operation, scope: Scope, edits: Sequence[Edit] = ()) -> AddJob:

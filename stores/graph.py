@@ -83,7 +83,6 @@ class GraphWrite:
         invalidated: ``rid`` s of relations the job's facts contradict.
         deleted_memory_ids: memories the job deleted (or whose text an update replaced); relations they
             alone supported go, and so do entities left without any relation.
-        clear: delete every entity and relation of exactly this scope (a ``delete_all`` job).
     """
 
     job_id: str
@@ -93,7 +92,6 @@ class GraphWrite:
     relations: Sequence[Relation] = ()
     invalidated: Sequence[str] = ()
     deleted_memory_ids: Sequence[str] = field(default_factory=tuple)
-    clear: bool = False
 
 
 @contextmanager
@@ -201,9 +199,6 @@ class GraphStore:
                 ).consume()
             if change.deleted_memory_ids:
                 _forget_memories(tx, list(change.deleted_memory_ids), params)
-            if change.clear:
-                tx.run("MATCH (e:__Entity__ {scope_key: $scope_key}) DETACH DELETE e",
-                       scope_key=params["scope_key"]).consume()
 
         with _mapped("write"), self._driver.session(database=self._database) as session:
             session.execute_write(work)
@@ -267,9 +262,9 @@ class GraphStore:
             )
         return [Relation(**r) for r in rows]
 
-    def relations(self, scope: Scope, *, limit: int = 100) -> list[dict[str, str]]:
-        """Valid relations of every scope the caller's `scope` covers, oldest first, in the shape Mem0's
-        ``get_all`` gives them: ``[{"source", "relationship", "target"}]``.
+    def relations(self, scope: Scope, *, limit: int = 100, offset: int = 0) -> list[dict[str, str]]:
+        """Valid relations of every scope the caller's `scope` covers, oldest first, skipping `offset`,
+        in the shape Mem0's ``get_all`` gives them: ``[{"source", "relationship", "target"}]``.
 
         Raises:
             StoreUnavailable: Neo4j is unreachable.
@@ -280,21 +275,9 @@ class GraphStore:
                 "MATCH (e:__Entity__) WHERE " + _SCOPE_MATCH + " "
                 "MATCH (e)-[x {valid: true}]->(d:__Entity__) "
                 "RETURN e.name AS source, type(x) AS relationship, d.name AS target "
-                "ORDER BY x.created_at, x.rid LIMIT $limit",
-                limit=limit, **_scope_params(scope))
+                "ORDER BY x.created_at, x.rid SKIP $offset LIMIT $limit",
+                limit=limit, offset=offset, **_scope_params(scope))
         return [{"source": r["source"], "relationship": r["relationship"], "target": r["target"]} for r in rows]
-
-    def scopes(self, scope: Scope) -> list[Scope]:
-        """The exact scopes that have entities and that `scope` covers (where a ``delete_all`` goes).
-
-        Raises:
-            StoreUnavailable: Neo4j is unreachable.
-        """
-        with _mapped("read"):
-            rows = self._run("MATCH (e:__Entity__) WHERE " + _SCOPE_MATCH + " "
-                             "RETURN DISTINCT e.user_id AS u, e.agent_id AS a, e.run_id AS r",
-                             **_scope_params(scope))
-        return [Scope(user_id=r["u"] or None, agent_id=r["a"] or None, run_id=r["r"] or None) for r in rows]
 
     def entities(self, scope: Scope) -> list[dict[str, Any]]:
         """Entities of exactly this scope: ``{key, name, entity_type, mentions}``, by key."""

@@ -2,7 +2,9 @@
 with the real services: the ported quickstart script (examples/mem0_port.py) and the calls a switcher
 relies on (update, delete, batches, delete_all, reset, rerank, the async twin).
 
-Mem0's shapes, as its ``mem0/memory/main.py`` and ``mem0/memory/storage.py`` (v1.0.11) build them:
+The reference shapes are what real Mem0 1.0.11 returned for the same calls, recorded offline by
+``bench/mem0_shapes.py`` into ``tests/fixtures/mem0_1_0_11_shapes.json`` (graph memory off there; the
+``relations`` shapes below come from its ``graph_memory.py``):
 - add: ``{"results": [{id, memory, event} (+ previous_memory on UPDATE; + actor_id, role with
   infer=False)]}``, plus ``"relations": {"added_entities", "deleted_entities"}`` with graph memory;
 - search / get_all items: ``{id, memory, hash, metadata, score, created_at, updated_at}`` plus the
@@ -25,28 +27,50 @@ from typing import Any
 
 import pytest
 
-from memq.errors import InvalidEdit, MemoryNotFound, MissingScope, ScopeMismatch
+from memq.errors import InvalidEdit, InvalidRequest, MemoryNotFound, MissingScope, ScopeMismatch
 from memq.models import JobState
 from tests.helpers import wait_done
 
 ROOT = Path(__file__).resolve().parents[1]
-ITEM = {"id", "memory", "hash", "metadata", "score", "created_at", "updated_at"}
+MEM0 = json.loads((ROOT / "tests" / "fixtures" / "mem0_1_0_11_shapes.json").read_text())
+"""What real Mem0 1.0.11 returned for the same calls (bench/mem0_shapes.py ran it offline; values masked)."""
 PROMOTED = {"user_id", "agent_id", "run_id", "actor_id", "role"}
-HISTORY = {"id", "memory_id", "old_memory", "new_memory", "event", "created_at", "updated_at", "is_deleted",
-           "actor_id", "role"}
+"""Keys Mem0 adds to an item only when the memory has them (its inferred memories carry no role)."""
 
 
-def _item_shape(item: dict[str, Any]) -> None:
-    assert ITEM <= set(item) <= ITEM | PROMOTED | {"rerank_score"}, sorted(item)
+def _keys(value: dict[str, Any]) -> set[str]:
+    return set(value) - PROMOTED
+
+
+ITEM = _keys(MEM0["search_operator_filters"]["results"][0])  # {id, memory, hash, metadata, score, ...}
+LISTED = _keys(MEM0["get_all"]["results"][0])                # the same without score
+HISTORY = set(MEM0["history"][0])
+EVENTS = {"ADD": set(MEM0["add_infer"]["results"][0]), "UPDATE": set(MEM0["add_infer_update"]["results"][0]),
+          "RAW": set(MEM0["add_no_infer"]["results"][0])}
+
+
+def _item_shape(item: dict[str, Any], *, score: bool = True) -> None:
+    assert _keys(item) - {"rerank_score"} == (ITEM if score else LISTED), sorted(item)
     assert isinstance(item["id"], str) and isinstance(item["memory"], str) and isinstance(item["hash"], str)
     assert item["metadata"] is None or isinstance(item["metadata"], dict)
 
 
 def _event_shape(event: dict[str, Any], *, raw: bool = False) -> None:
-    keys = {"id", "memory", "event"} | ({"previous_memory"} if event["event"] == "UPDATE" else set())
-    assert set(event) == keys | ({"actor_id", "role"} if raw else set()), sorted(event)
+    assert set(event) == EVENTS["RAW" if raw else event["event"]], sorted(event)
 
 
+def test_the_mem0_fixture_holds_what_mem0_returned() -> None:
+    # The reference itself: Mem0's keys, as recorded (a regenerated fixture that changed them fails here)
+    assert ITEM == {"id", "memory", "hash", "metadata", "score", "created_at", "updated_at"}
+    assert LISTED == ITEM - {"score"} and MEM0["get"]["score"] == "null"
+    assert HISTORY == {"id", "memory_id", "old_memory", "new_memory", "event", "created_at", "updated_at",
+                       "is_deleted", "actor_id", "role"}
+    assert EVENTS == {"ADD": {"id", "memory", "event"}, "UPDATE": {"id", "memory", "event", "previous_memory"},
+                      "RAW": {"id", "memory", "event", "actor_id", "role"}}
+    assert MEM0["reset"] is None and MEM0["delete_missing"]["_error"]["type"] == "builtins.ValueError"
+
+
+@pytest.mark.timeout(300)  # a fresh interpreter loads the embedder, then 13 calls, 6 of them jobs
 def test_the_ported_mem0_script_runs_unchanged_and_matches_mem0s_shapes(client: Any, settings: Any) -> None:
     client.delete_all(user_id="alice")  # the script's own user, left clean by other runs
     graph = settings.neo4j.uri is not None
@@ -71,9 +95,8 @@ def test_the_ported_mem0_script_runs_unchanged_and_matches_mem0s_shapes(client: 
     for name in ("search", "search_or", "get_all", "get_all_after_delete", "get_all_after_reset"):
         assert set(out[name]) == ({"results", "relations"} if graph else {"results"})
         for item in out[name]["results"]:
-            _item_shape(item)
+            _item_shape(item, score=name.startswith("search"))  # Mem0's get_all items have no score key
     assert all(isinstance(i["score"], float) for i in out["search"]["results"])
-    assert all(i["score"] is None for i in out["get_all"]["results"])
     # Operator filters narrowed the search: only movie memories of priority >= 1; food or priority > 4
     assert out["search"]["results"] and {i["metadata"]["category"] for i in out["search"]["results"]} == {"movies"}
     assert {(i["metadata"]["category"], i["metadata"]["priority"] if "priority" in i["metadata"] else None)
@@ -82,17 +105,20 @@ def test_the_ported_mem0_script_runs_unchanged_and_matches_mem0s_shapes(client: 
 
     raw_id = out["add_raw"]["results"][0]["id"]
     _item_shape(out["get"])
-    assert out["get"]["id"] == raw_id and out["get"]["user_id"] == "alice" and out["get"]["actor_id"] == "alice"
-    assert out["update"] == {"message": "Memory updated successfully!"}
+    assert out["get"]["score"] is None and out["get"]["id"] == raw_id and out["get"]["user_id"] == "alice" and out["get"]["actor_id"] == "alice"
+    assert out["update"] == MEM0["update"]
     assert [set(row) for row in out["history"]] == [HISTORY, HISTORY]
+    # As in Mem0, every row's created_at is the memory's creation; updated_at the UPDATE's time
+    assert out["history"][1]["created_at"] == out["history"][0]["created_at"] == out["get"]["created_at"]
+    assert out["history"][0]["updated_at"] is None and out["history"][1]["updated_at"] > out["get"]["created_at"]
     assert [(r["event"], r["old_memory"], r["new_memory"]) for r in out["history"]] == [
         ("ADD", None, "My favourite director is Denis Villeneuve."),
         ("UPDATE", "My favourite director is Denis Villeneuve.",
          "Alice's favourite director is Denis Villeneuve (Dune).")]
-    assert out["delete"] == {"message": "Memory deleted successfully!"}
+    assert out["delete"] == MEM0["delete"]
     assert raw_id not in {i["id"] for i in out["get_all_after_delete"]["results"]}
     assert len(out["get_all_after_delete"]["results"]) == len(out["get_all"]["results"]) - 1
-    assert out["reset"] is None and out["get_all_after_reset"]["results"] == []
+    assert out["reset"] is MEM0["reset"] is None and out["get_all_after_reset"]["results"] == []
     if graph:
         assert out["get_all_after_reset"]["relations"] == []
 
@@ -148,7 +174,7 @@ def test_delete_all_follows_adds_already_accepted_even_in_a_new_scope(client: An
     client.add("I play chess.", user_id=user_id, infer=False)
     # An add accepted (not yet run) in a scope that has no memory yet, then delete_all at once
     pending = client.add("I play go.", user_id=user_id, run_id="night", infer=False, wait=False)
-    assert client.delete_all(user_id=user_id) == {"message": "Memories deleted successfully!"}
+    assert client.delete_all(user_id=user_id) == MEM0["delete_all"]
     # Then the add ran first (its scope's order) and its memory is gone too
     assert client.status(pending).status is JobState.SUCCEEDED
     assert client.get_all(user_id=user_id)["results"] == []
@@ -220,3 +246,42 @@ def test_async_memory_is_the_same_client_in_a_thread(settings: Any, worker: Any,
 
     found, left = asyncio.run(scenario())
     assert found["results"][0]["memory"] == "I collect stamps." and left["results"] == []
+
+
+def test_ids_receipts_and_options_are_checked_like_everything_else(settings: Any, worker: Any, client: Any,
+                                                                   user_id: str) -> None:
+    from memq import Memory
+    from memq.errors import InvalidOption, RequestTooLarge
+    from memq.models import Receipt, Scope
+
+    [added] = client.add("I keep bees.", user_id=user_id, infer=False)["results"]
+    # A UUID in another spelling is the same memory for every id-based call
+    loud = added["id"].upper()
+    assert client.get(loud, user_id=user_id)["id"] == added["id"]
+    assert client.update(loud, "I keep two hives of bees.", user_id=user_id)["message"]
+    assert [h["event"] for h in client.history("{" + added["id"] + "}", user_id=user_id)] == ["ADD", "UPDATE"]
+    with pytest.raises(InvalidRequest):
+        client.history(12345, user_id=user_id)
+    bound = Memory(settings, user_id=user_id + "-other", wait=True, timeout=90.0)
+    try:
+        # A bound client does not read another tenant's job through a receipt naming that tenant
+        receipt = client.add("I keep wasps.", user_id=user_id, infer=False, wait=False)
+        with pytest.raises(ScopeMismatch):
+            bound.status(receipt)
+        forged = Receipt(job_id=receipt.job_id, scope=Scope(user_id=user_id + "-other"))
+        from memq.errors import JobNotFound
+
+        with pytest.raises(JobNotFound):
+            bound.status(forged)
+    finally:
+        bound.close()
+    with pytest.raises(InvalidOption):
+        client.delete(added["id"], user_id=user_id, wait="no")
+    with pytest.raises(InvalidOption):
+        client.delete(added["id"], user_id=user_id, timeout="60")
+    with pytest.raises(InvalidOption):
+        Memory(settings, timeout=0)
+    with pytest.raises(RequestTooLarge):  # a batch's texts are capped like an add's (one embedding call)
+        client.batch_update([{"memory_id": str(uuid.uuid4()), "text": "x" * 20_000} for _ in range(11)],
+                            user_id=user_id)
+    assert client.get(added["id"], user_id=user_id)["memory"] == "I keep two hives of bees."
