@@ -395,9 +395,20 @@ def get(
     user_id: ScopeOption = None,
     agent_id: AgentOption = None,
     run_id: RunOption = None,
+    as_json: JsonOption = False,
 ) -> None:
-    """Print one memory as JSON (null for an unknown id or a memory outside the scope given)."""
-    print(json.dumps(_read(lambda m: m.get(memory_id, user_id=user_id, agent_id=agent_id, run_id=run_id)), indent=1))
+    """Show one memory (JSON: null for an unknown id or a memory outside the scope given; exit 1 then)."""
+    item = _read(lambda m: m.get(memory_id, user_id=user_id, agent_id=agent_id, run_id=run_id))
+    if as_json:
+        print(json.dumps(item, indent=1))
+    elif item is not None:
+        _table([item], score=False)
+        if item.get("metadata"):
+            console.print("metadata: " + json.dumps(item["metadata"]), highlight=False)
+    else:
+        console.print(f"no memory {memory_id} in this scope", highlight=False)
+    if item is None:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -406,14 +417,26 @@ def status(
     user_id: ScopeOption = None,
     agent_id: AgentOption = None,
     run_id: RunOption = None,
+    as_json: JsonOption = False,
 ) -> None:
-    """Print a job's status and events as JSON (the job must belong to the scope given)."""
+    """Show a job's status and events (the job must belong to the scope given)."""
     from producer import Producer
 
     try:
-        print(Producer().status(job_id, user_id=user_id, agent_id=agent_id, run_id=run_id).model_dump_json(indent=1))
+        found = Producer().status(job_id, user_id=user_id, agent_id=agent_id, run_id=run_id)
     except MemqError as exc:
         raise _fail(exc) from exc
+    if as_json:
+        print(found.model_dump_json(indent=1))
+        return
+    console.print(f"{found.job_id}: {found.status.value}" + (f" in {found.stage}" if found.stage else "")
+                  + (f", waiting for {found.waiting}" if found.waiting else ""), highlight=False)
+    if found.error_type:
+        console.print(f"[red]{found.error_type}: {found.error}[/]", highlight=False)
+    for r in found.results:
+        console.print(f"{r.event.value:6} {r.id}  {r.memory}", highlight=False)
+    for line in found.warnings:
+        console.print(f"warning: {line}", highlight=False)
 
 
 @app.command()
@@ -422,10 +445,21 @@ def history(
     user_id: ScopeOption = None,
     agent_id: AgentOption = None,
     run_id: RunOption = None,
+    as_json: JsonOption = False,
 ) -> None:
-    """Print a memory's history rows as JSON ([] for a memory outside the scope given). Reads SQL only."""
-    print(json.dumps(_read(lambda m: m.history(memory_id, user_id=user_id, agent_id=agent_id, run_id=run_id)),
-                     indent=1))
+    """Show a memory's history rows, oldest first (none for a memory outside the scope given). Reads SQL only."""
+    rows = _read(lambda m: m.history(memory_id, user_id=user_id, agent_id=agent_id, run_id=run_id))
+    if as_json:
+        print(json.dumps(rows, indent=1))
+        return
+    from rich.table import Table
+
+    table = Table()
+    for column in ("when", "event", "old memory", "new memory", "job"):
+        table.add_column(column, overflow="fold")
+    for r in rows:
+        table.add_row(str(r["created_at"])[:19], r["event"], r["old_memory"] or "", r["new_memory"] or "", r["job_id"])
+    console.print(table if rows else f"no history for {memory_id} in this scope")
 
 
 @app.command()

@@ -81,7 +81,7 @@ def test_writes_from_the_command_line_are_jobs_run_by_the_worker(worker: object,
     assert other.returncode == 1 and "MemoryNotFound" in other.stdout
     changed = _cli(env, "update", event["id"], "I like oolong tea.", "--user-id", user_id, "--json")
     assert changed.returncode == 0 and json.loads(changed.stdout) == {"message": "Memory updated successfully!"}
-    got = json.loads(_cli(env, "get", event["id"], "--user-id", user_id).stdout)
+    got = json.loads(_cli(env, "get", event["id"], "--user-id", user_id, "--json").stdout)
     assert got["memory"] == "I like oolong tea." and got["metadata"] == {"topic": "drinks"}
 
     queued = _cli(env, "delete", event["id"], "--user-id", user_id, "--no-wait", "--json")
@@ -91,7 +91,10 @@ def test_writes_from_the_command_line_are_jobs_run_by_the_worker(worker: object,
     everything = _cli(env, "delete-all", "--user-id", user_id, "--yes", "--json")
     assert everything.returncode == 0 and json.loads(everything.stdout) == {"message": "Memories deleted successfully!"}
     assert json.loads(_cli(env, "get-all", "--user-id", user_id, "--json").stdout)["results"] == []
-    history = json.loads(_cli(env, "history", event["id"], "--user-id", user_id).stdout)
+    history = json.loads(_cli(env, "history", event["id"], "--user-id", user_id, "--json").stdout)
+    shown = _cli(env, "history", event["id"], "--user-id", user_id)
+    assert shown.returncode == 0 and "UPDATE" in shown.stdout and "oolong" in shown.stdout
+    assert _cli(env, "get", event["id"], "--user-id", user_id).returncode == 1  # deleted: exit 1
     assert [h["event"] for h in history] == ["ADD", "UPDATE", "DELETE"]
 
 

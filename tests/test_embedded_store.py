@@ -94,10 +94,10 @@ def test_other_processes_read_while_a_worker_ingests_and_a_second_worker_refuses
         assert [s.status for s in statuses] == [JobState.SUCCEEDED] * len(receipts)
         # And id-based reads from other processes work and keep the scope
         top = reader.search("Caroline", user_id="reader", limit=1)["results"][0]
-        got = _cli(env, "get", top["id"], "--user-id", "reader")
+        got = _cli(env, "get", top["id"], "--user-id", "reader", "--json")
         assert got.returncode == 0 and json.loads(got.stdout)["memory"] == top["memory"], got.stderr[-2000:]
-        assert json.loads(_cli(env, "get", top["id"], "--user-id", "intruder").stdout) is None
-        history = _cli(env, "history", top["id"], "--user-id", "reader")
+        assert json.loads(_cli(env, "get", top["id"], "--user-id", "intruder", "--json").stdout) is None
+        history = _cli(env, "history", top["id"], "--user-id", "reader", "--json")
         assert history.returncode == 0 and json.loads(history.stdout)[0]["memory_id"] == top["id"]
         everything = reader.get_all(user_id="reader", limit=1000)["results"]
         assert reader.vectors.count(Scope(user_id="reader")) == len(everything) > 0

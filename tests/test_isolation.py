@@ -182,9 +182,10 @@ def test_the_command_line_needs_a_scope_for_status_and_history(producer: Produce
     assert memq("status", receipt.job_id).returncode == 1
     assert "MissingScope" in memq("history", memory.id).stdout
     assert "JobNotFound" in memq("status", receipt.job_id, "--user-id", "someone-else").stdout
-    assert json.loads(memq("history", memory.id, "--user-id", "someone-else").stdout) == []
-    assert json.loads(memq("status", receipt.job_id, "--user-id", f"frank-{tag}").stdout)["status"] == "succeeded"
-    assert [r["event"] for r in json.loads(memq("history", memory.id, "--user-id", f"frank-{tag}").stdout)] == ["ADD"]
+    assert json.loads(memq("history", memory.id, "--user-id", "someone-else", "--json").stdout) == []
+    assert json.loads(memq("status", receipt.job_id, "--user-id", f"frank-{tag}", "--json").stdout)["status"] == "succeeded"
+    assert "succeeded" in memq("status", receipt.job_id, "--user-id", f"frank-{tag}").stdout
+    assert [r["event"] for r in json.loads(memq("history", memory.id, "--user-id", f"frank-{tag}", "--json").stdout)] == ["ADD"]
 
 
 # --- 4. scope keys are injective ---------------------------------------------------------------

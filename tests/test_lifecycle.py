@@ -80,6 +80,27 @@ def test_a_redelivered_stage_of_a_finished_job_changes_nothing(producer: Produce
     assert memories.get_all(user_id=user_id)["results"] == stored
 
 
+def test_a_redelivered_edit_changes_nothing_twice_and_never_undoes_a_later_one(producer: Producer, client: Any,
+                                                                              user_id: str) -> None:
+    [kept, doomed] = client.add([{"role": "user", "content": "I paint."}, {"role": "user", "content": "I sing."}],
+                                user_id=user_id, infer=False)["results"]
+    first = wait_done(producer, client.update(kept["id"], "I paint in oils.", user_id=user_id, wait=False))
+    client.update(kept["id"], "I paint in watercolours.", user_id=user_id)
+    gone = wait_done(producer, client.delete(doomed["id"], user_id=user_id, wait=False))
+    history = {m: client.history(m, user_id=user_id) for m in (kept["id"], doomed["id"])}
+    pushed = producer._jobs.client
+    # When every stage of the first update and of the delete is delivered again
+    tags = _push_stages(pushed, first.job_id) + _push_stages(pushed, gone.job_id)
+    until(lambda: _consumed(pushed, tags), 60, "the redelivered stages to be consumed")
+    # Then both jobs are unchanged, the later update stands, and no history row was added
+    assert producer.status(first.job_id, user_id=user_id) == first
+    assert producer.status(gone.job_id, user_id=user_id) == gone
+    assert client.get(kept["id"], user_id=user_id)["memory"] == "I paint in watercolours."
+    assert client.get(doomed["id"], user_id=user_id) is None
+    assert {m: client.history(m, user_id=user_id) for m in history} == history
+    assert [h["event"] for h in history[kept["id"]]] == ["ADD", "UPDATE", "UPDATE"]
+
+
 def test_a_live_jobs_records_never_expire_and_any_end_moves_its_scope_on(producer: Producer, user_id: str,
                                                                         settings: Settings) -> None:
     client = producer._jobs.client
