@@ -18,9 +18,9 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from cli import ops
+from cli import health, ops
 from memq.config import Queues, load_settings
-from memq.errors import MemqError
+from memq.errors import InvalidSettings, MemqError
 from memq.models import Receipt
 
 if TYPE_CHECKING:
@@ -37,6 +37,8 @@ app.add_typer(ops.dlq, name="dlq")
 app.add_typer(ops.jobs, name="jobs")
 app.add_typer(ops.poison, name="poison")
 app.command(name="migrate-scope-keys")(ops.migrate_scope_keys)
+app.command(name="doctor")(health.doctor)
+app.command(name="stats")(health.stats)
 app.command(name="migrate-store")(ops.migrate_store)
 
 
@@ -51,6 +53,8 @@ def worker(
     concurrency: Annotated[int, typer.Option(help="Worker threads or processes.")] = 2,
     pool: Annotated[str, typer.Option(help="threads, solo or prefork (prefork needs a Qdrant server).")] = "threads",
     loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
+    name: Annotated[str | None, typer.Option(help="Celery node name (default memq-<pid>@<host>: unique even for "
+                                                   "several workers on one host).")] = None,
 ) -> None:
     """Start a Celery worker for the pipeline (replaces this process).
 
@@ -63,7 +67,7 @@ def worker(
                       "the embedded store allows one owner process per folder.[/]")
         raise typer.Exit(2)
     argv = [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", queues, "-P", pool,
-            "-c", str(concurrency), "--loglevel", loglevel, "-E"]
+            "-c", str(concurrency), "--loglevel", loglevel, "-E", "-n", name or f"memq-{os.getpid()}@%h"]
     os.execv(sys.executable, argv)
 
 
@@ -118,6 +122,7 @@ def backfill(
                    f"{len(receipts) - fresh} already enqueued before")
         (err_console if as_json else console).print(summary)
         if wait and receipts:
+            health.warn_if_unconsumed(producer.settings, err_console if as_json else console)
             _follow(producer, receipts, timeout_s, err_console if as_json else console)
     except MemqError as exc:
         console.print(f"[red]{type(exc).__name__}: {exc}[/]")
@@ -476,8 +481,13 @@ def demo(
 
 
 def main() -> None:
-    """Entry point of the ``memq`` script."""
-    app()
+    """Entry point of the ``memq`` script: a configuration error is one line per bad variable (exit 2)."""
+    try:
+        app()
+    except InvalidSettings as exc:
+        for line in exc.problems:
+            err_console.print(f"[red]configuration error: {line}[/]", highlight=False)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

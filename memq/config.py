@@ -10,8 +10,10 @@ import ipaddress
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from memq.errors import InvalidSettings
 
 OFFLINE_MODEL = "memq-offline/heuristic-v1"
 DEFAULT_EMBEDDER = "sentence-transformers/all-MiniLM-L6-v2"
@@ -282,9 +284,25 @@ def load_settings() -> Settings:
         The frozen `Settings`.
 
     Raises:
-        pydantic.ValidationError: a ``MEMQ_*`` variable has a bad value or an unknown name.
+        InvalidSettings: a ``MEMQ_*`` variable (or ``.env`` line) has a bad value or an unknown name;
+            the message names each variable, never its value (it may be a secret).
     """
-    return Settings()
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise InvalidSettings(settings_problems(exc)) from None
+
+
+def settings_problems(exc: ValidationError) -> list[str]:
+    """One line per bad setting: ``MEMQ_LLM__TIMEOUT_S: Input should be a valid number`` (values left out)."""
+    lines = []
+    for error in exc.errors():
+        name = "MEMQ_" + "__".join(str(part) for part in error["loc"]).upper()
+        if error["type"] == "extra_forbidden":
+            lines.append(f"{name}: not a memq setting (misspelled? see the README's Configuration)")
+        else:
+            lines.append(f"{name}: {error['msg']}")
+    return lines
 
 
 class Queues:

@@ -20,6 +20,7 @@
     ├── MemoryNotFound (ValueError)   no memory of that id in the caller's scope (Mem0 raises ValueError)
     ├── JobNotFound (KeyError)        no record for that job id
     ├── WaitTimeout (TimeoutError)    a call that waits for its job gave up before the job ended
+    ├── InvalidSettings (ValueError)  a MEMQ_* variable with a bad value or an unknown name
     ├── BrokerUnavailable             Redis refused or timed out while enqueuing; nothing was enqueued
     └── PipelineError                 raised inside workers; the job records it
         ├── InvalidJob                the stored job fails validation; never retried
@@ -154,6 +155,18 @@ class WaitTimeout(MemqError, TimeoutError):
     def __init__(self, message: str, *, job_ids: list[str]) -> None:
         super().__init__(message)
         self.job_ids = job_ids
+
+
+class InvalidSettings(MemqError, ValueError):
+    """Settings that do not load: a ``MEMQ_*`` variable with a bad value or a name memq does not know.
+
+    Attributes:
+        problems: one line per variable (``MEMQ_LLM__TIMEOUT_S: Input should be a valid number``).
+    """
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
 
 
 class JobNotFound(MemqError, KeyError):

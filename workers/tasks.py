@@ -25,7 +25,7 @@ from celery.exceptions import Reject
 
 from jobs import add
 from jobs.clients import Clients
-from jobs.transitions import Finished, Retry, Transition
+from jobs.transitions import Advance, Deferred, Finished, Joined, Retry, Skip, Transition
 from broker.messages import Next
 from memq.config import load_settings
 from memq.errors import (
@@ -51,11 +51,13 @@ class StageTask(Task):  # type: ignore[misc]
     acks_late = True
     ignore_result = True  # results live in the job record, not the Celery result backend
 
-    def run_life(self, job_id: str, life: Callable[[str, Clients], Transition]) -> str:
+    def run_life(self, job_id: str, life: Callable[[str, Clients], Transition]) -> dict[str, str]:
         """Run one stage of the job and commit what it did (see the module docstring).
 
         Returns:
-            The ledger's answer (``"ok"``, ``"skip"``, ``"finished"`` ...).
+            What happened, as Flower shows the task's result: ``{"job", "stage", "outcome"}``, the outcome
+            in words (`outcome_label`): a wait for the scope's turn or for rate-limit budget is a
+            succeeded task that says so, never a Celery retry.
 
         Raises:
             JobFailed: the job failed in this task (already recorded, dead-lettered).
@@ -90,7 +92,7 @@ class StageTask(Task):  # type: ignore[misc]
                                 "see `memq jobs list`", job_id=job_id) from None
         if isinstance(change, Finished) and change.state is JobState.FAILED and outcome == "ok":
             raise JobFailed.of(job_id, self.name, type(change.error).__name__) from None
-        return outcome
+        return {"job": job_id, "stage": self.name.removeprefix("memq."), "outcome": outcome_label(change, outcome)}
 
     def _retry_or_fail(self, job_id: str, c: Clients, exc: TransientError, attempt: int) -> Transition:
         if attempt >= self.max_retries:
@@ -106,6 +108,40 @@ class StageTask(Task):  # type: ignore[misc]
         return random.uniform(0, ceiling)
 
 
+def outcome_label(change: Transition, committed: str) -> str:
+    """A task's outcome in a few words, for Flower and the task log (class names only, never user data).
+
+    Args:
+        change: what the stage asked for.
+        committed: the ledger's answer (``"ok"``; ``"finished"``/``"skip"`` when nothing changed).
+
+    Returns:
+        e.g. ``"done: extract"``, ``"waiting for the scope's turn"``, ``"waiting 2.0 s (no rate-limit budget
+        or another delivery computing)"``, ``"retry 2 in 3.1 s: StoreUnavailable"``, ``"job failed:
+        LLMOutputError"``, ``"nothing to do: finished"``.
+    """
+    if committed != "ok":
+        return f"nothing to do: {committed}"
+    match change:
+        case Advance():
+            return f"done: {change.stage}" + (f", next {', '.join(n.task.removeprefix('memq.') for n in change.then)}"
+                                              if change.then else "")
+        case Deferred():
+            return "waiting for the scope's turn (an earlier job of the scope is not finished)"
+        case Joined():
+            return f"done: {change.write}"
+        case Retry() if change.error is None:
+            return f"waiting {change.step.countdown_s:.1f} s (no rate-limit budget yet, or another delivery computing)"
+        case Retry():
+            return f"retry {change.step.retries} in {change.step.countdown_s:.1f} s: {type(change.error).__name__}"
+        case Finished():
+            failed = change.state is JobState.FAILED
+            return f"job {change.state.value}" + (f": {type(change.error).__name__}" if failed and change.error else "")
+        case Skip():
+            return f"nothing to do: {change.reason}"
+    return committed
+
+
 class WriteTask(StageTask):
     """A store write: more attempts (a store restart should not fail the job)."""
 
@@ -113,42 +149,42 @@ class WriteTask(StageTask):
 
 
 @app.task(name="memq.start", base=StageTask, bind=True)
-def start(self: StageTask, job_id: str) -> str:
+def start(self: StageTask, job_id: str) -> dict[str, str]:
     """Open the job's durable record; queue caption."""
     return self.run_life(job_id, add.start)
 
 
 @app.task(name="memq.caption", base=StageTask, bind=True)
-def caption(self: StageTask, job_id: str) -> str:
+def caption(self: StageTask, job_id: str) -> dict[str, str]:
     """Caption images; queue extract."""
     return self.run_life(job_id, add.caption)
 
 
 @app.task(name="memq.extract", base=StageTask, bind=True)
-def extract(self: StageTask, job_id: str) -> str:
+def extract(self: StageTask, job_id: str) -> dict[str, str]:
     """Extract facts, entities and relations; queue decide."""
     return self.run_life(job_id, add.extract)
 
 
 @app.task(name="memq.decide", base=StageTask, bind=True)
-def decide(self: StageTask, job_id: str) -> str:
+def decide(self: StageTask, job_id: str) -> dict[str, str]:
     """Decide events in the scope's turn; queue both store writes."""
     return self.run_life(job_id, add.decide)
 
 
 @app.task(name="memq.write_vectors", base=WriteTask, bind=True)
-def write_vectors(self: WriteTask, job_id: str) -> str:
+def write_vectors(self: WriteTask, job_id: str) -> dict[str, str]:
     """Write to Qdrant; the last write to land queues finalize."""
     return self.run_life(job_id, add.write_vectors)
 
 
 @app.task(name="memq.write_graph", base=WriteTask, bind=True)
-def write_graph(self: WriteTask, job_id: str) -> str:
+def write_graph(self: WriteTask, job_id: str) -> dict[str, str]:
     """Write to Neo4j; the last write to land queues finalize."""
     return self.run_life(job_id, add.write_graph)
 
 
 @app.task(name="memq.finalize", base=StageTask, bind=True)
-def finalize(self: StageTask, job_id: str) -> str:
+def finalize(self: StageTask, job_id: str) -> dict[str, str]:
     """History rows, result, status succeeded."""
     return self.run_life(job_id, add.finalize)

@@ -1,0 +1,87 @@
+"""What an operator runs: `memq doctor` names what is down and how to fix it, `memq stats` reads the
+queue, a misspelled setting is one line, and task results say in words what a stage did (a wait is
+not a failure or a retry)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from typing import Any
+
+from broker.messages import Next
+from cli.redis_server import RedisServer
+from jobs.transitions import Deferred, Retry
+from memq.errors import StoreUnavailable
+
+ENV_WIDE = {"COLUMNS": "300", "HF_HUB_OFFLINE": "1"}
+
+
+def _memq(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "cli", *args], env=env, capture_output=True, text=True, timeout=120)
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_a_misspelled_or_bad_setting_is_one_line_naming_the_variable() -> None:
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MEMQ_")}, **ENV_WIDE,
+           "MEMQ_LLM__MODLE": "openai/gpt-4o-mini", "MEMQ_JOBS__TTL_S": "s3cr3t-value"}
+    run = _memq(env, "stats")
+    assert run.returncode == 2 and "Traceback" not in run.stderr + run.stdout
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    assert sorted(lines) == ["configuration error: MEMQ_JOBS__TTL_S: Input should be a valid integer, unable to "
+                             "parse string as an integer",
+                             "configuration error: MEMQ_LLM__MODLE: not a memq setting (misspelled? see the "
+                             "README's Configuration)"]
+    assert "s3cr3t-value" not in run.stderr + run.stdout  # a value may be a secret: never echoed
+
+
+def test_doctor_passes_with_every_service_up_and_stats_read_the_queue(worker: Any, settings: Any,
+                                                                      producer: Any) -> None:
+    from tests.helpers import wait_done
+
+    wait_done(producer, producer.add("I like kites.", user_id="ops-stats", infer=False))
+    env = {**os.environ, **ENV_WIDE}
+    run = _memq(env, "doctor")
+    assert run.returncode == 0, run.stdout
+    for service in ("Redis", "queue memq.light", "queue memq.llm", "queue memq.write", "vector store", "SQL history",
+                    "LLM"):
+        assert service in run.stdout
+    assert "FAIL" not in run.stdout
+    stats = _memq(env, "stats", "--json")
+    assert stats.returncode == 0, stats.stdout + stats.stderr
+    report = json.loads(stats.stdout)
+    assert set(report["queues"]) == {"memq.light", "memq.llm", "memq.write"}
+    assert report["jobs_by_state"].get("succeeded", 0) >= 1 and report["dead_letters"] >= 0
+
+
+def test_doctor_names_a_stopped_redis_and_an_unreachable_neo4j_precisely(settings: Any) -> None:
+    server = RedisServer()
+    server.start()
+    url = server.url
+    server.stop()
+    bolt = f"bolt://127.0.0.1:{_closed_port()}"
+    env = {**os.environ, **ENV_WIDE, "MEMQ_REDIS__URL": url, "MEMQ_NEO4J__URI": bolt,
+           "MEMQ_NEO4J__PASSWORD": "not-shown-anywhere"}
+    run = _memq(env, "doctor")
+    assert run.returncode == 1
+    rows = {line.split("│")[2].strip(): line for line in run.stdout.splitlines() if line.count("│") >= 4}
+    assert "FAIL" in rows["Redis"] and url in rows["Redis"] and "start Redis at" in rows["Redis"]
+    assert "FAIL" in rows["Neo4j"] and bolt in rows["Neo4j"] and "start Neo4j at" in rows["Neo4j"]
+    assert "not-shown-anywhere" not in run.stdout + run.stderr
+
+
+def test_task_results_say_what_the_stage_did_and_a_wait_is_not_a_failure() -> None:
+    from workers.tasks import outcome_label
+
+    assert outcome_label(Deferred(Next("memq.decide"), backstop_s=2.0), "ok").startswith("waiting for the scope's turn")
+    assert outcome_label(Retry(Next("memq.extract", countdown_s=1.5, retries=0)), "ok").startswith("waiting 1.5 s")
+    failing = Retry(Next("memq.write_graph", countdown_s=3.0, retries=2), error=StoreUnavailable("Neo4j down"))
+    assert outcome_label(failing, "ok") == "retry 2 in 3.0 s: StoreUnavailable"
+    assert outcome_label(failing, "finished") == "nothing to do: finished"
