@@ -169,6 +169,14 @@ class RerankSettings(_Group):
                             "least the search's limit); the best `limit` of them are returned.")
 
 
+class MetricsSettings(_Group):
+    """Prometheus metrics served by each worker process (`memq.metrics`, `broker.queue_metrics`)."""
+
+    port: int | None = Field(default=9464, ge=0, le=65535, description="Port of the worker's /metrics; None: off. "
+                             "A second worker on the host finds it taken and serves none (a warning).")
+    host: str = Field(default="0.0.0.0", description="Address the metrics server binds.")
+
+
 class EmbedderSettings(_Group):
     """Embedding model: sentence-transformers all-MiniLM-L6-v2 offline by default, or a litellm model."""
 
@@ -258,6 +266,7 @@ class Settings(BaseSettings):
     vision: VisionSettings = VisionSettings()
     prompts: PromptSettings = PromptSettings()
     rerank: RerankSettings = RerankSettings()
+    metrics: MetricsSettings = MetricsSettings()
     limits: LimitsSettings = LimitsSettings()
     jobs: JobSettings = JobSettings()
 

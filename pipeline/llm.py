@@ -18,6 +18,7 @@ import tenacity
 from pydantic import BaseModel, ValidationError
 
 from memq.config import OFFLINE_MODEL, LLMSettings
+from memq import metrics
 from memq.errors import LLMOutputError, LLMUnavailable, RateLimited
 from broker.ratelimit import RateLimiter
 from pipeline import offline_model
@@ -131,6 +132,8 @@ class LLM:
         if self._limiter is not None:
             wait_s = self._limiter.acquire(self.budget, rpm=s.rpm, tpm=s.tpm, tokens=estimate, burst_s=s.burst_s)
             if wait_s > 0:
+                metrics.LIMITER_WAITS.labels(self.budget).inc()
+                metrics.LIMITER_WAIT_SECONDS.labels(self.budget).inc(wait_s)
                 raise RateLimited(f"no budget for {self.budget} yet", retry_after_s=wait_s)
         content: str | list[dict[str, Any]] = user
         if images:
@@ -141,13 +144,21 @@ class LLM:
         try:
             response = self._call(system, content)
         except LLMUnavailable as exc:
+            throttled = exc.retry_after_s or type(exc.__cause__).__name__ == "RateLimitError"
+            metrics.LLM_CALLS.labels(s.model, "rate_limited" if throttled else "error").inc()
             if exc.retry_after_s and self._limiter is not None:
                 self._limiter.block(self.budget, exc.retry_after_s)
+            raise
+        except Exception:
+            metrics.LLM_CALLS.labels(s.model, "error").inc()
             raise
         text = response.choices[0].message.content or ""
         usage = getattr(response, "usage", None)
         spent = LLMUsage(calls=1, prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
                          completion_tokens=getattr(usage, "completion_tokens", 0) or 0)
+        metrics.LLM_CALLS.labels(s.model, "ok").inc()
+        metrics.LLM_TOKENS.labels(s.model, "prompt").inc(spent.prompt_tokens)
+        metrics.LLM_TOKENS.labels(s.model, "completion").inc(spent.completion_tokens)
         if self._limiter is not None and spent.prompt_tokens:
             self._limiter.record_actual(self.budget, tpm=s.tpm, estimated=estimate, burst_s=s.burst_s,
                                         actual=spent.prompt_tokens + spent.completion_tokens)

@@ -59,6 +59,7 @@ class OwnStores(bootsteps.StartStopStep):  # type: ignore[misc]
             StoreUnavailable: a store cannot be opened.
         """
         _set_task_join_will_block(True)
+        serve_metrics()
         pool = str(getattr(worker, "pool_cls", "") or app.conf.worker_pool or "")
         if "prefork" in pool.lower():
             settings = load_settings()
@@ -71,6 +72,31 @@ class OwnStores(bootsteps.StartStopStep):  # type: ignore[misc]
 
 
 app.steps["worker"].add(OwnStores)
+
+_metrics_started = False
+
+
+def serve_metrics() -> None:
+    """Serve this process's Prometheus metrics on ``MEMQ_METRICS__PORT`` (once per process), with the
+    broker's backlog gauges. A port already taken (another worker on the host) is a warning, not an error:
+    the worker still works."""
+    global _metrics_started
+    settings = load_settings()
+    if _metrics_started or settings.metrics.port is None:
+        return
+    from prometheus_client import REGISTRY, start_http_server
+
+    from broker.queue_metrics import QueueCollector
+
+    try:
+        start_http_server(settings.metrics.port, addr=settings.metrics.host)
+    except OSError as exc:
+        logger.warning("metrics: port %s unavailable (%s); this worker serves no metrics",
+                       settings.metrics.port, type(exc).__name__)
+        return
+    REGISTRY.register(QueueCollector(settings.redis.url))
+    _metrics_started = True
+    logger.info("metrics on http://%s:%s/metrics", settings.metrics.host, settings.metrics.port)
 
 
 @worker_process_init.connect

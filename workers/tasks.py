@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import Callable
 
 from celery import Task
@@ -27,6 +28,7 @@ from jobs import add
 from jobs.clients import Clients
 from jobs.transitions import Advance, Deferred, Finished, Joined, Retry, Skip, Transition
 from broker.messages import Next
+from memq import metrics
 from memq.config import load_settings
 from memq.errors import (
     BrokerUnavailable,
@@ -65,6 +67,8 @@ class StageTask(Task):  # type: ignore[misc]
         """
         c = clients()
         attempt = int(self.request.retries or 0)
+        stage = self.name.removeprefix("memq.")
+        started = time.perf_counter()
         try:
             try:
                 change = life(job_id, c)
@@ -90,9 +94,10 @@ class StageTask(Task):  # type: ignore[misc]
             logger.debug("job %s: %s could not record its outcome", job_id, self.name, exc_info=True)
             raise PipelineError(f"job {job_id}: {self.name} could not record its outcome ({type(exc).__name__}); "
                                 "see `memq jobs list`", job_id=job_id) from None
+        _count(stage, change, outcome, time.perf_counter() - started)
         if isinstance(change, Finished) and change.state is JobState.FAILED and outcome == "ok":
             raise JobFailed.of(job_id, self.name, type(change.error).__name__) from None
-        return {"job": job_id, "stage": self.name.removeprefix("memq."), "outcome": outcome_label(change, outcome)}
+        return {"job": job_id, "stage": stage, "outcome": outcome_label(change, outcome)}
 
     def _retry_or_fail(self, job_id: str, c: Clients, exc: TransientError, attempt: int) -> Transition:
         if attempt >= self.max_retries:
@@ -106,6 +111,31 @@ class StageTask(Task):  # type: ignore[misc]
             return exc.retry_after_s
         ceiling = min(self.retry_backoff_s * 2 ** attempt, load_settings().jobs.retry_backoff_max_s)
         return random.uniform(0, ceiling)
+
+
+def _count(stage: str, change: Transition, committed: str, seconds: float) -> None:
+    """Record the task in memq's metrics (`memq.metrics`): its time, what it did, and a job's end."""
+    metrics.STAGE_SECONDS.labels(stage).observe(seconds)
+    match change:
+        case _ if committed != "ok":
+            kind = "skipped"
+        case Deferred():
+            kind = "waiting"
+        case Retry() if change.error is None:
+            kind = "waiting"
+        case Retry():
+            kind = "retry"
+        case Finished() if change.state is JobState.FAILED:
+            kind = "failed"
+        case Skip():
+            kind = "skipped"
+        case _:
+            kind = "done"
+    metrics.STAGE_TASKS.labels(stage, kind).inc()
+    if isinstance(change, Finished) and committed == "ok":
+        metrics.JOBS.labels(change.state.value).inc()
+        if change.state is JobState.FAILED and change.job is not None:
+            metrics.DEAD_LETTERS.inc()
 
 
 def outcome_label(change: Transition, committed: str) -> str:

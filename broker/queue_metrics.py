@@ -1,0 +1,65 @@
+"""Prometheus gauges read from Redis when scraped: how much work waits, and for how long.
+
+``memq_queue_depth{queue}`` (messages ready in each queue), ``memq_unfinished_jobs``,
+``memq_oldest_unfinished_job_seconds`` and ``memq_jobs_waiting_for_scope`` (unfinished jobs whose
+decide waits for an earlier job of their scope: the scope backlog; counted over the oldest
+`SAMPLE` unfinished jobs, so one scrape costs at most that many field reads).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+
+import redis
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from broker.jobstore import LIVE_KEY
+from memq.config import Queues
+
+logger = logging.getLogger(__name__)
+
+SAMPLE = 10_000
+"""Unfinished jobs (oldest first) whose waiting state one scrape reads."""
+
+
+class QueueCollector(Collector):
+    """Gauges of the broker's backlog, read from Redis at each scrape (nothing is kept in between).
+
+    Args:
+        redis_url: the broker.
+
+    A scrape while Redis is down yields no gauge (and logs a warning), never an error page.
+    """
+
+    def __init__(self, redis_url: str) -> None:
+        self._client = redis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        """The gauges (see the module docstring)."""
+        try:
+            pipe = self._client.pipeline(transaction=False)
+            for queue in Queues.ALL:
+                pipe.llen(queue)
+            pipe.zcard(LIVE_KEY)
+            pipe.zrange(LIVE_KEY, 0, SAMPLE - 1, withscores=True)
+            *lengths, live, oldest = pipe.execute()
+            waits = self._client.pipeline(transaction=False)
+            for job_id, _ in oldest:
+                waits.hget(b"memq:job:" + job_id, "waiting")
+            waiting = sum(1 for w in (waits.execute() if oldest else []) if w)
+        except (redis.RedisError, OSError) as exc:
+            logger.warning("metrics: Redis unreachable (%s); backlog gauges skipped", type(exc).__name__)
+            return
+        depth = GaugeMetricFamily("memq_queue_depth", "Messages ready in each memq queue.", labels=["queue"])
+        for queue, n in zip(Queues.ALL, lengths):
+            depth.add_metric([queue], float(n))
+        yield depth
+        yield GaugeMetricFamily("memq_unfinished_jobs", "Jobs accepted and not finished.", value=float(live))
+        age = time.time() - float(oldest[0][1]) if oldest else 0.0
+        yield GaugeMetricFamily("memq_oldest_unfinished_job_seconds", "Age of the oldest unfinished job.",
+                                value=max(0.0, age))
+        yield GaugeMetricFamily("memq_jobs_waiting_for_scope", "Unfinished jobs waiting for an earlier job of "
+                                f"their scope (over the oldest {SAMPLE}).", value=float(waiting))

@@ -1,0 +1,36 @@
+"""memq's own Prometheus metrics, defined once: updated where things happen, served by each worker
+(`workers.app`, ``MEMQ_METRICS__PORT``). Labels carry stage, model, queue and outcome names only:
+never user text, scope ids or job ids (their number would be unbounded).
+
+Counters and histograms (per worker process):
+
+- ``memq_jobs_total{outcome}``: jobs ended here: succeeded, partial (memories published, a store write
+  retrying), failed.
+- ``memq_dead_letters_total``: failed jobs whose request was kept for replay.
+- ``memq_stage_seconds{stage}``: time a stage task took (histogram, seconds).
+- ``memq_stage_tasks_total{stage, kind}``: stage tasks by what they did: done, waiting (scope's turn,
+  rate-limit budget, another delivery computing), retry, failed, skipped.
+- ``memq_llm_calls_total{model, result}``: model calls: ok, rate_limited (the provider's 429), error.
+- ``memq_llm_tokens_total{model, kind}``: prompt and completion tokens as the provider counted them.
+- ``memq_limiter_waits_total{budget}`` and ``memq_limiter_wait_seconds_total{budget}``: calls the shared
+  rate limiter held back, and for how long.
+
+Gauges read from Redis at each scrape (`broker.queue_metrics`): queue depth per queue, unfinished jobs,
+the oldest one's age, jobs waiting for their scope's turn.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+JOBS = Counter("memq_jobs_total", "Jobs ended in this worker, by outcome.", ["outcome"])
+DEAD_LETTERS = Counter("memq_dead_letters_total", "Failed jobs kept as dead letters for replay.")
+STAGE_SECONDS = Histogram("memq_stage_seconds", "Time a stage task took, in seconds.", ["stage"],
+                          buckets=(0.005, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
+STAGE_TASKS = Counter("memq_stage_tasks_total", "Stage tasks by what they did.", ["stage", "kind"])
+LLM_CALLS = Counter("memq_llm_calls_total", "Model calls by result (ok, rate_limited, error).", ["model", "result"])
+LLM_TOKENS = Counter("memq_llm_tokens_total", "Tokens of model calls, as the provider counted them.",
+                     ["model", "kind"])
+LIMITER_WAITS = Counter("memq_limiter_waits_total", "Calls the shared rate limiter held back.", ["budget"])
+LIMITER_WAIT_SECONDS = Counter("memq_limiter_wait_seconds_total", "Seconds calls were told to wait by the shared "
+                               "rate limiter.", ["budget"])

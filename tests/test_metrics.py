@@ -1,0 +1,54 @@
+"""The worker's Prometheus metrics, scraped over HTTP while a LoCoMo backfill runs through the session worker."""
+
+from __future__ import annotations
+
+import urllib.request
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import requires_locomo
+from tests.helpers import locomo_sessions, until
+
+
+def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def _value(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+@requires_locomo
+def test_metrics_count_jobs_stages_and_model_calls_during_a_backfill(producer: Any, settings: Any,
+                                                                     user_id: str) -> None:
+    port = settings.metrics.port
+    before = _scrape(port)
+    # When a backfill of 3 LoCoMo sessions runs
+    receipts = producer.add_many(locomo_sessions(user_id, "conv-26", 3))
+    # Then, while it runs, the backlog gauges are there for every queue
+    during = _scrape(port)
+    for queue in ("memq.light", "memq.llm", "memq.write"):
+        assert ("memq_queue_depth", (("queue", queue),)) in during
+    assert ("memq_unfinished_jobs", ()) in during and ("memq_jobs_waiting_for_scope", ()) in during
+    statuses = producer.wait(receipts, timeout_s=180, poll_s=0.2)
+    assert all(s.status.value == "succeeded" for s in statuses)
+    # And once done: every job is counted, every stage timed, the model's calls and tokens counted
+    until(lambda: _value(_scrape(port), "memq_jobs_total", outcome="succeeded")
+          - _value(before, "memq_jobs_total", outcome="succeeded") >= 3, 10, "the last job to be counted")
+    after = _scrape(port)
+
+    def grew(name: str, **labels: str) -> float:
+        return _value(after, name, **labels) - _value(before, name, **labels)
+
+    assert grew("memq_jobs_total", outcome="succeeded") >= 3
+    for stage in ("start", "caption", "extract", "decide", "write_vectors", "write_graph", "finalize"):
+        assert grew("memq_stage_seconds_count", stage=stage) >= 3, stage
+    assert grew("memq_llm_calls_total", model="openai/test-model", result="ok") >= 3
+    assert grew("memq_llm_tokens_total", model="openai/test-model", kind="prompt") > 0
+    assert grew("memq_stage_tasks_total", stage="extract", kind="done") >= 3
+    # And no label carries a scope id or a job id
+    assert not any(user_id in str(key) or statuses[0].job_id in str(key) for key in after)
