@@ -262,6 +262,23 @@ def _done(result: object, as_json: bool, line: str) -> None:
 
 
 @app.command()
+def flower() -> None:
+    """Start Flower against the configured broker (replaces this process): MEMQ_FLOWER__PORT (5555),
+    MEMQ_FLOWER__ADDRESS (127.0.0.1) and MEMQ_FLOWER__BASIC_AUTH (user:password), which also guards
+    /metrics. Binding beyond loopback without basic auth is refused."""
+    settings = load_settings()
+    f = settings.flower
+    if f.basic_auth is None and f.address not in ("127.0.0.1", "localhost", "::1"):
+        console.print(f"[red]Flower on {f.address} would be open to anyone: set MEMQ_FLOWER__BASIC_AUTH=user:password "
+                      "or bind 127.0.0.1[/]")
+        raise typer.Exit(2)
+    if f.basic_auth is not None:  # through the environment: an argument would show in `ps`
+        os.environ["FLOWER_BASIC_AUTH"] = f.basic_auth.get_secret_value()
+    # the broker comes from celeryconfig (memq's settings), as for the workers
+    os.execv(sys.executable, [sys.executable, "-m", "cli.flower_run", f"--port={f.port}", f"--address={f.address}"])
+
+
+@app.command()
 def add(
     text: Annotated[str | None, typer.Argument(help="A user message to remember.")] = None,
     messages: Annotated[Path | None, typer.Option(help="A JSON file holding a list of chat messages.")] = None,

@@ -177,6 +177,15 @@ class MetricsSettings(_Group):
     host: str = Field(default="0.0.0.0", description="Address the metrics server binds.")
 
 
+class FlowerSettings(_Group):
+    """Flower as ``memq flower`` starts it (against the configured broker)."""
+
+    basic_auth: SecretStr | None = Field(default=None, description="``user:password`` for the UI, the API and "
+                                         "/metrics; without it Flower binds 127.0.0.1 only.")
+    port: int = Field(default=5555, ge=1, le=65535)
+    address: str = Field(default="127.0.0.1", description="Address Flower binds (0.0.0.0 needs basic_auth).")
+
+
 class EmbedderSettings(_Group):
     """Embedding model: sentence-transformers all-MiniLM-L6-v2 offline by default, or a litellm model."""
 
@@ -267,6 +276,7 @@ class Settings(BaseSettings):
     prompts: PromptSettings = PromptSettings()
     rerank: RerankSettings = RerankSettings()
     metrics: MetricsSettings = MetricsSettings()
+    flower: FlowerSettings = FlowerSettings()
     limits: LimitsSettings = LimitsSettings()
     jobs: JobSettings = JobSettings()
 

@@ -85,3 +85,46 @@ def test_task_results_say_what_the_stage_did_and_a_wait_is_not_a_failure() -> No
     failing = Retry(Next("memq.write_graph", countdown_s=3.0, retries=2), error=StoreUnavailable("Neo4j down"))
     assert outcome_label(failing, "ok") == "retry 2 in 3.0 s: StoreUnavailable"
     assert outcome_label(failing, "finished") == "nothing to do: finished"
+
+
+def test_memq_flower_guards_metrics_with_its_basic_auth_and_refuses_an_open_bind(settings: Any) -> None:
+    import base64
+    import time
+    import urllib.error
+    import urllib.request
+
+    port = _closed_port()
+    env = {**os.environ, **ENV_WIDE, "MEMQ_FLOWER__BASIC_AUTH": "ops:s3cret-pass", "MEMQ_FLOWER__PORT": str(port)}
+    unguarded = {k: v for k, v in env.items() if k != "MEMQ_FLOWER__BASIC_AUTH"} | {"MEMQ_FLOWER__ADDRESS": "0.0.0.0"}
+    refused = _memq(unguarded, "flower")
+    assert refused.returncode == 2 and "MEMQ_FLOWER__BASIC_AUTH" in refused.stdout
+    # When memq flower starts with basic auth on a loopback port
+
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "flower"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        def status(path: str, auth: bool) -> int:
+            request = urllib.request.Request(f"http://127.0.0.1:{port}{path}")
+            if auth:
+                request.add_header("Authorization", "Basic " + base64.b64encode(b"ops:s3cret-pass").decode())
+            try:
+                with urllib.request.urlopen(request, timeout=5) as reply:
+                    return int(reply.status)
+            except urllib.error.HTTPError as exc:
+                return int(exc.code)
+            except OSError:
+                return 0
+
+        deadline = time.monotonic() + 60
+        while status("/healthcheck", False) != 200:
+            assert time.monotonic() < deadline and proc.poll() is None, "flower did not start"
+            time.sleep(0.5)
+        # Then /metrics, like the UI and the API, needs the credentials
+        assert status("/metrics", False) == 401 and status("/metrics", True) == 200
+        assert status("/api/workers", False) == 401 and status("/api/workers", True) == 200
+        # And the password is not on Flower's command line (visible to every user in `ps`)
+        with open(f"/proc/{proc.pid}/cmdline", "rb") as cmdline:
+            assert b"s3cret-pass" not in cmdline.read()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
