@@ -3,7 +3,7 @@
 Redis holds the live job record; this table keeps every job's last state for good, so a backfill can
 tell exactly which sessions are done after any crash or a Redis without persistence. A dead letter
 keeps what is needed to run a failed job again: its request, the stage that failed, the error and the
-attempts made.
+attempts made. Timestamps are aware UTC; every write is an upsert two deliveries can run at once.
 """
 
 from __future__ import annotations
@@ -11,12 +11,16 @@ from __future__ import annotations
 import threading
 from datetime import datetime
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, delete
 from sqlmodel import Field, Session, SQLModel, col, select
 
 from memq.errors import describe
 from memq.models import AddJob, JobState, Scope, utcnow
-from stores.history import mapped_sql_errors
+from stores.history import UTCDateTime, create_tables, mapped_sql_errors, sql_table, upsert
+
+
+_KEYS_PER_QUERY = 1_000
+"""Idempotency keys looked up per query: PostgreSQL takes at most 65,535 parameters in one statement."""
 
 
 class JobRecord(SQLModel, table=True):
@@ -33,8 +37,8 @@ class JobRecord(SQLModel, table=True):
     user_id: str | None = Field(default=None, index=True)
     agent_id: str | None = None
     run_id: str | None = None
-    created_at: datetime
-    updated_at: datetime
+    created_at: datetime = Field(sa_type=UTCDateTime)
+    updated_at: datetime = Field(sa_type=UTCDateTime)
 
 
 class DeadLetter(SQLModel, table=True):
@@ -48,7 +52,7 @@ class DeadLetter(SQLModel, table=True):
     error: str
     error_type: str
     attempts: int
-    failed_at: datetime
+    failed_at: datetime = Field(sa_type=UTCDateTime)
 
 
 class RecordStore:
@@ -61,24 +65,26 @@ class RecordStore:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
         self._lock = threading.Lock()
-        with mapped_sql_errors("create tables"):
-            SQLModel.metadata.create_all(engine, tables=[SQLModel.metadata.tables["jobs"],
-                                                         SQLModel.metadata.tables["dead_letters"]])
+        create_tables(engine, ["jobs", "dead_letters"])
 
     def save(self, job: AddJob, state: JobState, *, stage: str | None = None,
              error: BaseException | None = None) -> None:
-        """Insert or update the job's record (idempotent)."""
-        now = utcnow()
+        """Insert or update the job's record (idempotent): a new record takes the job's scope, key and
+        ``enqueued_at`` as ``created_at``; an existing one only its state, stage, error and ``updated_at``.
+
+        Raises:
+            StoreUnavailable: the database is unreachable or locked (retryable).
+            StoreError: any other database error.
+        """
+        values = {"job_id": job.job_id, "status": state.value, "stage": stage,
+                  "error": describe(error) if error is not None else None,
+                  "error_type": type(error).__name__ if error is not None else None,
+                  "idempotency_key": job.idempotency_key, "user_id": job.scope.user_id,
+                  "agent_id": job.scope.agent_id, "run_id": job.scope.run_id, "created_at": job.enqueued_at,
+                  "updated_at": utcnow()}
         with mapped_sql_errors("write job"), Session(self._engine) as session:
-            record = session.get(JobRecord, job.job_id)
-            if record is None:
-                record = JobRecord(job_id=job.job_id, status=state.value, idempotency_key=job.idempotency_key,
-                                   user_id=job.scope.user_id, agent_id=job.scope.agent_id, run_id=job.scope.run_id,
-                                   created_at=job.enqueued_at, updated_at=now)
-            record.status, record.stage, record.updated_at = state.value, stage, now
-            record.error = describe(error) if error is not None else None
-            record.error_type = type(error).__name__ if error is not None else None
-            session.add(record)
+            upsert(session, sql_table(JobRecord), [values],
+                   changes=["status", "stage", "error", "error_type", "updated_at"])
             session.commit()
 
     def states_by_key(self, requests: list[tuple[Scope, str]]) -> dict[tuple[Scope, str], str]:
@@ -89,13 +95,19 @@ class RecordStore:
 
         Returns:
             ``{(scope, key): status}`` for the pairs that have a record.
+
+        Raises:
+            StoreUnavailable: the database is unreachable or locked (retryable).
         """
         keys = sorted({key for _, key in requests})
         if not keys:
             return {}
+        rows: list[JobRecord] = []
         with mapped_sql_errors("read jobs"), Session(self._engine) as session:
-            rows = session.exec(select(JobRecord).where(col(JobRecord.idempotency_key).in_(keys))
-                                .order_by(col(JobRecord.created_at))).all()
+            for start in range(0, len(keys), _KEYS_PER_QUERY):  # a key's rows are all in one chunk
+                chunk = keys[start:start + _KEYS_PER_QUERY]
+                rows += session.exec(select(JobRecord).where(col(JobRecord.idempotency_key).in_(chunk))
+                                     .order_by(col(JobRecord.created_at))).all()
         found: dict[tuple[Scope, str], str] = {}
         for r in rows:
             assert r.idempotency_key is not None
@@ -123,11 +135,10 @@ class RecordStore:
 
     def dead_letter(self, job: AddJob, *, stage: str, error: BaseException, attempts: int) -> None:
         """Keep a failed job for replay (overwrites an earlier letter of the same job)."""
-        letter = DeadLetter(job_id=job.job_id, request=job.model_dump_json(), stage=stage,
-                            error=describe(error), error_type=type(error).__name__,
-                            attempts=attempts, failed_at=utcnow())
+        values = {"job_id": job.job_id, "request": job.model_dump_json(), "stage": stage, "error": describe(error),
+                  "error_type": type(error).__name__, "attempts": attempts, "failed_at": utcnow()}
         with mapped_sql_errors("write dead letter"), Session(self._engine) as session:
-            session.merge(letter)
+            upsert(session, sql_table(DeadLetter), [values], changes=[k for k in values if k != "job_id"])
             session.commit()
 
     def dead_letters(self) -> list[DeadLetter]:
@@ -136,9 +147,8 @@ class RecordStore:
             return list(session.exec(select(DeadLetter).order_by(col(DeadLetter.failed_at))).all())
 
     def remove_dead_letter(self, job_id: str) -> None:
-        """Drop a dead letter (after its replay was enqueued)."""
+        """Drop a dead letter (after its replay was enqueued); nothing happens when there is none."""
         with mapped_sql_errors("delete dead letter"), Session(self._engine) as session:
-            letter = session.get(DeadLetter, job_id)
-            if letter is not None:
-                session.delete(letter)
-                session.commit()
+            letters = sql_table(DeadLetter)
+            session.connection().execute(delete(letters).where(letters.c.job_id == job_id))
+            session.commit()

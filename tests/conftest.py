@@ -31,6 +31,15 @@ requires_locomo = pytest.mark.skipif(not LOCOMO.exists() and not os.environ.get(
 """Tests on LoCoMo skip on a laptop without the data and fail in CI."""
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def _need(binary: str) -> None:
     if shutil.which(binary) is None:
         message = f"{binary} is not installed"
@@ -89,6 +98,7 @@ def settings(redis_server: RedisServer, llm_server: LLMTestServer, neo4j_server:
         "MEMQ_VISION__API_KEY": "test-key",
         "MEMQ_VISION__TIMEOUT_S": "4",
         "MEMQ_JOBS__RETRY_BACKOFF_MAX_S": "8",
+        "MEMQ_METRICS__PORT": str(free_port()),
     }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
@@ -185,3 +195,24 @@ def _fresh_script(request: pytest.FixtureRequest) -> Iterator[None]:
         server: LLMTestServer = request.getfixturevalue("llm_server")
         server.reset()
     yield
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[Any]:
+    """A throwaway PostgreSQL (`tests.rigs.postgres_server.PostgresServer`) for the session; a test takes
+    its own empty database with ``postgres_server.create_database()`` (returns its SQLAlchemy URL). The
+    server's TimeZone is Asia/Kolkata (+05:30), so a timestamp that loses its zone on the way shows.
+    Skips on a laptop where PostgreSQL's binaries or the psycopg driver are missing; required in CI."""
+    import importlib.util
+
+    from tests.rigs.postgres_server import PostgresServer, postgres_bin_dir
+
+    missing = [what for what, found in (("PostgreSQL (initdb, postgres)", postgres_bin_dir() is not None),
+                                        ("psycopg", importlib.util.find_spec("psycopg") is not None)) if not found]
+    if missing:
+        message = f"{' and '.join(missing)} not installed (scripts/setup.sh installs them)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    with PostgresServer(timezone="Asia/Kolkata") as server:
+        yield server
