@@ -96,7 +96,11 @@ class QdrantClientStore(PagedVectorStore):
                     self.collection, vectors_config=qm.VectorParams(size=self.dims, distance=qm.Distance.COSINE))
                 if self.indexed:  # local mode ignores payload indexes (and warns)
                     for key in KEYWORD_INDEXES:
-                        self._client.create_payload_index(self.collection, key, qm.PayloadSchemaType.KEYWORD)
+                        # user_id is the tenant key: Qdrant keeps each tenant's points together (its
+                        # multitenancy guide), so one tenant's search reads little of the others'
+                        schema = qm.KeywordIndexParams(type=qm.KeywordIndexType.KEYWORD, is_tenant=True) \
+                            if key == "user_id" else qm.PayloadSchemaType.KEYWORD
+                        self._client.create_payload_index(self.collection, key, schema)
                     self._client.create_payload_index(self.collection, "created_at", qm.PayloadSchemaType.DATETIME)
             info = self._client.get_collection(self.collection)
             params = info.config.params.vectors
