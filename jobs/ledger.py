@@ -18,6 +18,7 @@ from typing import TypeVar
 from pydantic import BaseModel
 
 from broker.jobstore import JobMeta, JobStore
+from memq.logs import set_scope_key
 from memq.errors import describe
 from memq.models import AddJob, JobState, utcnow
 from jobs.transitions import Advance, Deferred, Finished, Joined, Retry, Skip, Transition
@@ -50,8 +51,11 @@ class JobLedger:
         return self.jobs.load_job(job_id)
 
     def meta(self, job_id: str) -> JobMeta:
-        """State, scope and place in the scope's order. Raises `InvalidJob` without a record."""
-        return self.jobs.meta(job_id)
+        """State, scope and place in the scope's order (the scope key also goes on this task's structured
+        log records, `memq.logs`). Raises `InvalidJob` without a record."""
+        meta = self.jobs.meta(job_id)
+        set_scope_key(meta.scope_key)
+        return meta
 
     def output(self, job_id: str, stage: str, model: type[M]) -> M | None:
         """A stage's stored output, or None."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -186,6 +187,13 @@ class FlowerSettings(_Group):
     address: str = Field(default="127.0.0.1", description="Address Flower binds (0.0.0.0 needs basic_auth).")
 
 
+class LogSettings(_Group):
+    """How workers log."""
+
+    format: Literal["text", "json"] = Field(default="text", description="``json``: one JSON object per line with "
+                                            "job_id, stage and scope_key (`memq.logs`); ``text``: Celery's format.")
+
+
 class EmbedderSettings(_Group):
     """Embedding model: sentence-transformers all-MiniLM-L6-v2 offline by default, or a litellm model."""
 
@@ -277,6 +285,7 @@ class Settings(BaseSettings):
     rerank: RerankSettings = RerankSettings()
     metrics: MetricsSettings = MetricsSettings()
     flower: FlowerSettings = FlowerSettings()
+    log: LogSettings = LogSettings()
     limits: LimitsSettings = LimitsSettings()
     jobs: JobSettings = JobSettings()
 

@@ -14,7 +14,13 @@ from typing import Any
 
 from celery import Celery, bootsteps
 from celery._state import _set_task_join_will_block
-from celery.signals import worker_process_init, worker_process_shutdown, worker_shutdown
+from celery.signals import (
+    after_setup_logger,
+    after_setup_task_logger,
+    worker_process_init,
+    worker_process_shutdown,
+    worker_shutdown,
+)
 
 from jobs.clients import Clients, build_clients
 from memq.config import load_settings
@@ -97,6 +103,18 @@ def serve_metrics() -> None:
     REGISTRY.register(QueueCollector(settings.redis.url))
     _metrics_started = True
     logger.info("metrics on http://%s:%s/metrics", settings.metrics.host, settings.metrics.port)
+
+
+@after_setup_logger.connect
+@after_setup_task_logger.connect
+def _json_logs(logger: logging.Logger | None = None, **_: Any) -> None:
+    """With ``MEMQ_LOG__FORMAT=json``, every handler Celery set up writes `memq.logs.JsonFormatter` lines."""
+    if load_settings().log.format != "json" or logger is None:
+        return
+    from memq.logs import JsonFormatter
+
+    for handler in logger.handlers:
+        handler.setFormatter(JsonFormatter())
 
 
 @worker_process_init.connect

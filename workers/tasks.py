@@ -29,6 +29,7 @@ from jobs.clients import Clients
 from jobs.transitions import Advance, Deferred, Finished, Joined, Retry, Skip, Transition
 from broker.messages import Next
 from memq import metrics
+from memq.logs import task_context
 from memq.config import load_settings
 from memq.errors import (
     BrokerUnavailable,
@@ -65,6 +66,10 @@ class StageTask(Task):  # type: ignore[misc]
             JobFailed: the job failed in this task (already recorded, dead-lettered).
             Reject: Redis stayed unreachable; the message is redelivered.
         """
+        with task_context(job_id, self.name.removeprefix("memq.")):
+            return self._run_life(job_id, life)
+
+    def _run_life(self, job_id: str, life: Callable[[str, Clients], Transition]) -> dict[str, str]:
         c = clients()
         attempt = int(self.request.retries or 0)
         stage = self.name.removeprefix("memq.")
