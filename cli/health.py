@@ -165,8 +165,12 @@ def doctor() -> None:
         raise typer.Exit(1)
 
 
-def stats(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
-    """Queue depths, unfinished jobs and the oldest one's age, jobs by state, dead letters."""
+def stats(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+          metrics_url: Annotated[str | None, typer.Option(help="A worker's /metrics for the model usage "
+                                                                "(default: this host's MEMQ_METRICS__PORT).")] = None,
+          ) -> None:
+    """Queue depths, unfinished jobs and the oldest one's age, jobs by state, dead letters, and model usage
+    (calls and tokens per model since the worker started, read from its /metrics)."""
     import json
 
     import redis
@@ -187,8 +191,10 @@ def stats(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] =
         client.close()
     states, letters = _job_counts(settings)
     age = round(time.time() - float(oldest[0][1]), 1) if oldest else None
+    url = metrics_url or (f"http://127.0.0.1:{settings.metrics.port}/metrics" if settings.metrics.port else None)
+    usage = llm_usage(url) if url else None
     report = {"queues": queued, "unfinished_jobs": int(live), "oldest_unfinished_s": age,
-              "jobs_by_state": states, "dead_letters": letters}
+              "jobs_by_state": states, "dead_letters": letters, "llm_usage": usage}
     if as_json:
         print(json.dumps(report))
         return
@@ -196,6 +202,40 @@ def stats(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] =
     console.print(f"unfinished jobs: {live}" + (f" (oldest {age:.0f} s)" if age is not None else ""), highlight=False)
     console.print("jobs by state: " + (", ".join(f"{k} {v}" for k, v in states.items()) or "none"), highlight=False)
     console.print(f"dead letters: {letters}", highlight=False)
+    if usage is None:
+        console.print(f"model usage: no worker metrics at {url or '(MEMQ_METRICS__PORT unset)'}", highlight=False)
+    for model, used in (usage or {}).items():
+        console.print(f"model {model}: " + ", ".join(f"{k} {v:.0f}" for k, v in used.items()), highlight=False)
+
+
+def llm_usage(url: str) -> dict[str, dict[str, float]] | None:
+    """Model calls and tokens per model from a worker's Prometheus page (`memq.metrics`), or None when it
+    does not answer: ``{model: {"calls_ok", "calls_rate_limited", "calls_error", "prompt_tokens",
+    "completion_tokens"}}`` since that worker started."""
+    import urllib.error
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with urllib.request.urlopen(url, timeout=3) as reply:
+            text = reply.read().decode()
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+    usage: dict[str, dict[str, float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            model = sample.labels.get("model")
+            if model is None:
+                continue
+            if sample.name == "memq_llm_calls_total":
+                key = f"calls_{sample.labels.get('result')}"
+            elif sample.name == "memq_llm_tokens_total":
+                key = f"{sample.labels.get('kind')}_tokens"
+            else:
+                continue
+            usage.setdefault(model, {})[key] = usage.get(model, {}).get(key, 0.0) + sample.value
+    return usage
 
 
 def _job_counts(settings: Settings) -> tuple[dict[str, int], int]:

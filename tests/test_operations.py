@@ -11,6 +11,8 @@ import subprocess
 import sys
 from typing import Any
 
+import pytest
+
 from broker.messages import Next
 from cli.redis_server import RedisServer
 from jobs.transitions import Deferred, Retry
@@ -42,11 +44,12 @@ def test_a_misspelled_or_bad_setting_is_one_line_naming_the_variable() -> None:
     assert "s3cr3t-value" not in run.stderr + run.stdout  # a value may be a secret: never echoed
 
 
+@pytest.mark.timeout(180)  # several fresh `memq` processes
 def test_doctor_passes_with_every_service_up_and_stats_read_the_queue(worker: Any, settings: Any,
                                                                       producer: Any) -> None:
     from tests.helpers import wait_done
 
-    wait_done(producer, producer.add("I like kites.", user_id="ops-stats", infer=False))
+    wait_done(producer, producer.add("I like flying kites on windy days.", user_id="ops-stats"))  # one model call at least
     env = {**os.environ, **ENV_WIDE}
     run = _memq(env, "doctor")
     assert run.returncode == 0, run.stdout
@@ -59,8 +62,12 @@ def test_doctor_passes_with_every_service_up_and_stats_read_the_queue(worker: An
     report = json.loads(stats.stdout)
     assert set(report["queues"]) == {"memq.light", "memq.llm", "memq.write"}
     assert report["jobs_by_state"].get("succeeded", 0) >= 1 and report["dead_letters"] >= 0
+    # And the model usage comes from the worker's metrics (the session worker serves them in this process)
+    assert report["llm_usage"] is not None and "openai/test-model" in report["llm_usage"]
+    assert report["llm_usage"]["openai/test-model"].get("calls_ok", 0) >= 1
 
 
+@pytest.mark.timeout(180)  # several fresh `memq` processes
 def test_doctor_names_a_stopped_redis_and_an_unreachable_neo4j_precisely(settings: Any) -> None:
     server = RedisServer()
     server.start()
@@ -80,13 +87,15 @@ def test_doctor_names_a_stopped_redis_and_an_unreachable_neo4j_precisely(setting
 def test_task_results_say_what_the_stage_did_and_a_wait_is_not_a_failure() -> None:
     from workers.tasks import outcome_label
 
-    assert outcome_label(Deferred(Next("memq.decide"), backstop_s=2.0), "ok").startswith("waiting for the scope's turn")
+    assert outcome_label(Deferred(Next("memq.decide"), backstop_s=2.0), "deferred").startswith(
+        "waiting for the scope's turn")
     assert outcome_label(Retry(Next("memq.extract", countdown_s=1.5, retries=0)), "ok").startswith("waiting 1.5 s")
     failing = Retry(Next("memq.write_graph", countdown_s=3.0, retries=2), error=StoreUnavailable("Neo4j down"))
     assert outcome_label(failing, "ok") == "retry 2 in 3.0 s: StoreUnavailable"
-    assert outcome_label(failing, "finished") == "nothing to do: finished"
+    assert outcome_label(failing, "finished") == "nothing to do: the job had ended"
 
 
+@pytest.mark.timeout(180)  # several fresh `memq` processes
 def test_memq_flower_guards_metrics_with_its_basic_auth_and_refuses_an_open_bind(settings: Any) -> None:
     import base64
     import time

@@ -118,11 +118,16 @@ class StageTask(Task):  # type: ignore[misc]
         return random.uniform(0, ceiling)
 
 
+RECORDED = frozenset({"ok", "joined", "deferred", "now"})
+"""The ledger's answers for a transition it recorded (`broker.jobstore`): the step happened. The others
+("skip", "done-before", "finished", "stale", "missing") mean nothing changed."""
+
+
 def _count(stage: str, change: Transition, committed: str, seconds: float) -> None:
     """Record the task in memq's metrics (`memq.metrics`): its time, what it did, and a job's end."""
     metrics.STAGE_SECONDS.labels(stage).observe(seconds)
     match change:
-        case _ if committed != "ok":
+        case _ if committed not in RECORDED:
             kind = "skipped"
         case Deferred():
             kind = "waiting"
@@ -137,7 +142,7 @@ def _count(stage: str, change: Transition, committed: str, seconds: float) -> No
         case _:
             kind = "done"
     metrics.STAGE_TASKS.labels(stage, kind).inc()
-    if isinstance(change, Finished) and committed == "ok":
+    if isinstance(change, Finished) and committed in RECORDED:
         metrics.JOBS.labels(change.state.value).inc()
         if change.state is JobState.FAILED and change.job is not None:
             metrics.DEAD_LETTERS.inc()
@@ -148,19 +153,26 @@ def outcome_label(change: Transition, committed: str) -> str:
 
     Args:
         change: what the stage asked for.
-        committed: the ledger's answer (``"ok"``; ``"finished"``/``"skip"`` when nothing changed).
+        committed: the ledger's answer (`RECORDED` ones, or ``"finished"``, ``"skip"``, ``"done-before"``
+            ... when nothing changed).
 
     Returns:
         e.g. ``"done: extract"``, ``"waiting for the scope's turn"``, ``"waiting 2.0 s (no rate-limit budget
         or another delivery computing)"``, ``"retry 2 in 3.1 s: StoreUnavailable"``, ``"job failed:
         LLMOutputError"``, ``"nothing to do: finished"``.
     """
-    if committed != "ok":
-        return f"nothing to do: {committed}"
+    if isinstance(change, Skip):
+        return f"nothing to do: {change.reason}"
+    if committed not in RECORDED:
+        return {"skip": "nothing to do: its work was done", "done-before": "nothing to do: done before",
+                "finished": "nothing to do: the job had ended", "stale": "nothing to do: already applied",
+                "missing": "nothing to do: no such job"}.get(committed, f"nothing to do: {committed}")
     match change:
         case Advance():
             return f"done: {change.stage}" + (f", next {', '.join(n.task.removeprefix('memq.') for n in change.then)}"
                                               if change.then else "")
+        case Deferred() if committed == "now":
+            return "its scope's turn came meanwhile: decide queued at once"
         case Deferred():
             return "waiting for the scope's turn (an earlier job of the scope is not finished)"
         case Joined():
