@@ -20,8 +20,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from types import TracebackType
 from typing import IO
+from tests.rigs.managed import Managed
 
 __all__ = ["DEFAULT_PASSWORD", "NEO4J_SCRIPT", "Neo4jLauncherError", "Neo4jServer", "build_launcher"]
 
@@ -88,7 +88,7 @@ def build_launcher(timeout_s: float = 900.0) -> None:
         _built = True
 
 
-class Neo4jServer:
+class Neo4jServer(Managed):
     """Runs embedded Neo4j (auth on, Bolt on 127.0.0.1 only, no HTTP) until stopped.
 
     Every `start` uses the same port (the free one picked by the first start when ``port`` is 0) and the
@@ -283,17 +283,6 @@ class Neo4jServer:
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
-
-    def __enter__(self) -> Neo4jServer:
-        try:
-            return self.start()
-        except BaseException:
-            self.close()  # __exit__ does not run when __enter__ raises
-            raise
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
 
     # -- internals -------------------------------------------------------------------------------------
 

@@ -32,9 +32,9 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from types import TracebackType
 
 from cli.redis_server import free_port
+from tests.rigs.managed import Managed
 
 __all__ = ["PostgresServerError", "PostgresServer", "postgres_bin_dir"]
 
@@ -74,7 +74,7 @@ def _traversable_by_all(folder: Path) -> bool:
     return all(p.stat().st_mode & 0o001 for p in (path, *path.parents))
 
 
-class PostgresServer:
+class PostgresServer(Managed):
     """Runs a fresh PostgreSQL cluster (``postgres`` on 127.0.0.1) until stopped.
 
     Every `start` uses the same port and data folder, so data written before `stop` is there after the
@@ -256,17 +256,6 @@ class PostgresServer:
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
-
-    def __enter__(self) -> PostgresServer:
-        try:
-            return self.start()
-        except BaseException:
-            self.close()  # __exit__ does not run when __enter__ raises
-            raise
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
 
     # -- internals -------------------------------------------------------------------------------------
 
