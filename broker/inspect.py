@@ -32,11 +32,12 @@ def consumers(settings: Settings, *, timeout_s: float = 1.5) -> dict[str, list[s
     """
     app = Celery("memq-inspect", broker=settings.redis.url)
     app.conf.broker_connection_retry_on_startup = False
-    app.conf.broker_connection_max_retries = 0
+    app.conf.broker_connection_max_retries = 1  # (0 would mean "retry forever" to Celery)
+    app.conf.broker_connection_timeout = timeout_s
     try:
         answers = app.control.inspect(timeout=timeout_s).active_queues() or {}
     except (redis.RedisError, OSError) as exc:
-        raise BrokerUnavailable(f"Redis at {_where(settings.redis.url)}: {type(exc).__name__}") from exc
+        raise BrokerUnavailable(f"Redis unreachable asking the workers: {type(exc).__name__}") from exc
     finally:
         app.close()
     found: dict[str, list[str]] = {q: [] for q in Queues.ALL}
@@ -60,9 +61,3 @@ def depths(client: redis.Redis, queues: Sequence[str] = Queues.ALL) -> dict[str,
         return {q: int(n) for q, n in zip(queues, pipe.execute())}
     except (redis.RedisError, OSError) as exc:
         raise BrokerUnavailable(f"Redis: {type(exc).__name__}") from exc
-
-
-def _where(url: str) -> str:
-    """A Redis URL without its password."""
-    head, _, tail = url.rpartition("@")
-    return f"{head.split('://')[0]}://***@{tail}" if head else url

@@ -9,6 +9,7 @@ decide waits for an earlier job of their scope: the scope backlog; counted over 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterator
 
@@ -21,8 +22,11 @@ from memq.config import Queues
 
 logger = logging.getLogger(__name__)
 
-SAMPLE = 10_000
+SAMPLE = 1_000
 """Unfinished jobs (oldest first) whose waiting state one scrape reads."""
+
+CACHE_S = 5.0
+"""Seconds a reading is reused: scrapes and healthchecks close together cost Redis one reading."""
 
 
 class QueueCollector(Collector):
@@ -36,9 +40,19 @@ class QueueCollector(Collector):
 
     def __init__(self, redis_url: str) -> None:
         self._client = redis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
+        self._lock = threading.Lock()
+        self._cached: tuple[float, list[GaugeMetricFamily]] = (0.0, [])
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        """The gauges (see the module docstring)."""
+        """The gauges (see the module docstring), read at most once per `CACHE_S` seconds."""
+        with self._lock:
+            at, families = self._cached
+            if time.monotonic() - at > CACHE_S:
+                families = list(self._read())
+                self._cached = (time.monotonic(), families)
+        yield from families
+
+    def _read(self) -> Iterator[GaugeMetricFamily]:
         try:
             pipe = self._client.pipeline(transaction=False)
             for queue in Queues.ALL:

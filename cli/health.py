@@ -50,14 +50,28 @@ def _safe(service: str, fix: str, probe: Callable[[], str], *, where: str = "") 
         return Check(service, False, f"{prefix}{type(exc).__name__}", fix)
 
 
+_SECRET_PARAMS = ("pass", "secret", "token", "key", "auth", "credential")
+
+
 def _redact(url: str) -> str:
-    """A URL without its password (``scheme://user:***@host``)."""
-    head, sep, tail = url.rpartition("@")
-    if not sep:
-        return url
-    scheme, _, creds = head.partition("://")
-    user = creds.split(":", 1)[0]
-    return f"{scheme}://{user + ':' if user else ''}***@{tail}"
+    """A URL with its password and any secret-looking query parameter masked (``***``): what doctor and stats
+    may print. ``redis://:pw@h/0``, ``postgresql://u:pw@h/db?sslpassword=x``, ``bolt://u:pw@h``."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "(an address that does not parse)"
+    netloc = parts.netloc
+    if "@" in netloc:
+        creds, host = netloc.rsplit("@", 1)
+        user = creds.split(":", 1)[0]
+        netloc = f"{user}:***@{host}" if ":" in creds else f"***@{host}"
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    masked = [(k, "***" if any(s in k.lower() for s in _SECRET_PARAMS) else v) for k, v in pairs]
+    if netloc == parts.netloc and masked == pairs:
+        return url  # nothing secret (and `sqlite:///...` keeps its slashes)
+    return urlunsplit((parts.scheme, netloc, parts.path, urlencode(masked, safe="*"), parts.fragment))
 
 
 def run_checks(settings: Settings) -> list[Check]:
@@ -96,12 +110,13 @@ def run_checks(settings: Settings) -> list[Check]:
     checks.append(_safe("SQL history", "check MEMQ_HISTORY__URL (database up, user allowed)", lambda: _sql(settings),
                         where=_redact(settings.history.url or "")))
     if settings.neo4j.uri:
-        checks.append(_safe("Neo4j", f"start Neo4j at {settings.neo4j.uri}, or unset MEMQ_NEO4J__URI for no graph memory",
-                            lambda: _neo4j(settings), where=settings.neo4j.uri))
+        neo4j = _redact(settings.neo4j.uri)
+        checks.append(_safe("Neo4j", f"start Neo4j at {neo4j}, or unset MEMQ_NEO4J__URI for no graph memory",
+                            lambda: _neo4j(settings), where=neo4j))
     else:
         checks.append(Check("Neo4j", True, "graph memory off (MEMQ_NEO4J__URI unset)"))
     checks.append(_safe("LLM", "check MEMQ_LLM__API_BASE / __API_KEY, or the provider's status", lambda: _llm(settings),
-                        where=settings.llm.api_base or settings.llm.model))
+                        where=_redact(settings.llm.api_base) if settings.llm.api_base else settings.llm.model))
     return checks
 
 
@@ -133,22 +148,24 @@ def _neo4j(settings: Settings) -> str:
     graph = open_graph_store(settings.neo4j)
     assert graph is not None
     graph.ensure_schema()
-    return f"{settings.neo4j.uri} answers"
+    return f"{_redact(settings.neo4j.uri or '')} answers"
 
 
 def _llm(settings: Settings) -> str:
     if settings.llm.model == OFFLINE_MODEL:
         return f"{OFFLINE_MODEL}: the offline heuristic baseline (no endpoint; set MEMQ_LLM__MODEL for a real model)"
     if not settings.llm.api_base:
-        return f"{settings.llm.model} at the provider's own endpoint (not probed: a call would cost)"
+        key = "MEMQ_LLM__API_KEY set" if settings.llm.api_key else \
+            "no MEMQ_LLM__API_KEY: litellm reads the provider's own variable, e.g. OPENAI_API_KEY"
+        return f"{settings.llm.model} at the provider's own endpoint (not probed: a call would cost; {key})"
     import httpx
 
     reply = httpx.get(settings.llm.api_base.rstrip("/") + "/models", timeout=5.0,
                       headers={"Authorization": f"Bearer {settings.llm.api_key.get_secret_value()}"}
                       if settings.llm.api_key else {})
     if reply.status_code >= 500 or reply.status_code in (401, 403):
-        raise MemqError(f"{settings.llm.api_base} answered HTTP {reply.status_code}")
-    return f"{settings.llm.model} at {settings.llm.api_base} answers (HTTP {reply.status_code})"
+        raise MemqError(f"{_redact(settings.llm.api_base)} answered HTTP {reply.status_code}")
+    return f"{settings.llm.model} at {_redact(settings.llm.api_base)} answers (HTTP {reply.status_code})"
 
 
 def doctor() -> None:
@@ -192,6 +209,7 @@ def stats(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] =
     states, letters = _job_counts(settings)
     age = round(time.time() - float(oldest[0][1]), 1) if oldest else None
     url = metrics_url or (f"http://127.0.0.1:{settings.metrics.port}/metrics" if settings.metrics.port else None)
+    # (the worker on this host that holds the port; with several, pass each one's --metrics-url)
     usage = llm_usage(url) if url else None
     report = {"queues": queued, "unfinished_jobs": int(live), "oldest_unfinished_s": age,
               "jobs_by_state": states, "dead_letters": letters, "llm_usage": usage}
@@ -203,7 +221,9 @@ def stats(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] =
     console.print("jobs by state: " + (", ".join(f"{k} {v}" for k, v in states.items()) or "none"), highlight=False)
     console.print(f"dead letters: {letters}", highlight=False)
     if usage is None:
-        console.print(f"model usage: no worker metrics at {url or '(MEMQ_METRICS__PORT unset)'}", highlight=False)
+        console.print(f"model usage: no worker metrics at {url or '(MEMQ_METRICS__PORT=0)'}", highlight=False)
+    elif not usage:
+        console.print("model usage: none yet (this worker has made no model call)", highlight=False)
     for model, used in (usage or {}).items():
         console.print(f"model {model}: " + ", ".join(f"{k} {v:.0f}" for k, v in used.items()), highlight=False)
 

@@ -66,6 +66,9 @@ def worker(
         console.print("[red]prefork with more than one child needs a Qdrant server (MEMQ_QDRANT__URL): "
                       "the embedded store allows one owner process per folder.[/]")
         raise typer.Exit(2)
+    if pool == "prefork" and settings.metrics.port:
+        console.print("[yellow]prefork: /metrics shows the backlog gauges, but each child counts its own tasks and "
+                      "model calls where no scrape reaches them; use the thread pool to see those counters[/]")
     argv = [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", queues, "-P", pool,
             "-c", str(concurrency), "--loglevel", loglevel, "-E", "-n", name or f"memq-{os.getpid()}@%h"]
     os.execv(sys.executable, argv)
@@ -272,6 +275,16 @@ def flower() -> None:
         console.print(f"[red]Flower on {f.address} would be open to anyone: set MEMQ_FLOWER__BASIC_AUTH=user:password "
                       "or bind 127.0.0.1[/]")
         raise typer.Exit(2)
+    if f.basic_auth is not None and ("," in f.basic_auth.get_secret_value()
+                                     or ":" not in f.basic_auth.get_secret_value()):
+        console.print("[red]MEMQ_FLOWER__BASIC_AUTH must be one user:password without a comma (Flower would read "
+                      "each comma-separated part as another valid login)[/]")
+        raise typer.Exit(2)
+    inherited = sorted(k for k in os.environ if k.startswith("FLOWER_"))
+    for key in inherited:  # Flower's own variables would bypass these checks (FLOWER_UNAUTHENTICATED_API ...)
+        del os.environ[key]
+    if inherited:
+        console.print(f"[yellow]ignored {', '.join(inherited)}: memq flower is configured by MEMQ_FLOWER__*[/]")
     if f.basic_auth is not None:  # through the environment: an argument would show in `ps`
         os.environ["FLOWER_BASIC_AUTH"] = f.basic_auth.get_secret_value()
     # the broker comes from celeryconfig (memq's settings), as for the workers

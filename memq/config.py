@@ -7,12 +7,20 @@ Nested groups use ``__`` as the delimiter, e.g. ``MEMQ_REDIS__URL``, ``MEMQ_QDRA
 from __future__ import annotations
 
 import ipaddress
+import re
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    DotEnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 from memq.errors import InvalidSettings
 
@@ -173,9 +181,10 @@ class RerankSettings(_Group):
 class MetricsSettings(_Group):
     """Prometheus metrics served by each worker process (`memq.metrics`, `broker.queue_metrics`)."""
 
-    port: int | None = Field(default=9464, ge=0, le=65535, description="Port of the worker's /metrics; None: off. "
-                             "A second worker on the host finds it taken and serves none (a warning).")
-    host: str = Field(default="0.0.0.0", description="Address the metrics server binds.")
+    port: int = Field(default=9464, ge=0, le=65535, description="Port of the worker's /metrics; 0: none. A second "
+                      "worker on the host finds it taken and serves none (a warning): give each its own.")
+    host: str = Field(default="127.0.0.1", description="Address the metrics server binds (0.0.0.0 for a Prometheus "
+                      "on another host or container).")
 
 
 class FlowerSettings(_Group):
@@ -266,12 +275,30 @@ class JobSettings(_Group):
         "woken as soon as the job before it finishes; the backstop only covers a lost wake-up).")
 
 
+class _MemqDotEnv(DotEnvSettingsSource):
+    """A ``.env`` file's ``MEMQ_*`` lines only: the file may hold other tools' variables (``OPENAI_API_KEY``,
+    compose's ``POSTGRES_PASSWORD``), which are not memq's to refuse."""
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        loaded = super()._load_env_vars()
+        return {k: v for k, v in loaded.items() if k.lower().startswith("memq_")}
+
+
 class Settings(BaseSettings):
-    """All memq settings. Read from ``MEMQ_*`` variables (and a ``.env`` file if present)."""
+    """All memq settings. Read from ``MEMQ_*`` variables (and the ``MEMQ_*`` lines of a ``.env`` file if present)."""
 
     model_config = SettingsConfigDict(
         env_prefix="MEMQ_", env_nested_delimiter="__", extra="forbid", frozen=True, env_file=".env"
     )
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource,
+                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Init arguments, then ``MEMQ_*`` variables, then the ``.env`` file's ``MEMQ_*`` lines, then secrets."""
+        dotenv = _MemqDotEnv(settings_cls, env_file=getattr(dotenv_settings, "env_file", ".env"))
+        return init_settings, env_settings, dotenv, file_secret_settings
 
     data_dir: Path = Path(".memq")
     redis: RedisSettings = RedisSettings()
@@ -319,15 +346,24 @@ def load_settings() -> Settings:
         return Settings()
     except ValidationError as exc:
         raise InvalidSettings(settings_problems(exc)) from None
+    except SettingsError as exc:  # a nested group's value that is not JSON, e.g. MEMQ_REDIS=x
+        field = re.search(r'field "([^"]+)"', str(exc))
+        name = f"MEMQ_{field.group(1).upper()}" if field else "a MEMQ_ variable"
+        raise InvalidSettings([f"{name}: not valid JSON (a list or group is written as JSON, e.g. "
+                               '\'["10.8.0.0/16"]\'; or set its fields one by one with __)']) from None
 
 
 def settings_problems(exc: ValidationError) -> list[str]:
-    """One line per bad setting: ``MEMQ_LLM__TIMEOUT_S: Input should be a valid number`` (values left out)."""
+    """One line per bad setting: ``MEMQ_LLM__TIMEOUT_S: Input should be a valid number``. A value is never
+    repeated (it may be a secret): a message quoting it is replaced by its kind."""
     lines = []
     for error in exc.errors():
         name = "MEMQ_" + "__".join(str(part) for part in error["loc"]).upper()
+        given = error.get("input")
         if error["type"] == "extra_forbidden":
             lines.append(f"{name}: not a memq setting (misspelled? see the README's Configuration)")
+        elif isinstance(given, str) and given and given in error["msg"] or error["type"] == "value_error":
+            lines.append(f"{name}: invalid value ({error['type']})")
         else:
             lines.append(f"{name}: {error['msg']}")
     return lines

@@ -4,8 +4,8 @@ never user text, scope ids or job ids (their number would be unbounded).
 
 Counters and histograms (per worker process):
 
-- ``memq_jobs_total{outcome}``: jobs ended here: succeeded, partial (memories published, a store write
-  retrying), failed.
+- ``memq_jobs_total{outcome}``: jobs ended here, once each: succeeded or failed (a job that went partial
+  while a store write retried is counted when it ends).
 - ``memq_dead_letters_total``: failed jobs whose request was kept for replay.
 - ``memq_stage_seconds{stage}``: time a stage task took (histogram, seconds).
 - ``memq_stage_tasks_total{stage, kind}``: stage tasks by what they did: done, waiting (scope's turn,
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Histogram
 
-JOBS = Counter("memq_jobs_total", "Jobs ended in this worker, by outcome.", ["outcome"])
+JOBS = Counter("memq_jobs_total", "Jobs ended in this worker, by outcome (succeeded, failed).", ["outcome"])
 DEAD_LETTERS = Counter("memq_dead_letters_total", "Failed jobs kept as dead letters for replay.")
 STAGE_SECONDS = Histogram("memq_stage_seconds", "Time a stage task took, in seconds.", ["stage"],
                           buckets=(0.005, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))

@@ -18,9 +18,8 @@ cleanup() { kill "${worker:-}" "${flower:-}" 2>/dev/null || true; kill "$(cat "$
 trap cleanup EXIT
 echo "work: $work" >&2
 .venv/bin/memq worker --concurrency 2 --loglevel WARNING >"$work/worker.log" 2>&1 & worker=$!
-# loopback only, a throwaway broker: the API answers without credentials here (memq flower keeps auth on
-# anywhere else)
-FLOWER_UNAUTHENTICATED_API=true .venv/bin/memq flower >"$work/flower.log" 2>&1 & flower=$!
+export MEMQ_FLOWER__BASIC_AUTH="shot:$(.venv/bin/python -c 'import secrets; print(secrets.token_hex(8))')"
+.venv/bin/memq flower >"$work/flower.log" 2>&1 & flower=$!
 until curl -sf "http://127.0.0.1:$flower_port/healthcheck" >/dev/null; do sleep 1; done
 sleep 8   # the worker loads its embedder
 .venv/bin/memq backfill "${1:-../shared/data/locomo10.json}" --conversation conv-26 >/dev/null
@@ -28,9 +27,10 @@ sleep "${2:-25}"  # into the backfill: jobs of one scope wait for their turn
 mkdir -p docs
 shot() { chromium --headless=new --no-sandbox --disable-gpu --hide-scrollbars --window-size=1500,900 \
            --virtual-time-budget=8000 --screenshot="$1" "$2" >/dev/null 2>&1; }
-shot docs/flower-dashboard.png "http://127.0.0.1:$flower_port/"
-shot docs/flower-tasks.png "http://127.0.0.1:$flower_port/tasks"
-curl -s "http://127.0.0.1:$flower_port/api/tasks?limit=5000" >"$work/tasks.json"
+site="http://$MEMQ_FLOWER__BASIC_AUTH@127.0.0.1:$flower_port"
+shot docs/flower-dashboard.png "$site/"
+shot docs/flower-tasks.png "$site/tasks"
+curl -s -u "$MEMQ_FLOWER__BASIC_AUTH" "http://127.0.0.1:$flower_port/api/tasks?limit=5000" >"$work/tasks.json"
 waiting="$(.venv/bin/python - "$work/tasks.json" <<'PY'
 import collections, json, sys
 tasks = json.load(open(sys.argv[1]))
@@ -41,4 +41,4 @@ print(f"flower: {len(tasks)} tasks, states {dict(states)}, {len(waits)} results 
 print(waits[0] if waits else "")
 PY
 )"
-[ -n "$waiting" ] && shot docs/flower-waiting-task.png "http://127.0.0.1:$flower_port/task/$waiting"
+[ -n "$waiting" ] && shot docs/flower-waiting-task.png "$site/task/$waiting"

@@ -65,8 +65,13 @@ def test_every_memq_variable_it_sets_loads_in_the_settings(monkeypatch: pytest.M
         for key, value in env.items():
             monkeypatch.setenv(key, value)
         settings = Settings(_env_file=None)  # type: ignore[call-arg]
-        assert settings.history.url and settings.history.url.startswith("postgresql+psycopg://"), name
-        assert settings.qdrant.url == "http://qdrant:6333" and settings.metrics.port == 9464, name
+        assert settings.redis.url == "redis://redis:6379/0", name
+        if name in WORKERS:
+            assert settings.history.url and settings.history.url.startswith("postgresql+psycopg://"), name
+            assert settings.qdrant.url == "http://qdrant:6333" and settings.metrics.port == 9464, name
+            assert settings.metrics.host == "0.0.0.0", name  # Prometheus scrapes from its own container
+    # Flower gets the broker and its own settings only, never a store's password
+    assert not {k for k in SERVICES["flower"]["environment"] if "NEO4J" in k or "HISTORY" in k}
 
 
 def test_secrets_come_from_the_env_file_and_nothing_secret_is_baked_in() -> None:

@@ -52,3 +52,27 @@ def test_metrics_count_jobs_stages_and_model_calls_during_a_backfill(producer: A
     assert grew("memq_stage_tasks_total", stage="extract", kind="done") >= 3
     # And no label carries a scope id or a job id
     assert not any(user_id in str(key) or statuses[0].job_id in str(key) for key in after)
+
+
+def test_a_job_is_counted_once_when_it_ends_not_at_each_partial_write_retry() -> None:
+    from prometheus_client import REGISTRY
+
+    from jobs.transitions import Finished
+    from memq.errors import StoreUnavailable
+    from memq.models import JobState
+    from workers.tasks import _count
+
+    def value(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    before = {o: value("memq_jobs_total", outcome=o) for o in ("succeeded", "partial", "failed")}
+    retries = value("memq_stage_tasks_total", stage="write_graph", kind="retry")
+    # When a job goes partial twice (its graph write retries) and then succeeds
+    for _ in range(2):
+        _count("write_graph", Finished(JobState.PARTIAL, None, error=StoreUnavailable("Neo4j down")), "ok", 0.01)
+    _count("finalize", Finished(JobState.SUCCEEDED, None), "ok", 0.01)
+    _count("finalize", Finished(JobState.SUCCEEDED, None), "finished", 0.01)  # a redelivery: nothing recorded
+    # Then it is one succeeded job, no partial job, and two write retries
+    assert value("memq_jobs_total", outcome="succeeded") - before["succeeded"] == 1
+    assert value("memq_jobs_total", outcome="partial") == before["partial"]
+    assert value("memq_stage_tasks_total", stage="write_graph", kind="retry") - retries == 2

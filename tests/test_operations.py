@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -45,6 +46,32 @@ def test_a_misspelled_or_bad_setting_is_one_line_naming_the_variable() -> None:
 
 
 @pytest.mark.timeout(180)  # several fresh `memq` processes
+def test_settings_ignore_other_tools_lines_in_dotenv_and_never_print_a_traceback_or_a_value(tmp_path: Any) -> None:
+    base = {**{k: v for k, v in os.environ.items() if not k.startswith("MEMQ_")}, **ENV_WIDE}
+    # A .env shared with other tools: their lines are not memq's to refuse; memq's lines still count
+    (tmp_path / ".env").write_text("OPENAI_API_KEY=sk-other-tool\nPOSTGRES_PASSWORD=x\nMEMQ_METRICS__PORT=0\n")
+    run = subprocess.run([sys.executable, "-c", "from memq.config import load_settings; "
+                          "print('port', load_settings().metrics.port)"], cwd=tmp_path, capture_output=True, text=True,
+                         env={**base, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}, timeout=60)
+    assert run.returncode == 0 and "port 0" in run.stdout, run.stderr[-2000:]
+    # A group that is not JSON, and a value quoted back by the validator: one line, no traceback, no value
+    for name, value in (("MEMQ_REDIS", "s3cr3t-group"), ("MEMQ_VISION__ALLOW_NETWORKS", '["s3cr3t-net/99"]')):
+        bad = _memq({**base, name: value}, "stats")
+        assert bad.returncode == 2 and "Traceback" not in bad.stdout + bad.stderr, bad.stderr[-2000:]
+        assert "configuration error: MEMQ_" in bad.stderr and "s3cr3t" not in bad.stdout + bad.stderr
+
+
+def test_doctor_never_prints_a_password_wherever_the_url_holds_it() -> None:
+    from cli.health import _redact
+
+    assert _redact("redis://:pw-a@h:1/0") == "redis://:***@h:1/0"
+    assert _redact("redis://h:1/0?password=pw-b") == "redis://h:1/0?password=***"
+    assert _redact("postgresql+psycopg://memq:pw-c@db/memq?sslpassword=pw-d&connect_timeout=3") == \
+        "postgresql+psycopg://memq:***@db/memq?sslpassword=***&connect_timeout=3"
+    assert _redact("bolt://neo4j:pw-e@g:7687") == "bolt://neo4j:***@g:7687"
+    assert _redact("sqlite:///.memq/history.db") == "sqlite:///.memq/history.db"
+
+
 def test_doctor_passes_with_every_service_up_and_stats_read_the_queue(worker: Any, settings: Any,
                                                                       producer: Any) -> None:
     from tests.helpers import wait_done
@@ -90,6 +117,7 @@ def test_task_results_say_what_the_stage_did_and_a_wait_is_not_a_failure() -> No
     assert outcome_label(Deferred(Next("memq.decide"), backstop_s=2.0), "deferred").startswith(
         "waiting for the scope's turn")
     assert outcome_label(Retry(Next("memq.extract", countdown_s=1.5, retries=0)), "ok").startswith("waiting 1.5 s")
+    assert outcome_label(Deferred(Next("memq.decide"), backstop_s=2.0), "now").startswith("its scope's turn came")
     failing = Retry(Next("memq.write_graph", countdown_s=3.0, retries=2), error=StoreUnavailable("Neo4j down"))
     assert outcome_label(failing, "ok") == "retry 2 in 3.0 s: StoreUnavailable"
     assert outcome_label(failing, "finished") == "nothing to do: the job had ended"
@@ -107,10 +135,14 @@ def test_memq_flower_guards_metrics_with_its_basic_auth_and_refuses_an_open_bind
     unguarded = {k: v for k, v in env.items() if k != "MEMQ_FLOWER__BASIC_AUTH"} | {"MEMQ_FLOWER__ADDRESS": "0.0.0.0"}
     refused = _memq(unguarded, "flower")
     assert refused.returncode == 2 and "MEMQ_FLOWER__BASIC_AUTH" in refused.stdout
+    # A comma would give Flower two logins (it splits on commas)
+    comma = _memq({**env, "MEMQ_FLOWER__BASIC_AUTH": "ops:a,b"}, "flower")
+    assert comma.returncode == 2 and "comma" in comma.stdout
     # When memq flower starts with basic auth on a loopback port
 
-    proc = subprocess.Popen([sys.executable, "-m", "cli", "flower"], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    # (Flower's own variables from the environment are dropped: they would bypass memq's checks)
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "flower"], env={**env, "FLOWER_UNAUTHENTICATED_API": "true"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         def status(path: str, auth: bool) -> int:
             request = urllib.request.Request(f"http://127.0.0.1:{port}{path}")

@@ -88,7 +88,7 @@ def serve_metrics() -> None:
     the worker still works."""
     global _metrics_started
     settings = load_settings()
-    if _metrics_started or settings.metrics.port is None:
+    if _metrics_started or not settings.metrics.port:
         return
     from prometheus_client import REGISTRY, start_http_server
 

@@ -137,13 +137,15 @@ def _count(stage: str, change: Transition, committed: str, seconds: float) -> No
             kind = "retry"
         case Finished() if change.state is JobState.FAILED:
             kind = "failed"
+        case Finished() if change.state is JobState.PARTIAL:
+            kind = "retry"  # a store write retries; the job's memories are published meanwhile
         case Skip():
             kind = "skipped"
         case _:
             kind = "done"
     metrics.STAGE_TASKS.labels(stage, kind).inc()
-    if isinstance(change, Finished) and committed in RECORDED:
-        metrics.JOBS.labels(change.state.value).inc()
+    if isinstance(change, Finished) and committed in RECORDED and change.state is not JobState.PARTIAL:
+        metrics.JOBS.labels(change.state.value).inc()  # once per job: only its end (partial may repeat)
         if change.state is JobState.FAILED and change.job is not None:
             metrics.DEAD_LETTERS.inc()
 
