@@ -1,6 +1,7 @@
 """Prometheus gauges read from Redis when scraped: how much work waits, and for how long.
 
-``memq_queue_depth{queue}`` (messages ready in each queue), ``memq_unfinished_jobs``,
+``memq_queue_depth{queue}`` (messages ready in each queue), ``memq_queue_oldest_job_seconds{queue}``
+(the age of the job whose message is next out of each queue), ``memq_unfinished_jobs``,
 ``memq_oldest_unfinished_job_seconds`` and ``memq_jobs_waiting_for_scope`` (unfinished jobs whose
 decide waits for an earlier job of their scope: the scope backlog; counted over the oldest
 `SAMPLE` unfinished jobs, so one scrape costs at most that many field reads).
@@ -8,6 +9,8 @@ decide waits for an earlier job of their scope: the scope backlog; counted over 
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import threading
 import time
@@ -52,14 +55,28 @@ class QueueCollector(Collector):
                 self._cached = (time.monotonic(), families)
         yield from families
 
+    def _head_ages(self, heads: list[bytes | None]) -> list[float]:
+        """Seconds since each queue's next job was accepted (its score in the live set), 0 for none."""
+        job_ids = [_job_of(raw) for raw in heads]
+        pipe = self._client.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.zscore(LIVE_KEY, job_id or "")
+        now = time.time()
+        return [max(0.0, now - float(score)) if score is not None else 0.0 for score in pipe.execute()]
+
     def _read(self) -> Iterator[GaugeMetricFamily]:
         try:
             pipe = self._client.pipeline(transaction=False)
             for queue in Queues.ALL:
                 pipe.llen(queue)
+            for queue in Queues.ALL:
+                pipe.lindex(queue, -1)  # the next message out (LPUSH in, BRPOP out)
             pipe.zcard(LIVE_KEY)
             pipe.zrange(LIVE_KEY, 0, SAMPLE - 1, withscores=True)
-            *lengths, live, oldest = pipe.execute()
+            replies = pipe.execute()
+            n = len(Queues.ALL)
+            lengths, heads, (live, oldest) = replies[:n], replies[n:2 * n], replies[2 * n:]
+            ages = self._head_ages(heads)
             waits = self._client.pipeline(transaction=False)
             for job_id, _ in oldest:
                 waits.hget(b"memq:job:" + job_id, "waiting")
@@ -71,9 +88,25 @@ class QueueCollector(Collector):
         for queue, n in zip(Queues.ALL, lengths):
             depth.add_metric([queue], float(n))
         yield depth
+        head = GaugeMetricFamily("memq_queue_oldest_job_seconds", "Age of the job whose message is next out of "
+                                 "each queue (0 when the queue is empty).", labels=["queue"])
+        for queue, seconds in zip(Queues.ALL, ages):
+            head.add_metric([queue], seconds)
+        yield head
         yield GaugeMetricFamily("memq_unfinished_jobs", "Jobs accepted and not finished.", value=float(live))
         age = time.time() - float(oldest[0][1]) if oldest else 0.0
         yield GaugeMetricFamily("memq_oldest_unfinished_job_seconds", "Age of the oldest unfinished job.",
                                 value=max(0.0, age))
         yield GaugeMetricFamily("memq_jobs_waiting_for_scope", "Unfinished jobs waiting for an earlier job of "
                                 f"their scope (over the oldest {SAMPLE}).", value=float(waiting))
+
+
+def _job_of(raw: bytes | None) -> str | None:
+    """The job id a memq task message carries (its only argument), or None."""
+    if raw is None:
+        return None
+    try:
+        body = json.loads(base64.b64decode(json.loads(raw)["body"]))
+        return str(body[0][0])
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None  # not one of memq's messages (the poison handling deals with those)

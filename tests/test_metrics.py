@@ -33,6 +33,7 @@ def test_metrics_count_jobs_stages_and_model_calls_during_a_backfill(producer: A
     during = _scrape(port)
     for queue in ("memq.light", "memq.llm", "memq.write"):
         assert ("memq_queue_depth", (("queue", queue),)) in during
+        assert during[("memq_queue_oldest_job_seconds", (("queue", queue),))] >= 0
     assert ("memq_unfinished_jobs", ()) in during and ("memq_jobs_waiting_for_scope", ()) in during
     statuses = producer.wait(receipts, timeout_s=180, poll_s=0.2)
     assert all(s.status.value == "succeeded" for s in statuses)
@@ -76,3 +77,24 @@ def test_a_job_is_counted_once_when_it_ends_not_at_each_partial_write_retry() ->
     assert value("memq_jobs_total", outcome="succeeded") - before["succeeded"] == 1
     assert value("memq_jobs_total", outcome="partial") == before["partial"]
     assert value("memq_stage_tasks_total", stage="write_graph", kind="retry") - retries == 2
+
+
+def test_backlog_gauges_read_the_queue_a_job_waits_in(redis_server: Any) -> None:
+    import time
+
+    from broker.queue_metrics import QueueCollector
+    from tests.helpers import quiet_producer
+
+    with quiet_producer(redis_server.url) as (producer, client):
+        # Given two jobs of one scope accepted where no worker reads (their start messages wait in memq.light)
+        producer.add("I like tea.", user_id="gauges")
+        time.sleep(1.1)
+        producer.add("I like coffee.", user_id="gauges")
+        url = redis_server.url.rsplit("/", 1)[0] + "/3"
+        gauges = {(s.name, tuple(s.labels.values())): s.value
+                  for family in QueueCollector(url).collect() for s in family.samples}
+    # Then the light queue holds both, the next one out is the first job (over a second old), none waits
+    assert gauges[("memq_queue_depth", ("memq.light",))] == 2 and gauges[("memq_queue_depth", ("memq.llm",))] == 0
+    assert 1.0 <= gauges[("memq_queue_oldest_job_seconds", ("memq.light",))] < 60
+    assert gauges[("memq_queue_oldest_job_seconds", ("memq.llm",))] == 0
+    assert gauges[("memq_unfinished_jobs", ())] == 2 and gauges[("memq_jobs_waiting_for_scope", ())] == 0
