@@ -8,6 +8,8 @@ Counters and histograms (per worker process):
   while a store write retried is counted when it ends).
 - ``memq_dead_letters_total``: failed jobs whose request was kept for replay.
 - ``memq_stage_seconds{stage}``: time a stage task took (histogram, seconds).
+- ``memq_stage_cpu_seconds{stage}``: CPU time its thread spent (histogram, seconds; the wall time minus it
+  is waiting: model calls, stores, Redis, the GIL).
 - ``memq_stage_tasks_total{stage, kind}``: stage tasks by what they did: done, waiting (scope's turn,
   rate-limit budget, another delivery computing), retry, failed, skipped.
 - ``memq_llm_calls_total{model, result}``: model calls: ok, rate_limited (the provider's 429), error.
@@ -27,6 +29,9 @@ JOBS = Counter("memq_jobs_total", "Jobs ended in this worker, by outcome (succee
 DEAD_LETTERS = Counter("memq_dead_letters_total", "Failed jobs kept as dead letters for replay.")
 STAGE_SECONDS = Histogram("memq_stage_seconds", "Time a stage task took, in seconds.", ["stage"],
                           buckets=(0.005, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
+STAGE_CPU_SECONDS = Histogram("memq_stage_cpu_seconds", "CPU time the task's own thread spent on a stage, in "
+                              "seconds (model and store waits excluded).", ["stage"],
+                              buckets=(0.001, 0.005, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 STAGE_TASKS = Counter("memq_stage_tasks_total", "Stage tasks by what they did.", ["stage", "kind"])
 LLM_CALLS = Counter("memq_llm_calls_total", "Model calls by result (ok, rate_limited, error).", ["model", "result"])
 LLM_TOKENS = Counter("memq_llm_tokens_total", "Tokens of model calls, as the provider counted them.",

@@ -73,7 +73,7 @@ class StageTask(Task):  # type: ignore[misc]
         c = clients()
         attempt = int(self.request.retries or 0)
         stage = self.name.removeprefix("memq.")
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.thread_time()
         try:
             try:
                 change = life(job_id, c)
@@ -100,6 +100,7 @@ class StageTask(Task):  # type: ignore[misc]
             raise PipelineError(f"job {job_id}: {self.name} could not record its outcome ({type(exc).__name__}); "
                                 "see `memq jobs list`", job_id=job_id) from None
         _count(stage, change, outcome, time.perf_counter() - started)
+        metrics.STAGE_CPU_SECONDS.labels(stage).observe(time.thread_time() - cpu_started)
         if isinstance(change, Finished) and change.state is JobState.FAILED and outcome == "ok":
             raise JobFailed.of(job_id, self.name, type(change.error).__name__) from None
         return {"job": job_id, "stage": stage, "outcome": outcome_label(change, outcome)}
