@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from types import TracebackType
 from typing import Self
 
 
-class Managed:
+class Managed(ABC):
     """``with Rig() as rig:`` over the rig's `start` and `close`; `close` also runs when `start` fails
     half-way (``__exit__`` does not run when ``__enter__`` raises)."""
 
+    @abstractmethod
     def start(self) -> Self:
         """Start the server; returns self."""
-        raise NotImplementedError
 
+    @abstractmethod
     def close(self) -> None:
         """Stop the server and remove what it wrote."""
-        raise NotImplementedError
 
     def __enter__(self) -> Self:
         try:
