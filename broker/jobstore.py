@@ -13,6 +13,8 @@ Keys (``{id}`` a job id, ``{scope}`` a `Scope.key`):
 - ``memq:idem:{sha256}``          idempotency key -> job id; the hash covers the scope key and the
                                   caller's key, so keys of two scopes never meet
 - ``memq:jobs:live``              sorted set of unfinished job ids by enqueue time (epoch seconds)
+- ``memq:jobs:touched``           sorted set of unfinished job ids by last change (Redis time, epoch s);
+                                  with the job's ``next`` field, how `broker.lost` finds a lost message
 - ``memq:scope:{scope}:seq``      the last sequence number given to a job of the scope
 - ``memq:scope:{scope}:applied``  every job of the scope up to this number has finished
 - ``memq:scope:{scope}:done``     finished numbers above ``applied`` (out of order)
@@ -50,7 +52,7 @@ import redis
 from pydantic import BaseModel, ValidationError
 
 from broker import scripts
-from broker.messages import Next, TaskMessages
+from broker.messages import START_TASK, Next, TaskMessages
 from broker.outage import ride_out
 from memq.errors import InvalidJob, JobNotFound, describe
 from memq.models import AddJob, JobState, JobStatus, MemoryResult, Scope, utcnow
@@ -134,6 +136,7 @@ class JobStore:
         self._retry = client.register_script(scripts.RETRY)
         self._finish = client.register_script(scripts.FINISH)
         self._release = client.register_script(scripts.RELEASE)
+        self._rescue = client.register_script(scripts.RESCUE)
 
     @classmethod
     def from_url(cls, url: str, *, ttl_s: int, socket_timeout_s: float = 5.0, outage_s: float = 0.0) -> JobStore:
@@ -459,6 +462,32 @@ class JobStore:
         if then is not None:
             args += [self._messages.queue(then), self._messages.build(job_id, then, parent_id=parent_id)]
         return _text(self._call(lambda: self._finish(keys=[], args=args)))
+
+    def rescue(self, job_id: str, *, touched: bytes, steps: Sequence[tuple[str, int, str]], most: int) -> str:
+        """Queue a lost job's next tasks again (`broker.lost`), unless it changed since it was found lost.
+
+        Each message is new (its own task id and delivery tag), at the head of its queue (next out), with
+        the attempt number of the lost one: a rescue is not an attempt.
+
+        Args:
+            job_id: the job.
+            touched: its ``memq:jobs:touched`` score as read when it was found lost (raw bytes).
+            steps: ``(task, retries, queue)`` of its lost messages; a job with none recorded is started again.
+            most: rescues allowed per job.
+
+        Returns:
+            ``"ok"`` (queued), ``"moved"`` (it changed: nothing queued), ``"exhausted"`` (rescued `most`
+            times already: nothing queued, the caller ends it), ``"finished"`` or ``"missing"``.
+
+        Raises:
+            BrokerUnavailable: Redis stayed unreachable.
+        """
+        steps = list(steps) or [(START_TASK, 0, self._messages.queue(Next(START_TASK)))]
+        args: list[Any] = [job_id, utcnow().isoformat(), touched, most, len(steps)]
+        for task, retries, queue in steps:
+            step = Next(task, retries=retries)
+            args += [queue, TaskMessages({task: queue}).build(job_id, step)]
+        return _text(self._call(lambda: self._rescue(keys=[], args=args)))
 
 
 def _covered(scope: Scope, h: Mapping[str, str]) -> bool:

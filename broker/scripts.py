@@ -4,8 +4,14 @@
 Every script but ENQUEUE first checks that the job exists and has not finished (``"missing"`` /
 ``"finished"``); every one may run twice safely (a reply lost with the connection is retried).
 `ADVANCE` is prepended to each: it marks a sequence number of a scope done, moves ``applied`` over
-contiguous done numbers, and pushes the decide of the job whose turn it now is.
+contiguous done numbers, and pushes the decide of the job whose turn it now is. It also defines `note`:
+every change of a live job stamps ``memq:jobs:touched`` (job id -> Redis server time, epoch seconds) and,
+when it queues tasks for the job, keeps their names, attempt numbers and queues in the job's ``next`` field, so
+that `broker.lost` can tell a job whose task message vanished and `RESCUE` can queue it again.
 """
+
+TOUCHED_KEY = "memq:jobs:touched"
+"""Sorted set: unfinished job id -> the Redis server time (epoch seconds) of its last change."""
 
 ADVANCE = """
 local function advance(scope, seq)
@@ -33,6 +39,19 @@ local function advance(scope, seq)
   return applied
 end
 local function finished(status) return status == 'succeeded' or status == 'failed' end
+-- a change of job `id`; `msgs`: the task messages queued for it by this change (may be empty)
+local function note(id, msgs)
+  local t = redis.call('TIME')
+  redis.call('ZADD', 'memq:jobs:touched', tonumber(t[1]) + tonumber(t[2]) / 1000000, id)
+  if #msgs > 0 then
+    local tasks = {}
+    for i, m in ipairs(msgs) do
+      local e = cjson.decode(m)
+      tasks[i] = {e.headers.task, e.headers.retries or 0, e.properties.delivery_info.routing_key}
+    end
+    redis.call('HSET', 'memq:job:' .. id, 'next', cjson.encode(tasks))
+  end
+end
 """
 
 # ARGV: now (ISO), now (epoch s), replay flag, then per job: id, request JSON, queue, message, scope key,
@@ -50,7 +69,7 @@ for i = 0, n - 1 do
     local h = redis.call('HMGET', jk, 'scope', 'seq')
     if h[1] and h[2] then advance(h[1], tonumber(h[2])) end
     redis.call('DEL', jk .. ':steps', jk .. ':written')
-    redis.call('HDEL', jk, 'error', 'error_type', 'results', 'counts', 'relations', 'images', 'warnings', 'stage', 'waiting', 'deferrals')
+    redis.call('HDEL', jk, 'error', 'error_type', 'results', 'counts', 'relations', 'images', 'warnings', 'stage', 'waiting', 'deferrals', 'rescues', 'next')
     for _, stage in ipairs({'caption', 'extract', 'decide', 'write_vectors', 'write_graph'}) do
       redis.call('PERSIST', jk .. ':stage:' .. stage)
     end
@@ -77,6 +96,7 @@ for i = 0, n - 1 do
     redis.call('HSET', jk, unpack(fields))
     redis.call('ZADD', 'memq:jobs:live', epoch, id)
     redis.call('LPUSH', queue, msg)
+    note(id, {msg})
     out[#out + 1] = id
     out[#out + 1] = 1
   end
@@ -94,9 +114,14 @@ if finished(status) then return 'finished' end
 if out_name ~= '' then redis.call('SET', jk .. ':stage:' .. out_name, out_json, 'NX') end
 local push = true
 if marker ~= '' then push = redis.call('HSETNX', jk .. ':steps', marker, '1') == 1 end
+local pushed = {}
 if push then
-  for i = 0, tonumber(ARGV[7]) - 1 do redis.call('LPUSH', ARGV[8 + 2 * i], ARGV[9 + 2 * i]) end
+  for i = 0, tonumber(ARGV[7]) - 1 do
+    redis.call('LPUSH', ARGV[8 + 2 * i], ARGV[9 + 2 * i])
+    pushed[#pushed + 1] = ARGV[9 + 2 * i]
+  end
 end
+note(id, pushed)
 local fields = {'updated_at', now}
 if label ~= '' then fields[#fields + 1] = 'stage'; fields[#fields + 1] = label end
 if status == 'queued' then fields[#fields + 1] = 'status'; fields[#fields + 1] = 'running' end
@@ -118,8 +143,10 @@ redis.call('SADD', jk .. ':written', write)
 redis.call('HSET', jk, 'updated_at', now)
 if redis.call('SCARD', jk .. ':written') >= expected and redis.call('HSETNX', jk .. ':steps', 'finalize', '1') == 1 then
   redis.call('LPUSH', ARGV[6], ARGV[7])
+  note(id, {ARGV[7]})
   return 'joined'
 end
+note(id, {})
 return 'ok'
 """
 
@@ -136,10 +163,12 @@ local applied = tonumber(redis.call('GET', base .. ':applied') or '0')
 if applied >= seq then return 'stale' end
 if applied == seq - 1 then
   redis.call('RPUSH', ARGV[3], ARGV[4])
+  note(id, {ARGV[4]})
   return 'now'
 end
 redis.call('HSET', base .. ':waiting', tostring(seq), ARGV[4], tostring(seq) .. ':q', ARGV[3])
 redis.call('LPUSH', ARGV[5], ARGV[6])
+note(id, {ARGV[6]})
 local blocker = redis.call('HGET', base .. ':order', tostring(applied + 1)) or '?'
 local text = string.format(ARGV[7], seq - 1 - applied, blocker)
 redis.call('HSET', jk, 'waiting', text, 'updated_at', now)
@@ -163,6 +192,7 @@ end
 if ARGV[6] ~= '' then fields[#fields + 1] = 'status'; fields[#fields + 1] = ARGV[6] end
 redis.call('HSET', jk, unpack(fields))
 redis.call('LPUSH', ARGV[7], ARGV[8])
+note(id, {ARGV[8]})
 return 'ok'
 """
 
@@ -193,6 +223,11 @@ redis.call('HDEL', jk, 'waiting')
 if h[2] and h[3] then advance(h[2], tonumber(h[3])) end
 if ARGV[14] then redis.call('LPUSH', ARGV[14], ARGV[15]) end
 if terminal then
+  redis.call('ZREM', 'memq:jobs:touched', id)
+else
+  note(id, ARGV[14] and {ARGV[15]} or {})
+end
+if terminal then
   local keys = {jk, jk .. ':request', jk .. ':steps', jk .. ':written'}
   for _, stage in ipairs({'caption', 'extract', 'decide', 'write_vectors', 'write_graph'}) do
     keys[#keys + 1] = jk .. ':stage:' .. stage
@@ -202,6 +237,42 @@ if terminal then
   redis.call('ZREM', 'memq:jobs:live', id)
 end
 return 'ok'
+"""
+
+# ARGV: id, now, the job's touched score as read (bytes), most rescues, n, then n (queue, message) pairs.
+# Queue a lost job's next tasks again, unless it changed since the sweep read it (compare and push).
+RESCUE = ADVANCE + """
+local id, now = ARGV[1], ARGV[2]
+local jk = 'memq:job:' .. id
+local status = redis.call('HGET', jk, 'status')
+if not status or finished(status) then
+  redis.call('ZREM', 'memq:jobs:touched', id)
+  return status and 'finished' or 'missing'
+end
+if redis.call('ZSCORE', 'memq:jobs:touched', id) ~= ARGV[3] then return 'moved' end
+if redis.call('HINCRBY', jk, 'rescues', 1) > tonumber(ARGV[4]) then return 'exhausted' end
+local pushed = {}
+for i = 0, tonumber(ARGV[5]) - 1 do
+  -- RPUSH: next out of its queue (its job has waited long enough)
+  redis.call('RPUSH', ARGV[6 + 2 * i], ARGV[7 + 2 * i])
+  pushed[#pushed + 1] = ARGV[7 + 2 * i]
+end
+note(id, pushed)
+redis.call('HSET', jk, 'updated_at', now)
+return 'ok'
+"""
+
+# KEYS: the queues to read; ARGV: first index, last index (LRANGE's, per queue).
+# The job ids (Celery's root_id, memq's job id) of the messages in that range of each queue.
+QUEUED_JOBS = """
+local out = {}
+for _, q in ipairs(KEYS) do
+  for _, m in ipairs(redis.call('LRANGE', q, ARGV[1], ARGV[2])) do
+    local id = string.match(m, '"root_id":%s*"([^"]+)"')
+    if id then out[#out + 1] = id end
+  end
+end
+return out
 """
 
 # KEYS: the lease; ARGV: the holder's token. Delete the lease only if it is still the holder's.

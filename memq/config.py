@@ -273,6 +273,14 @@ class JobSettings(_Group):
     scope_wait_max_s: float = Field(
         default=30.0, gt=0, description="Longest backstop wait of a decide waiting for its scope's turn (it is "
         "woken as soon as the job before it finishes; the backstop only covers a lost wake-up).")
+    rescue_after_s: float = Field(
+        default=60.0, gt=0, description="A job unchanged this long whose next task message is in no queue and "
+        "held by no worker (lost with a worker killed while taking it) has that task queued again.")
+    rescue_every_s: float = Field(
+        default=15.0, ge=0, description="How often one of the workers looks for such jobs (0: never).")
+    rescue_max: int = Field(
+        default=3, ge=0, description="Rescues per job; one more lost message ends it as failed (MessageLost, "
+        "a dead letter kept for replay).")
 
 
 class _MemqDotEnv(DotEnvSettingsSource):

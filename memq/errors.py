@@ -274,6 +274,12 @@ class StageBusy(NotNow):
     no model call), or it died and its lease lapsed."""
 
 
+class MessageLost(PipelineError):
+    """A job's next task message was lost more than ``jobs.rescue_max`` times (a worker killed while taking
+    it from its queue, each time): the job is ended as failed, with a dead letter kept for replay, so its
+    scope moves on instead of waiting for it forever."""
+
+
 class ImageFetchError(PipelineError):
     """An image could not be downloaded (``MEMQ_VISION__FETCH``): a refused, timed-out or failed request,
     a non-image or lying content type, or a body over the size limit. The caption stage drops the image

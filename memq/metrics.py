@@ -26,6 +26,8 @@ from __future__ import annotations
 from prometheus_client import Counter, Histogram
 
 JOBS = Counter("memq_jobs_total", "Jobs ended in this worker, by outcome (succeeded, failed).", ["outcome"])
+JOBS_RESCUED = Counter("memq_jobs_rescued_total", "Lost jobs (next task message gone with a killed worker) the "
+                       "rescue sweep found, by outcome (rescued, failed, moved, finished, missing).", ["outcome"])
 DEAD_LETTERS = Counter("memq_dead_letters_total", "Failed jobs kept as dead letters for replay.")
 STAGE_SECONDS = Histogram("memq_stage_seconds", "Time a stage task took, in seconds.", ["stage"],
                           buckets=(0.005, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))

@@ -119,7 +119,8 @@ def _memory_texts(data_dir: Path, user_id: str) -> list[str]:
 def test_a_worker_killed_mid_backfill_loses_nothing_and_ends_like_an_undisturbed_run(
         redis_server: RedisServer, tmp_path: Path, settings: Settings) -> None:
     url = redis_server.url.rsplit("/", 1)[0] + "/7"
-    env = worker_env(url, tmp_path / "data")
+    # a message the kill catches between BRPOP and kombu's unacked record is rescued (tests/test_rescue.py)
+    env = worker_env(url, tmp_path / "data", MEMQ_JOBS__RESCUE_AFTER_S="5", MEMQ_JOBS__RESCUE_EVERY_S="1")
     producer = Producer(settings.model_copy(update={"redis": RedisSettings(url=url)}))
     producer._jobs.client.flushdb()
     worker = start_worker(env, tmp_path / "worker.log", pool="prefork")

@@ -10,6 +10,7 @@ cannot finish.
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 from celery import Celery, bootsteps
@@ -66,6 +67,7 @@ class OwnStores(bootsteps.StartStopStep):  # type: ignore[misc]
         """
         _set_task_join_will_block(True)
         serve_metrics()
+        start_rescue()
         pool = str(getattr(worker, "pool_cls", "") or app.conf.worker_pool or "")
         if "prefork" in pool.lower():
             settings = load_settings()
@@ -103,6 +105,31 @@ def serve_metrics() -> None:
     REGISTRY.register(QueueCollector(settings.redis.url))
     _metrics_started = True
     logger.info("metrics on http://%s:%s/metrics", settings.metrics.host, settings.metrics.port)
+
+
+_rescue_stop: threading.Event | None = None
+
+
+def start_rescue() -> None:
+    """Start this worker's rescue sweep of lost jobs (`jobs.rescue`; once per process, in the main process:
+    a prefork parent uses a ledger of its own, Redis and SQL only)."""
+    global _rescue_stop
+    settings = load_settings()
+    if _rescue_stop is not None or settings.jobs.rescue_every_s <= 0:
+        return
+    from broker.jobstore import JobStore
+    from jobs.ledger import JobLedger
+    from jobs.rescue import start_sweeper
+    from stores.history import open_history_store, sql_engine
+    from stores.records import RecordStore
+
+    assert settings.history.url is not None
+    store = JobStore.from_url(settings.redis.url, ttl_s=settings.jobs.ttl_s,
+                              socket_timeout_s=settings.redis.socket_timeout_s)
+    ledger = JobLedger(store, RecordStore(sql_engine(settings.history.url)), open_history_store(settings.history.url))
+    _rescue_stop = start_sweeper(ledger, every_s=settings.jobs.rescue_every_s, quiet_s=settings.jobs.rescue_after_s,
+                                 most=settings.jobs.rescue_max,
+                                 held_for_s=2.0 * settings.redis.visibility_timeout_s)
 
 
 @after_setup_logger.connect
