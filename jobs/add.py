@@ -39,6 +39,7 @@ from memq.models import AddJob, JobState, Relation
 from pipeline import apply, caption as caption_stage, decide as decide_stage, extract as extract_stage
 from pipeline import edit as edit_stage, finalize as finalize_stage, graph_plan, retrieve
 from pipeline.types import CaptionedMessages, ExtractedFacts, LLMUsage, Plan, WriteResult
+from stores.graph import entity_key
 from stores.history import HistoryRecord
 
 logger = logging.getLogger(__name__)
@@ -156,10 +157,16 @@ def decide(job_id: str, c: Clients) -> Transition:
 def _decided(c: Clients, job: AddJob) -> Plan:
     """An add's plan: its facts against their nearest memories of exactly its scope, by the model."""
     facts = _stored(c, job.job_id, "extract", ExtractedFacts)
+    relations, new_names = _graph_context(c, job, facts)
     near = retrieve.find_neighbours(facts.facts, job.scope, c.embedder, c.vectors,
-                                    top_k=c.settings.jobs.neighbours_top_k)
-    return decide_stage.decide(job, facts, near, c.llm, c.embedder, relations=_relations(c, job, facts),
+                                    top_k=c.settings.jobs.neighbours_top_k, names=list(new_names.values()))
+    plan = decide_stage.decide(job, facts, near, c.llm, c.embedder, relations=relations,
                                instructions=c.settings.prompts.update_memory)
+    if plan.graph is None or not near.name_vectors:
+        return plan
+    planned = {entity_key(e.name) for e in plan.graph.entities}
+    embeddings = {k: v for k, v in zip(new_names, near.name_vectors) if k in planned}
+    return plan.model_copy(update={"graph": plan.graph.model_copy(update={"embeddings": embeddings})})
 
 
 def write_vectors(job_id: str, c: Clients) -> Transition:
@@ -253,16 +260,21 @@ def _stored(c: Clients, job_id: str, stage: str, model: type[M]) -> M:
     return out
 
 
-def _relations(c: Clients, job: AddJob, facts: ExtractedFacts) -> list[Relation] | None:
-    """Existing relations for the decider; None when graph memory is off. If Neo4j is down the job goes
-    on without them (no relation can be invalidated) so that the vector write is not held up."""
+def _graph_context(c: Clients, job: AddJob, facts: ExtractedFacts) -> tuple[list[Relation] | None, dict[str, str]]:
+    """Existing relations for the decider (None when graph memory is off) and the job's entity names
+    the scope's graph has no embedding for yet (key -> name: embedded in the batch of the facts). If
+    Neo4j is down the job goes on without relations (no relation can be invalidated) so that the vector
+    write is not held up, and every name is embedded."""
     if c.graph is None:
-        return None
+        return None, {}
+    names = graph_plan.graph_names(facts)
     try:
-        return c.graph.relations_of(job.scope, graph_plan.graph_keys(facts))
+        relations = c.graph.relations_of(job.scope, sorted(names))
+        embedded = c.graph.embedded_keys(job.scope, sorted(names))
     except StoreUnavailable:
         logger.warning("job %s: Neo4j unreachable while deciding; no relation can be invalidated", job.job_id)
-        return []
+        return [], names
+    return relations, {k: n for k, n in names.items() if k not in embedded}
 
 
 def _write(job_id: str, c: Clients, write: str, run: Callable[[AddJob, Plan], WriteResult]) -> Transition:

@@ -56,8 +56,9 @@ def write_vectors(job: AddJob, plan: Plan, vectors: VectorStore) -> WriteResult:
 
 
 def write_graph(job: AddJob, plan: Plan, graph: GraphStore | None, embedder: Embedder) -> WriteResult:
-    """Apply the plan's graph change to Neo4j: merge entities (with name embeddings, one batch) and
-    relations, invalidate contradicted relations, and forget memories the job deleted.
+    """Apply the plan's graph change to Neo4j: merge entities (with the name embeddings the decide stage
+    made for names new to the scope) and relations, invalidate contradicted relations, and forget
+    memories the job deleted.
 
     Idempotent: everything is MERGE-keyed, relation ids and timestamps come from the plan.
 
@@ -65,7 +66,7 @@ def write_graph(job: AddJob, plan: Plan, graph: GraphStore | None, embedder: Emb
         job: the job (scope, time).
         plan: the decided actions and graph change.
         graph: the graph store, or None when graph memory is off (then nothing is written).
-        embedder: embeds entity names.
+        embedder: embeds entity names the plan has no embedding for and the graph has none either (rare).
 
     Returns:
         Counts (``upserted`` = entities + relations merged, ``deleted`` = relations invalidated), or
@@ -78,15 +79,13 @@ def write_graph(job: AddJob, plan: Plan, graph: GraphStore | None, embedder: Emb
     if graph is None or plan.graph is None:
         return WriteResult(store="neo4j", skipped=True)
     g = plan.graph
-    names = [e.name for e in g.entities]
-    vectors = embedder.embed(names) if names else []
     deleted = list(dict.fromkeys([*(a.memory_id for a in plan.actions if a.event is MemoryEvent.DELETE),
                                   *g.forgotten]))
     graph.write(GraphWrite(
         job_id=job.job_id, scope=job.scope, when=job.timestamp or job.enqueued_at,
-        entities=[EntityWrite(key=entity_key(e.name), name=e.name, entity_type=e.entity_type, embedding=v)
-                  for e, v in zip(g.entities, vectors)],
+        entities=[EntityWrite(key=entity_key(e.name), name=e.name, entity_type=e.entity_type,
+                              embedding=g.embeddings.get(entity_key(e.name))) for e in g.entities],
         relations=g.relations,
         invalidated=g.invalidated, deleted_memory_ids=deleted,
-    ))
+    ), embed=embedder.embed)
     return WriteResult(store="neo4j", upserted=len(g.entities) + len(g.relations), deleted=len(g.invalidated))

@@ -23,11 +23,23 @@ logger = logging.getLogger(__name__)
 RELATION_ID_NAMESPACE = uuid.UUID("3b1f7c2e-5a94-4d8e-8f61-0e9c2d7b4a15")
 
 
+def graph_names(extracted: ExtractedFacts) -> dict[str, str]:
+    """Entity key -> the name the job's graph plan gives it (its first entity's, else its first relation
+    end's), for every entity a job mentions: the names whose embeddings the graph write needs."""
+    names: dict[str, str] = {}
+    for e in extracted.entities:
+        if entity_key(e.name):
+            names.setdefault(entity_key(e.name), e.name)
+    for r in extracted.relations:
+        for n in (r.source, r.destination):
+            if entity_key(n):
+                names.setdefault(entity_key(n), n.strip())
+    return names
+
+
 def graph_keys(extracted: ExtractedFacts) -> list[str]:
     """Entity keys a job mentions (entities and relation ends), for finding existing relations."""
-    names = [e.name for e in extracted.entities]
-    names += [n for r in extracted.relations for n in (r.source, r.destination)]
-    return sorted({entity_key(n) for n in names if entity_key(n)})
+    return sorted(graph_names(extracted))
 
 
 def _supporters(source: str, destination: str, actions: Sequence[Action]) -> list[str]:

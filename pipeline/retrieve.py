@@ -4,7 +4,8 @@ changes them)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from memq.models import MemoryItem, Scope
 from pipeline.types import Fact
@@ -19,18 +20,21 @@ class Neighbourhood:
     Attributes:
         fact_vectors: one vector per fact, in order.
         memories: distinct neighbours over all facts, best score first (what the decider sees).
+        name_vectors: one vector per name asked for (entity names new to the graph), in order.
     """
 
     fact_vectors: list[list[float]]
     memories: list[MemoryItem]
+    name_vectors: list[list[float]] = field(default_factory=list)
 
 
 def find_neighbours(facts: list[Fact], scope: Scope, embedder: Embedder, vectors: VectorStore,
-                    *, top_k: int) -> Neighbourhood:
-    """Embed `facts` in one request and query `top_k` neighbours per fact in `scope`, in one batch.
+                    *, top_k: int, names: Sequence[str] = ()) -> Neighbourhood:
+    """Embed `facts` (and `names`) in one request and query `top_k` neighbours per fact in `scope`, in one batch.
 
     Args:
         facts: the job's facts (may be empty).
+        names: more texts to embed in the same request (entity names for the graph write).
         scope: only memories whose scope equals this one exactly (absent ids included) are considered.
         embedder: the embedder (one call).
         vectors: the vector store (one batched query).
@@ -43,13 +47,15 @@ def find_neighbours(facts: list[Fact], scope: Scope, embedder: Embedder, vectors
         LLMUnavailable: a remote embedder is unavailable.
         StoreUnavailable: Qdrant is unreachable.
     """
+    texts = [f.text for f in facts] + list(names)
+    embedded = embedder.embed(texts) if texts else []
+    fact_vectors, name_vectors = embedded[:len(facts)], embedded[len(facts):]
     if not facts:
-        return Neighbourhood(fact_vectors=[], memories=[])
-    fact_vectors = embedder.embed([f.text for f in facts])
+        return Neighbourhood(fact_vectors=[], memories=[], name_vectors=name_vectors)
     best: dict[str, MemoryItem] = {}
     for hits in vectors.search_batch(fact_vectors, scope, limit=top_k, exact=True):
         for hit in hits:
             if hit.id not in best or (hit.score or 0.0) > (best[hit.id].score or 0.0):
                 best[hit.id] = hit
     memories = sorted(best.values(), key=lambda m: (-(m.score or 0.0), m.id))
-    return Neighbourhood(fact_vectors=fact_vectors, memories=memories)
+    return Neighbourhood(fact_vectors=fact_vectors, memories=memories, name_vectors=name_vectors)

@@ -138,6 +138,8 @@ class GraphPlan(_Stage):
     rejected: int = Field(default=0, description="Relations dropped for an invalid relationship type.")
     forgotten: list[str] = Field(default_factory=list, description="Memories whose support of relations goes "
                                  "(an edit's deleted or rewritten memories).")
+    embeddings: dict[str, list[float]] = Field(default_factory=dict, description="Name embeddings of the "
+                                               "entities new to the scope, by entity key (embedded with the facts).")
 
 
 class Plan(_Stage):

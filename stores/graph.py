@@ -10,16 +10,17 @@ Model:
   ``valid`` and, once contradicted, ``invalid_at`` and ``invalidated_by``: a contradicted relation is
   kept for history (as Graphiti does) and reads show only valid ones.
 
-Every value is a ``$parameter``. Relationship types cannot be parameters, so they are normalized to
-``[A-Z][A-Z0-9_]*`` (at most 64 characters) by `relationship_type`; anything else is refused before a
-query string is built. Schema (constraint, index) is created once, idempotently.
+Every value is a ``$parameter``, relationship types too: a job's relations of every type are merged by
+one ``UNWIND`` query with Cypher's dynamic types (``MERGE (s)-[x:$(r.type)]->(d)``, Neo4j 5.26+). The
+types are still normalized to ``[A-Z][A-Z0-9_]*`` (at most 64 characters) by `relationship_type`, and
+anything else is refused before the query runs. Schema (constraint, index) is created once, idempotently.
 """
 
 from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -63,12 +64,13 @@ def entity_key(name: str) -> str:
 
 @dataclass(frozen=True)
 class EntityWrite:
-    """An entity to merge: `key` (normalized), display `name`, `entity_type`, name `embedding`."""
+    """An entity to merge: `key` (normalized), display `name`, `entity_type`, and the name's `embedding`;
+    None: embedded by the write only when the scope has no embedded entity of this key yet."""
 
     key: str
     name: str
     entity_type: str
-    embedding: Sequence[float]
+    embedding: Sequence[float] | None = None
 
 
 @dataclass(frozen=True)
@@ -148,48 +150,69 @@ class GraphStore:
             self._run("CREATE INDEX memq_entity_user IF NOT EXISTS FOR (e:__Entity__) ON (e.user_id)")
             self._ready = True
 
-    def write(self, change: GraphWrite) -> None:
-        """Apply one job's graph change in one transaction (MERGE-based: running it twice changes nothing).
+    def write(self, change: GraphWrite, embed: Callable[[list[str]], list[list[float]]] | None = None) -> None:
+        """Apply one job's graph change in one transaction and, usually, one query (MERGE-based: running
+        it twice changes nothing): its entities and its relations of every type are merged by one query of
+        two ``UNWIND`` subqueries, which also returns the entities left without a name embedding.
+
+        Args:
+            change: the job's graph change. An entity's embedding is None when the decide stage found its
+                key already embedded in the scope (the key is the normalized name, so it would not change).
+            embed: embeds entity names; used only for entities that are left without an embedding (a plan
+                made before the name was known, or without embeddings): one batch and one more query.
 
         Raises:
             InvalidRelationshipType: a relation's type is not normalized (checked before any query).
+            ValueError: an entity needs an embedding and `embed` is None.
             StoreUnavailable: Neo4j is unreachable (retryable).
             StoreError: a permanent failure.
+            LLMUnavailable: a remote embedder is unavailable (retryable).
         """
         types = {r.relationship: relationship_type(r.relationship) for r in change.relations}
         if any(t != raw for raw, t in types.items()):
             raise InvalidRelationshipType("relation types must be normalized before the write")
         self.ensure_schema()
         params = {**_scope_params(change.scope), "job_id": change.job_id, "when": change.when.isoformat()}
-        entities = [{"key": e.key, "name": e.name, "entity_type": e.entity_type, "embedding": list(e.embedding)}
-                    for e in change.entities]
+        rows = [{"rid": r.rid, "source": r.source, "destination": r.destination, "type": r.relationship,
+                 "memory_ids": list(r.memory_ids)} for r in change.relations]
+
+        entities = [{"key": e.key, "name": e.name, "entity_type": e.entity_type,
+                     "embedding": list(e.embedding) if e.embedding is not None else None} for e in change.entities]
 
         def work(tx: neo4j.ManagedTransaction) -> None:
-            tx.run(
+            bare = [r["key"] for r in tx.run(
+                "CALL () { "
+                "  UNWIND $entities AS e "
+                "  MERGE (n:__Entity__ {scope_key: $scope_key, key: e.key}) "
+                "  ON CREATE SET n.name = e.name, n.created_at = $when, n.user_id = $user_id, "
+                "    n.agent_id = $agent_id, n.run_id = $run_id, n.job_ids = [] "
+                "  SET n.updated_at = $when, n.entity_type = e.entity_type, "
+                "    n.embedding = coalesce(e.embedding, n.embedding), "
+                "    n.job_ids = CASE WHEN $job_id IN n.job_ids THEN n.job_ids ELSE n.job_ids + $job_id END "
+                "  SET n.mentions = size(n.job_ids) "
+                "} "
+                "CALL () { "
+                "  UNWIND $rows AS r "
+                "  MATCH (s:__Entity__ {scope_key: $scope_key, key: r.source}) "
+                "  MATCH (d:__Entity__ {scope_key: $scope_key, key: r.destination}) "
+                "  MERGE (s)-[x:$(r.type) {valid: true}]->(d) "
+                "  ON CREATE SET x.rid = r.rid, x.created_at = $when, x.job_id = $job_id, "
+                "    x.scope_key = $scope_key, x.memory_ids = [] "
+                "  SET x.updated_at = $when, "
+                "    x.memory_ids = x.memory_ids + [m IN r.memory_ids WHERE NOT m IN x.memory_ids] "
+                "} "
                 "UNWIND $entities AS e "
-                "MERGE (n:__Entity__ {scope_key: $scope_key, key: e.key}) "
-                "ON CREATE SET n.name = e.name, n.created_at = $when, n.user_id = $user_id, "
-                "  n.agent_id = $agent_id, n.run_id = $run_id, n.job_ids = [] "
-                "SET n.updated_at = $when, n.entity_type = e.entity_type, n.embedding = e.embedding, "
-                "  n.job_ids = CASE WHEN $job_id IN n.job_ids THEN n.job_ids ELSE n.job_ids + $job_id END "
-                "SET n.mentions = size(n.job_ids)",
-                entities=entities, **params,
-            ).consume()
-            for rel_type in sorted(set(types.values())):
-                rows = [{"rid": r.rid, "source": r.source, "destination": r.destination,
-                         "memory_ids": list(r.memory_ids)} for r in change.relations if r.relationship == rel_type]
-                # rel_type matched [A-Z][A-Z0-9_]{0,63} above: the only text not passed as a parameter
-                query: LiteralString = (
-                    "UNWIND $rows AS r "
-                    "MATCH (s:__Entity__ {scope_key: $scope_key, key: r.source}) "
-                    "MATCH (d:__Entity__ {scope_key: $scope_key, key: r.destination}) "
-                    f"MERGE (s)-[x:{rel_type} {{valid: true}}]->(d) "
-                    "ON CREATE SET x.rid = r.rid, x.created_at = $when, x.job_id = $job_id, "
-                    "  x.scope_key = $scope_key, x.memory_ids = [] "
-                    "SET x.updated_at = $when, "
-                    "  x.memory_ids = x.memory_ids + [m IN r.memory_ids WHERE NOT m IN x.memory_ids]"
-                )
-                tx.run(query, rows=rows, **params).consume()
+                "MATCH (n:__Entity__ {scope_key: $scope_key, key: e.key}) WHERE n.embedding IS NULL "
+                "RETURN n.key AS key",
+                entities=entities, rows=rows, **params)]
+            if bare:  # names the plan took for known, or a plan without embeddings: embed them here (rare)
+                if embed is None:
+                    raise ValueError("entities without an embedding need an embed function")
+                names = {e.key: e.name for e in change.entities}
+                tx.run("UNWIND $rows AS r MATCH (n:__Entity__ {scope_key: $scope_key, key: r.key}) "
+                       "SET n.embedding = r.embedding",
+                       rows=[{"key": k, "embedding": v} for k, v in zip(bare, embed([names[k] for k in bare]))],
+                       **params).consume()
             if change.invalidated:
                 tx.run(
                     "UNWIND $rids AS rid "
@@ -202,6 +225,21 @@ class GraphStore:
 
         with _mapped("write"), self._driver.session(database=self._database) as session:
             session.execute_write(work)
+
+    def embedded_keys(self, scope: Scope, keys: Sequence[str]) -> set[str]:
+        """Which of the entity `keys` exist in exactly this scope with a name embedding (the decide stage
+        embeds only the other names, in its batch with the facts).
+
+        Raises:
+            StoreUnavailable: Neo4j is unreachable.
+        """
+        if not keys:
+            return set()
+        self.ensure_schema()
+        with _mapped("read entities"):
+            rows = self._run("MATCH (n:__Entity__ {scope_key: $scope_key}) WHERE n.key IN $keys "
+                             "AND n.embedding IS NOT NULL RETURN n.key AS key", keys=list(keys), **_scope_params(scope))
+        return {r["key"] for r in rows}
 
     def relations_of(self, scope: Scope, keys: Sequence[str], *, limit: int = 50) -> list[Relation]:
         """Valid relations touching any of the entity `keys` in exactly this scope (for the decider).

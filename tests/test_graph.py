@@ -170,3 +170,49 @@ def test_neo4j_stopped_mid_job_gives_a_partial_job_that_completes_when_it_return
     final = wait_done(producer, receipt, timeout_s=180)
     assert final.status is JobState.SUCCEEDED
     assert [r.relationship for r in graph.all_relations(Scope(user_id=user_id))] == ["SINGS_IN"]
+
+
+def test_one_write_merges_relations_of_every_type_and_embeds_only_names_new_to_the_scope(graph: Any,
+                                                                                          user_id: str) -> None:
+    import uuid
+    from datetime import datetime, timezone
+
+    from memq.models import Relation
+    from stores.graph import EntityWrite, GraphWrite
+
+    embedded: list[list[str]] = []
+
+    def embed(names: list[str]) -> list[list[float]]:
+        embedded.append(names)
+        return [[float(len(n))] + [0.0] * 383 for n in names]
+
+    scope = Scope(user_id=user_id)
+
+    def write(entities: list[EntityWrite], relations: list[Relation]) -> None:
+        graph.write(GraphWrite(job_id=str(uuid.uuid4()), scope=scope, when=datetime.now(timezone.utc),
+                               entities=entities, relations=relations), embed=embed)
+
+    def rel(source: str, kind: str, destination: str) -> Relation:
+        return Relation(rid=str(uuid.uuid4()), source=source, relationship=kind, destination=destination,
+                        memory_ids=[str(uuid.uuid4())])
+
+    # Given a job naming three entities, one with the embedding its decide stage made, and three relation types
+    given = [0.5] * 384
+    write([EntityWrite("ana", "Ana", "person", given), EntityWrite("lisbon", "Lisbon", "city"),
+           EntityWrite("chess club", "chess club", "club")],
+          [rel("ana", "LIVES_IN", "lisbon"), rel("ana", "MEMBER_OF", "chess club"), rel("chess club", "MEETS_IN", "lisbon")])
+    # Then every relation landed with its type, the two bare names were embedded in one batch, the given one kept
+    triples = {(r.source.lower(), r.relationship, r.destination.lower()) for r in graph.all_relations(scope)}
+    assert triples == {("ana", "LIVES_IN", "lisbon"), ("ana", "MEMBER_OF", "chess club"),
+                       ("chess club", "MEETS_IN", "lisbon")}
+    assert embedded == [["Lisbon", "chess club"]]
+    assert graph.embedded_keys(scope, ["ana", "lisbon", "chess club", "porto"]) == {"ana", "lisbon", "chess club"}
+    stored = {r["key"]: r["e"] for r in graph._run("MATCH (n:__Entity__ {user_id: $u}) RETURN n.key AS key, "
+                                                   "n.embedding[0] AS e", u=user_id)}
+    assert stored == {"ana": 0.5, "lisbon": 6.0, "chess club": 10.0}
+    # When a later job names them again without embeddings (its decide stage found them embedded)
+    write([EntityWrite("ana", "Ana", "person"), EntityWrite("lisbon", "Lisbon", "city")], [rel("ana", "VISITS", "lisbon")])
+    # Then nothing is embedded again and the stored embeddings stay
+    assert embedded == [["Lisbon", "chess club"]]
+    assert graph._run("MATCH (n:__Entity__ {user_id: $u, key: 'ana'}) RETURN n.embedding[0] AS e, n.mentions AS m",
+                      u=user_id) == [{"e": 0.5, "m": 2}]

@@ -78,6 +78,13 @@ class OwnStores(bootsteps.StartStopStep):  # type: ignore[misc]
             return
         _open_stores()
 
+    def stop(self, worker: Any) -> None:
+        """Stop this worker's rescue sweep (`start_rescue`)."""
+        global _rescue_stop
+        if _rescue_stop is not None:
+            _rescue_stop.set()
+            _rescue_stop = None
+
 
 app.steps["worker"].add(OwnStores)
 
