@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +38,20 @@ def lone_redis(redis_server: RedisServer) -> Iterator[str]:
     client.flushdb()
 
 
-def _ledger(url: str, tmp_path: Path) -> JobLedger:
+@dataclass(frozen=True)
+class Rig:
+    """A ledger (Redis database no worker reads, SQLite), its Redis client and a producer on it."""
+
+    ledger: JobLedger
+    client: redis.Redis
+    producer: Producer
+
+
+@pytest.fixture()
+def rig(lone_redis: str, settings: Settings, tmp_path: Path) -> Rig:
     sql = f"sqlite:///{tmp_path / 'history.db'}"
-    return JobLedger(JobStore.from_url(url, ttl_s=3600), RecordStore(sql_engine(sql)), open_history_store(sql))
+    ledger = JobLedger(JobStore.from_url(lone_redis, ttl_s=3600), RecordStore(sql_engine(sql)), open_history_store(sql))
+    return Rig(ledger, ledger.jobs.client, Producer(settings.model_copy(update={"redis": RedisSettings(url=lone_redis)})))
 
 
 def _take(client: redis.Redis, queue: str) -> dict[str, Any]:
@@ -51,10 +63,8 @@ def _take(client: redis.Redis, queue: str) -> dict[str, Any]:
 
 
 def test_a_lost_start_message_is_queued_again_once_and_a_held_or_queued_one_never(
-        lone_redis: str, settings: Settings, tmp_path: Path) -> None:
-    ledger = _ledger(lone_redis, tmp_path)
-    client = ledger.jobs.client
-    producer = Producer(settings.model_copy(update={"redis": RedisSettings(url=lone_redis)}))
+        rig: Rig) -> None:
+    ledger, client, producer = rig.ledger, rig.client, rig.producer
     lost_jobs = LostJobs(client)
     sweeper = Sweeper(ledger, quiet_s=0, most=3, held_for_s=60, confirm_s=0)
     # Given a job whose start message waits in its queue
@@ -80,10 +90,8 @@ def test_a_lost_start_message_is_queued_again_once_and_a_held_or_queued_one_neve
 
 
 def test_a_message_held_far_longer_than_the_visibility_timeout_allows_counts_as_lost(
-        lone_redis: str, settings: Settings, tmp_path: Path) -> None:
-    ledger = _ledger(lone_redis, tmp_path)
-    client = ledger.jobs.client
-    producer = Producer(settings.model_copy(update={"redis": RedisSettings(url=lone_redis)}))
+        rig: Rig) -> None:
+    ledger, client, producer = rig.ledger, rig.client, rig.producer
     receipt = producer.add("I keep bees on the roof.", user_id="rescue-e", infer=False)
     # Given the job's message held by a dead worker whose held messages kombu never brought back
     message = _take(client, Queues.LIGHT)
@@ -96,10 +104,8 @@ def test_a_message_held_far_longer_than_the_visibility_timeout_allows_counts_as_
 
 
 def test_a_job_that_changed_since_it_was_found_lost_is_left_alone(
-        lone_redis: str, settings: Settings, tmp_path: Path) -> None:
-    ledger = _ledger(lone_redis, tmp_path)
-    client = ledger.jobs.client
-    producer = Producer(settings.model_copy(update={"redis": RedisSettings(url=lone_redis)}))
+        rig: Rig) -> None:
+    ledger, client, producer = rig.ledger, rig.client, rig.producer
     receipt = producer.add("I keep bees on the roof.", user_id="rescue-b", infer=False)
     _take(client, Queues.LIGHT)
     [lost] = LostJobs(client).find(quiet_s=0, confirm_s=0)
@@ -113,10 +119,8 @@ def test_a_job_that_changed_since_it_was_found_lost_is_left_alone(
 
 
 def test_a_job_lost_more_often_than_allowed_ends_failed_with_a_dead_letter_and_its_scope_moves_on(
-        lone_redis: str, settings: Settings, tmp_path: Path) -> None:
-    ledger = _ledger(lone_redis, tmp_path)
-    client = ledger.jobs.client
-    producer = Producer(settings.model_copy(update={"redis": RedisSettings(url=lone_redis)}))
+        rig: Rig) -> None:
+    ledger, client, producer = rig.ledger, rig.client, rig.producer
     sweeper = Sweeper(ledger, quiet_s=0, most=1, confirm_s=0)
     first, second = (producer.add(t, user_id="rescue-c", infer=False) for t in ("I fly kites.", "I sail boats."))
     # Given the first job of a scope rescued once already, then lost again
