@@ -44,6 +44,7 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
+from datetime import datetime
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -52,7 +53,8 @@ import redis
 from pydantic import BaseModel, ValidationError
 
 from broker import scripts
-from broker.messages import START_TASK, Next, TaskMessages
+from broker.lost import NextTask
+from broker.messages import Next, TaskMessages
 from broker.outage import ride_out
 from memq.errors import InvalidJob, JobNotFound, describe
 from memq.models import AddJob, JobState, JobStatus, MemoryResult, Scope, utcnow
@@ -463,30 +465,36 @@ class JobStore:
             args += [self._messages.queue(then), self._messages.build(job_id, then, parent_id=parent_id)]
         return _text(self._call(lambda: self._finish(keys=[], args=args)))
 
-    def rescue(self, job_id: str, *, touched: bytes, steps: Sequence[tuple[str, int, str]], most: int) -> str:
+    def rescue(self, job_id: str, *, touched: bytes, steps: Sequence[NextTask], most: int) -> str:
         """Queue a lost job's next tasks again (`broker.lost`), unless it changed since it was found lost.
 
         Each message is new (its own task id and delivery tag), at the head of its queue (next out), with
-        the attempt number of the lost one: a rescue is not an attempt.
+        the attempt number of the lost one (a rescue is not an attempt) and what was left of its countdown.
 
         Args:
             job_id: the job.
             touched: its ``memq:jobs:touched`` score as read when it was found lost (raw bytes).
-            steps: ``(task, retries, queue)`` of its lost messages; a job with none recorded is started again.
-            most: rescues allowed per job.
+            steps: its lost messages (`LostJob.next`).
+            most: rescues allowed per job without progress in between.
 
         Returns:
-            ``"ok"`` (queued), ``"moved"`` (it changed: nothing queued), ``"exhausted"`` (rescued `most`
-            times already: nothing queued, the caller ends it), ``"finished"`` or ``"missing"``.
+            ``"ok"`` (queued), ``"moved"`` (it changed: nothing queued), ``"exhausted"`` (rescued `most` times
+            without progress, or no task recorded: nothing queued, the caller ends it), ``"finished"`` or
+            ``"missing"``.
 
         Raises:
             BrokerUnavailable: Redis stayed unreachable.
         """
-        steps = list(steps) or [(START_TASK, 0, self._messages.queue(Next(START_TASK)))]
-        args: list[Any] = [job_id, utcnow().isoformat(), touched, most, len(steps)]
-        for task, retries, queue in steps:
-            step = Next(task, retries=retries)
-            args += [queue, TaskMessages({task: queue}).build(job_id, step)]
+        now = utcnow()
+        args: list[Any] = [job_id, now.isoformat(), touched, most, len(steps)]
+        for task, retries, queue, eta in steps:
+            left_s = 0.0
+            if eta:
+                try:
+                    left_s = max(0.0, (datetime.fromisoformat(eta) - now).total_seconds())
+                except (TypeError, ValueError):
+                    left_s = 0.0
+            args += [queue, TaskMessages({task: queue}).build(job_id, Next(task, countdown_s=left_s, retries=retries))]
         return _text(self._call(lambda: self._rescue(keys=[], args=args)))
 
 

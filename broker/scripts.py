@@ -39,18 +39,25 @@ local function advance(scope, seq)
   return applied
 end
 local function finished(status) return status == 'succeeded' or status == 'failed' end
--- a change of job `id`; `msgs`: the task messages queued for it by this change (may be empty)
-local function note(id, msgs)
+-- stamp job `id` with the time and keep the tasks of `msgs`, the messages queued for it now (may be empty)
+local function stamp(id, msgs)
   local t = redis.call('TIME')
   redis.call('ZADD', 'memq:jobs:touched', tonumber(t[1]) + tonumber(t[2]) / 1000000, id)
   if #msgs > 0 then
     local tasks = {}
     for i, m in ipairs(msgs) do
       local e = cjson.decode(m)
-      tasks[i] = {e.headers.task, e.headers.retries or 0, e.properties.delivery_info.routing_key}
+      local eta = e.headers.eta
+      if type(eta) ~= 'string' then eta = '' end
+      tasks[i] = {e.headers.task, e.headers.retries or 0, e.properties.delivery_info.routing_key, eta}
     end
     redis.call('HSET', 'memq:job:' .. id, 'next', cjson.encode(tasks))
   end
+end
+-- a change of job `id` made by one of its tasks: progress, so its rescues start again from none
+local function note(id, msgs)
+  stamp(id, msgs)
+  redis.call('HDEL', 'memq:job:' .. id, 'rescues')
 end
 """
 
@@ -240,7 +247,8 @@ return 'ok'
 """
 
 # ARGV: id, now, the job's touched score as read (bytes), most rescues, n, then n (queue, message) pairs.
-# Queue a lost job's next tasks again, unless it changed since the sweep read it (compare and push).
+# Queue a lost job's next tasks again, unless it changed since the sweep read it (compare and push); with
+# no task to queue (none recorded) or too many rescues without progress in between, answer 'exhausted'.
 RESCUE = ADVANCE + """
 local id, now = ARGV[1], ARGV[2]
 local jk = 'memq:job:' .. id
@@ -250,14 +258,14 @@ if not status or finished(status) then
   return status and 'finished' or 'missing'
 end
 if redis.call('ZSCORE', 'memq:jobs:touched', id) ~= ARGV[3] then return 'moved' end
-if redis.call('HINCRBY', jk, 'rescues', 1) > tonumber(ARGV[4]) then return 'exhausted' end
+if tonumber(ARGV[5]) == 0 or redis.call('HINCRBY', jk, 'rescues', 1) > tonumber(ARGV[4]) then return 'exhausted' end
 local pushed = {}
 for i = 0, tonumber(ARGV[5]) - 1 do
   -- RPUSH: next out of its queue (its job has waited long enough)
   redis.call('RPUSH', ARGV[6 + 2 * i], ARGV[7 + 2 * i])
   pushed[#pushed + 1] = ARGV[7 + 2 * i]
 end
-note(id, pushed)
+stamp(id, pushed)
 redis.call('HSET', jk, 'updated_at', now)
 return 'ok'
 """

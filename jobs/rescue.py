@@ -18,7 +18,7 @@ import uuid
 
 import redis.exceptions
 
-from broker.lost import LostJobs
+from broker.lost import LostJob, LostJobs
 from jobs.ledger import JobLedger
 from jobs.transitions import Finished
 from memq import metrics
@@ -63,27 +63,42 @@ class Sweeper:
         """
         outcomes: dict[str, str] = {}
         for lost in self._lost.find(quiet_s=self._quiet_s, confirm_s=self._confirm_s):
-            answer = self._ledger.jobs.rescue(lost.job_id, touched=lost.touched, steps=lost.next, most=self._most)
-            if answer == "ok":
-                outcomes[lost.job_id] = "rescued"
-                logger.warning("job %s: its next task message was lost (a worker killed while taking it?); "
-                               "queued again: %s", lost.job_id, ", ".join(t for t, _, _ in lost.next) or "memq.start")
-            elif answer == "exhausted":
-                outcomes[lost.job_id] = self._end(lost.job_id)
-            else:
-                outcomes[lost.job_id] = answer
+            try:
+                outcomes[lost.job_id] = self._rescue(lost)
+            except (redis.exceptions.RedisError, MemqError) as exc:  # the others are still rescued
+                logger.warning("job %s: rescue failed (%s); tried again next sweep", lost.job_id, type(exc).__name__)
+                continue
             metrics.JOBS_RESCUED.labels(outcomes[lost.job_id]).inc()
         return outcomes
 
+    def _rescue(self, lost: LostJob) -> str:
+        answer = self._ledger.jobs.rescue(lost.job_id, touched=lost.touched, steps=lost.next, most=self._most)
+        if answer == "ok":
+            logger.warning("job %s: its next task message was lost (a worker killed while taking it?); "
+                           "queued again: %s", lost.job_id, ", ".join(t.task for t in lost.next))
+            return "rescued"
+        if answer == "exhausted":
+            return self._end(lost.job_id)
+        return answer
+
     def _end(self, job_id: str) -> str:
+        """End an exhausted job as failed (SQL record and dead letter first, as every end is committed). If
+        a late delivery ended it meanwhile (the first end wins in Redis), its letter is taken back."""
         try:
             job = self._ledger.job(job_id)
         except InvalidJob:
             job = None
-        error = MessageLost(f"job {job_id}: its next task message was lost more than {self._most} times; "
-                            "ended so its scope moves on (replay it with `memq dlq replay`)", job_id=job_id)
-        self._ledger.commit(job_id, Finished(JobState.FAILED, job, error=error, stage="rescue"))
-        logger.error("job %s: ended as failed (MessageLost) after %d rescues", job_id, self._most)
+        error = MessageLost(f"job {job_id}: its next task message was lost and rescued {self._most} times without "
+                            "progress (or none was recorded); ended so its scope moves on (`memq dlq replay`)",
+                            job_id=job_id)
+        outcome = self._ledger.commit(job_id, Finished(JobState.FAILED, job, error=error, stage="rescue"))
+        if outcome != "ok":
+            self._ledger.records.remove_dead_letter(job_id)
+            status = self._ledger.jobs.statuses([job_id])[0]
+            if job is not None and status is not None:
+                self._ledger.records.save(job, status.status, stage=status.stage)
+            return outcome
+        logger.error("job %s: ended as failed (MessageLost)", job_id)
         return "failed"
 
 

@@ -279,8 +279,8 @@ class JobSettings(_Group):
     rescue_every_s: float = Field(
         default=15.0, ge=0, description="How often one of the workers looks for such jobs (0: never).")
     rescue_max: int = Field(
-        default=3, ge=0, description="Rescues per job; one more lost message ends it as failed (MessageLost, "
-        "a dead letter kept for replay).")
+        default=3, ge=0, description="Rescues of a job without progress in between; one more lost message ends "
+        "it as failed (MessageLost, a dead letter kept for replay).")
 
 
 class _MemqDotEnv(DotEnvSettingsSource):

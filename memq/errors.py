@@ -275,9 +275,9 @@ class StageBusy(NotNow):
 
 
 class MessageLost(PipelineError):
-    """A job's next task message was lost more than ``jobs.rescue_max`` times (a worker killed while taking
-    it from its queue, each time): the job is ended as failed, with a dead letter kept for replay, so its
-    scope moves on instead of waiting for it forever."""
+    """A job's next task message was lost and queued again ``jobs.rescue_max`` times without the job making
+    progress in between (or no next task was recorded for it): the job is ended as failed, with a dead
+    letter kept for replay, so its scope moves on instead of waiting for it forever."""
 
 
 class ImageFetchError(PipelineError):

@@ -24,6 +24,7 @@ from sqlalchemy import select as sql_select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
+from sqlalchemy.pool import NullPool
 from sqlalchemy.schema import CreateIndex, CreateTable
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, Session, SQLModel, col, create_engine, select
@@ -235,14 +236,29 @@ def open_history_store(url: str) -> HistoryStore:
     with _lock:
         store = _stores.get(url)
         if store is None:
-            kwargs: dict[str, object] = {"pool_pre_ping": True}
-            if url.startswith("sqlite"):
-                kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
-                path = url.removeprefix("sqlite:///")
-                if path and path != ":memory:":
-                    Path(path).parent.mkdir(parents=True, exist_ok=True)
-            elif url.startswith("postgresql") and "connect_timeout=" not in url:
-                kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S}
-            store = HistoryStore(create_engine(url, **kwargs))
+            store = HistoryStore(new_sql_engine(url))
             _stores[url] = store
         return store
+
+
+def new_sql_engine(url: str, *, pooled: bool = True) -> Engine:
+    """A new engine for a SQLAlchemy URL, outside the process-wide cache (see `open_history_store`).
+
+    Args:
+        url: the database URL.
+        pooled: keep connections open for reuse; False (``NullPool``): every use opens and closes its
+            own, so the process holds no connection between uses (a prefork worker's parent, whose
+            later-forked children must not inherit one).
+
+    Raises:
+        OSError: the SQLite folder cannot be created.
+    """
+    kwargs: dict[str, object] = {"pool_pre_ping": True} if pooled else {"poolclass": NullPool}
+    if url.startswith("sqlite"):
+        kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+        path = url.removeprefix("sqlite:///")
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+    elif url.startswith("postgresql") and "connect_timeout=" not in url:
+        kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S}
+    return create_engine(url, **kwargs)

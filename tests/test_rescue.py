@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import datetime, timezone
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,6 +117,24 @@ def test_a_job_that_changed_since_it_was_found_lost_is_left_alone(
     # Then the rescue queues nothing
     assert ledger.jobs.rescue(lost.job_id, touched=lost.touched, steps=lost.next, most=3) == "moved"
     assert client.llen(Queues.LIGHT) == 1
+
+
+def test_a_rescue_followed_by_progress_does_not_count_toward_the_limit_and_a_countdown_is_kept(rig: Rig) -> None:
+    from broker.messages import Next
+
+    ledger, client, producer = rig.ledger, rig.client, rig.producer
+    sweeper = Sweeper(ledger, quiet_s=0, most=1, confirm_s=0)
+    receipt = producer.add("I fly kites.", user_id="rescue-f", infer=False)
+    # Given a job rescued once, that then made progress (a retry with a 2-minute countdown), then was lost again
+    _take(client, Queues.LIGHT)
+    assert sweeper.sweep() == {receipt.job_id: "rescued"}
+    _take(client, Queues.LIGHT)
+    assert ledger.jobs.retry(receipt.job_id, step=Next("memq.start", countdown_s=120)) == "ok"
+    _take(client, Queues.LIGHT)
+    # Then it is rescued again rather than failed, and its message keeps what is left of the countdown
+    assert sweeper.sweep() == {receipt.job_id: "rescued"}
+    eta = _take(client, Queues.LIGHT)["headers"]["eta"]
+    assert eta is not None and 100 < (datetime.fromisoformat(eta) - datetime.now(timezone.utc)).total_seconds() <= 120
 
 
 def test_a_job_lost_more_often_than_allowed_ends_failed_with_a_dead_letter_and_its_scope_moves_on(

@@ -118,8 +118,11 @@ _rescue_stop: threading.Event | None = None
 
 
 def start_rescue() -> None:
-    """Start this worker's rescue sweep of lost jobs (`jobs.rescue`; once per process, in the main process:
-    a prefork parent uses a ledger of its own, Redis and SQL only)."""
+    """Start this worker's rescue sweep of lost jobs (`jobs.rescue`; once per process, in the main process).
+
+    Its ledger is its own: Redis and an unpooled SQL engine outside the process-wide cache, so a prefork
+    parent keeps no SQL connection that the children it forks later (a killed child's replacement) would
+    inherit, and those children still build their own stores."""
     global _rescue_stop
     settings = load_settings()
     if _rescue_stop is not None or settings.jobs.rescue_every_s <= 0:
@@ -127,13 +130,14 @@ def start_rescue() -> None:
     from broker.jobstore import JobStore
     from jobs.ledger import JobLedger
     from jobs.rescue import start_sweeper
-    from stores.history import open_history_store, sql_engine
+    from stores.history import HistoryStore, new_sql_engine
     from stores.records import RecordStore
 
     assert settings.history.url is not None
     store = JobStore.from_url(settings.redis.url, ttl_s=settings.jobs.ttl_s,
                               socket_timeout_s=settings.redis.socket_timeout_s)
-    ledger = JobLedger(store, RecordStore(sql_engine(settings.history.url)), open_history_store(settings.history.url))
+    engine = new_sql_engine(settings.history.url, pooled=False)
+    ledger = JobLedger(store, RecordStore(engine), HistoryStore(engine))
     _rescue_stop = start_sweeper(ledger, every_s=settings.jobs.rescue_every_s, quiet_s=settings.jobs.rescue_after_s,
                                  most=settings.jobs.rescue_max,
                                  held_for_s=2.0 * settings.redis.visibility_timeout_s)
