@@ -103,7 +103,7 @@ for i = 0, n - 1 do
     redis.call('HSET', jk, unpack(fields))
     redis.call('ZADD', 'memq:jobs:live', epoch, id)
     redis.call('LPUSH', queue, msg)
-    note(id, {msg})
+    stamp(id, {msg})
     out[#out + 1] = id
     out[#out + 1] = 1
   end
