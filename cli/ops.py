@@ -23,16 +23,9 @@ jobs = typer.Typer(help="Jobs by state and age; end or restart a stuck one.", no
 
 def _ledger() -> JobLedger:
     """A ledger on the configured Redis and SQL database (no model, no vector store)."""
-    from broker.jobstore import JobStore
     from jobs.ledger import JobLedger
-    from stores.history import open_history_store, sql_engine
-    from stores.records import RecordStore
 
-    settings = load_settings()
-    assert settings.history.url is not None
-    store = JobStore.from_url(settings.redis.url, ttl_s=settings.jobs.ttl_s,
-                              socket_timeout_s=settings.redis.socket_timeout_s)
-    return JobLedger(store, RecordStore(sql_engine(settings.history.url)), open_history_store(settings.history.url))
+    return JobLedger.open(load_settings())
 
 
 def _fail(exc: MemqError) -> typer.Exit:

@@ -22,7 +22,8 @@ from memq.logs import set_scope_key
 from memq.errors import describe
 from memq.models import AddJob, JobState, utcnow
 from jobs.transitions import Advance, Deferred, Finished, Joined, Retry, Skip, Transition
-from stores.history import HistoryStore
+from memq.config import Settings
+from stores.history import HistoryStore, new_sql_engine, open_history_store, sql_engine
 from stores.records import RecordStore
 
 logger = logging.getLogger(__name__)
@@ -43,6 +44,27 @@ class JobLedger:
         self.jobs = jobs
         self.records = records
         self.history = history
+
+    @classmethod
+    def open(cls, settings: Settings, *, pooled: bool = True) -> JobLedger:
+        """A ledger on the configured Redis and SQL database, with no model and no vector store (operators'
+        commands, a worker's rescue sweep).
+
+        Args:
+            settings: memq settings (``history.url`` set).
+            pooled: the process-wide SQL engine and history store; False: an unpooled engine of its own
+                (`stores.history.new_sql_engine`), so the process keeps no SQL connection between uses.
+
+        Raises:
+            StoreUnavailable: the SQL database cannot be reached.
+        """
+        assert settings.history.url is not None
+        store = JobStore.from_url(settings.redis.url, ttl_s=settings.jobs.ttl_s,
+                                  socket_timeout_s=settings.redis.socket_timeout_s)
+        if pooled:
+            return cls(store, RecordStore(sql_engine(settings.history.url)), open_history_store(settings.history.url))
+        engine = new_sql_engine(settings.history.url, pooled=False)
+        return cls(store, RecordStore(engine), HistoryStore(engine))
 
     # --- reads (all raise BrokerUnavailable when Redis stays unreachable) ---------------------
 

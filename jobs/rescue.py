@@ -50,6 +50,11 @@ class Sweeper:
         self._confirm_s = confirm_s
         self._lost = LostJobs(ledger.jobs.client, held_for_s=held_for_s)
 
+    @property
+    def ledger(self) -> JobLedger:
+        """The job ledger it rescues through."""
+        return self._ledger
+
     def sweep(self) -> dict[str, str]:
         """Look once: rescue every lost job, end those rescued too often.
 
@@ -107,7 +112,7 @@ def run_sweeper(sweeper: Sweeper, every_s: float, stop: threading.Event) -> None
 
     Errors never end the loop: Redis or SQL being down is logged and the next period tries again.
     """
-    client = sweeper._ledger.jobs.client
+    client = sweeper.ledger.jobs.client
     token = uuid.uuid4().hex
     while not stop.wait(every_s):
         try:

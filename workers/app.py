@@ -127,18 +127,10 @@ def start_rescue() -> None:
     settings = load_settings()
     if _rescue_stop is not None or settings.jobs.rescue_every_s <= 0:
         return
-    from broker.jobstore import JobStore
     from jobs.ledger import JobLedger
     from jobs.rescue import start_sweeper
-    from stores.history import HistoryStore, new_sql_engine
-    from stores.records import RecordStore
 
-    assert settings.history.url is not None
-    store = JobStore.from_url(settings.redis.url, ttl_s=settings.jobs.ttl_s,
-                              socket_timeout_s=settings.redis.socket_timeout_s)
-    engine = new_sql_engine(settings.history.url, pooled=False)
-    ledger = JobLedger(store, RecordStore(engine), HistoryStore(engine))
-    _rescue_stop = start_sweeper(ledger, every_s=settings.jobs.rescue_every_s, quiet_s=settings.jobs.rescue_after_s,
+    _rescue_stop = start_sweeper(JobLedger.open(settings, pooled=False), every_s=settings.jobs.rescue_every_s, quiet_s=settings.jobs.rescue_after_s,
                                  most=settings.jobs.rescue_max,
                                  held_for_s=2.0 * settings.redis.visibility_timeout_s)
 
