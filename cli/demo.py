@@ -40,7 +40,13 @@ def evidence_ids(evidence: list[Any]) -> set[str]:
     return out
 
 
-def _start_worker(settings_env: dict[str, str], workdir: Path) -> subprocess.Popen[bytes]:
+def start_demo_worker(settings_env: dict[str, str], workdir: Path) -> subprocess.Popen[bytes]:
+    """Start a ``celery worker`` process (2 threads, every queue) with `settings_env` over this
+    process's environment; its log goes to ``workdir/worker.log``.
+
+    Returns:
+        The worker process (stop it with `stop_demo_worker`).
+    """
     log = workdir / "worker.log"
     argv = [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-P", "threads", "-c", "2",
             "-Q", ",".join(Queues.ALL), "--loglevel", "INFO", "--logfile", str(log), "-n", "memq-demo@%h"]
@@ -48,7 +54,8 @@ def _start_worker(settings_env: dict[str, str], workdir: Path) -> subprocess.Pop
                             stderr=open(workdir / "worker.stderr", "wb"))
 
 
-def _stop(proc: subprocess.Popen[bytes], timeout_s: float = 60.0) -> None:
+def stop_demo_worker(proc: subprocess.Popen[bytes], timeout_s: float = 60.0) -> None:
+    """Stop a worker warmly (SIGTERM: it finishes its tasks), killing it after `timeout_s` seconds."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -84,7 +91,7 @@ def run_demo(data: Path, conversation: str, questions: int, workdir: Path, conso
         env = {"MEMQ_REDIS__URL": redis_server.url, "MEMQ_DATA_DIR": str(workdir)}
         settings = Settings(data_dir=workdir, redis=RedisSettings(url=redis_server.url))
         console.print(f"redis-server on {redis_server.url}; data in {workdir}")
-        worker = _start_worker(env, workdir)
+        worker = start_demo_worker(env, workdir)
         try:
             items = read_locomo(data, conversations=[conversation])
             producer = Producer(settings)
@@ -125,7 +132,7 @@ def run_demo(data: Path, conversation: str, questions: int, workdir: Path, conso
             searcher = Memories(settings)
             user_id = items[0].request["user_id"]
             memories = searcher.vectors.count()
-            qa = _questions(data, conversation)
+            qa = questions_of(data, conversation)
             hits, latencies, embed_ms = 0, [], []
             shown: list[tuple[dict[str, Any], list[dict[str, Any]], bool]] = []
             searcher.search("warm-up", user_id=user_id, limit=10)
@@ -142,7 +149,7 @@ def run_demo(data: Path, conversation: str, questions: int, workdir: Path, conso
                 if len(shown) < questions:
                     shown.append((q, found[:3], hit))
         finally:
-            _stop(worker)
+            stop_demo_worker(worker)
         for q, top, hit in shown:
             table = Table(title=f"Q: {q['question']}  (answer: {q.get('answer')}; evidence {q.get('evidence')})",
                           title_justify="left", show_lines=False)
@@ -169,7 +176,7 @@ def run_demo(data: Path, conversation: str, questions: int, workdir: Path, conso
         return 0 if ok == len(statuses) and memories > 0 else 1
 
 
-def _questions(data: Path, conversation: str) -> list[dict[str, Any]]:
+def questions_of(data: Path, conversation: str) -> list[dict[str, Any]]:
     """QA items of categories 1-4 (answerable) with evidence, in file order."""
     sample = next(s for s in json.loads(data.read_text()) if s.get("sample_id") == conversation)
     return [q for q in sample["qa"] if q.get("category") in (1, 2, 3, 4) and evidence_ids(q.get("evidence", []))]

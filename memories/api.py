@@ -127,6 +127,10 @@ class Memories:
                 ``{"created_at": {"gte": "2024-05-01"}}``, ``{"OR": [...]}``, ``{"actor_id": "*"}``...; they only
                 narrow the caller's scope.
             threshold: minimum cosine similarity (-1..1).
+
+            With hybrid retrieval on (``MEMQ_QDRANT__HYBRID``, the default), the dense ranking is fused
+            with the query's BM25 keyword matches (`stores.sparse`): results come in the fused order
+            and each ``score`` is still the memory's cosine similarity to the query.
             top_k: Mem0's hosted name for `limit` (when given, it is the limit).
             rerank: with a rerank model configured (``MEMQ_RERANK__MODEL``), reorder the best
                 ``max(limit, rerank.candidates)`` hits by the model and keep the best `limit`; each then
@@ -135,7 +139,8 @@ class Memories:
         Returns:
             ``{"results": [{id, memory, hash, metadata, score, created_at, updated_at, user_id, agent_id,
             run_id, actor_id, role, source_message_ids}], "relations": [{source, relationship,
-            destination}]}``, results best score first; relations empty when graph memory is off.
+            destination}]}``, results best first (best score first when dense only); relations empty
+            when graph memory is off.
 
         Raises:
             MissingScope, InvalidScope: no or a bad scope id.
@@ -156,7 +161,8 @@ class Memories:
         reranking = rerank and self.settings.rerank.model is not None
         wanted = min(max(limit, self.settings.rerank.candidates), MAX_RESULTS) \
             if reranking else limit
-        hits = self.vectors.search(vector, scope, limit=wanted, threshold=threshold, filters=filters)
+        hits = self.vectors.search(vector, scope, limit=wanted, threshold=threshold, filters=filters,
+                                   text=query if self.settings.qdrant.hybrid else None)
         results = [_item(h) for h in hits]
         if reranking and results:
             from memories.rerank import rerank as rerank_hits

@@ -60,6 +60,8 @@ class QdrantSettings(_Group):
     collection: str = "memq"
     timeout_s: float = Field(default=10.0, gt=0, description="A server request's timeout, and how long a reader "
                                                             "waits for the embedded store's owner to answer (s).")
+    hybrid: bool = Field(default=True, description="Searches fuse the dense ranking with BM25 keyword matches "
+                                                   "(reciprocal rank fusion; `stores.sparse`); false: dense only.")
 
 
 class Neo4jSettings(_Group):

@@ -42,10 +42,11 @@ import qdrant_edge as qe
 from memq.errors import StoreError, StoreNeedsMigration, StoreOwned, StoreUnavailable
 from memq.models import MemoryItem, Scope
 from memq.filters import Match, Node
-from stores.vectors import (KEYWORD_INDEXES, MemoryPoint, PagedVectorStore, Spelling, python_only, searched,
-                            select, to_item, translate)
+from stores.sparse import RRF_K, SPARSE_NAME, document_terms, fusion_depth, query_terms
+from stores.vectors import (KEYWORD_INDEXES, MemoryPoint, PagedVectorStore, Probe, Spelling, dense_of, fused_hits,
+                            probes, python_only, searched, select, to_item, translate)
 
-__all__ = ["EdgeStore", "open_edge", "owner_of", "is_local_mode_folder", "VACUUM_MIN_CHURN", "VACUUM_FRACTION"]
+__all__ = ["EdgeStore", "open_edge", "edge_point", "has_sparse", "add_sparse", "owner_of", "is_local_mode_folder", "VACUUM_MIN_CHURN", "VACUUM_FRACTION"]
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +145,7 @@ class EdgeStore(PagedVectorStore):
         """
         if not points:
             return
-        edge_points = [qe.Point(p.id, list(p.vector), p.payload()) for p in points]
+        edge_points = [edge_point(p.id, p.vector, p.payload()) for p in points]
         with self._lock, _mapped("upsert"):
             existing = len(self.shard.retrieve([p.id for p in points], with_payload=False, with_vector=False))
             self.shard.update(qe.UpdateOperation.upsert_points(edge_points))
@@ -196,12 +197,13 @@ class EdgeStore(PagedVectorStore):
 
     def search_batch(self, vectors: Sequence[Sequence[float]], scope: Scope, *, limit: int,
                      threshold: float | None = None, filters: Mapping[str, Any] | None = None,
-                     exact: bool = False) -> list[list[MemoryItem]]:
-        """`search` for several vectors in one planned batch; one list of hits per vector.
+                     exact: bool = False, texts: Sequence[str] | None = None) -> list[list[MemoryItem]]:
+        """`search` for several vectors in one planned batch; one list of hits per vector. With `texts`,
+        each search fuses its dense and BM25 rankings (`stores.sparse`; `VectorStore.search`).
 
         Raises:
             InvalidFilter: filters that do not parse (`memq.filters`).
-            StoreError: a vector of the wrong size.
+            StoreError: a vector of the wrong size, or not one text per vector.
         """
         if not vectors:
             return []
@@ -209,18 +211,37 @@ class EdgeStore(PagedVectorStore):
         with _mapped("filter"):
             flt = edge_filter(selection.pushed)
 
-        def run(vectors: Sequence[Sequence[float]], n: int) -> list[list[MemoryItem]]:
-            requests = [qe.QueryRequest(limit=n, query=qe.Query.Nearest([float(x) for x in v]), filter=flt,
-                                        with_payload=True, with_vector=False, score_threshold=threshold)
-                        for v in vectors]
+        def run(batch: Sequence[Probe], n: int) -> list[list[MemoryItem]]:
+            planned = [self._request(p, n, flt, threshold) for p in batch]
+            requests = [request for request, _ in planned]
             with self._lock, _mapped("query"):
                 if len(requests) == 1:
                     responses = [self.shard.query(requests[0])]
                 else:
                     responses = self.shard.query_batch(qe.QueryBatchRequest(requests))
-            return [[to_item(p.id, p.payload, p.score) for p in hits] for hits in responses]
+            return [fused_hits(p.vector, [(h.id, h.payload, dense_of(h.vector)) for h in hits], threshold) if fused
+                    else [to_item(h.id, h.payload, h.score) for h in hits]
+                    for p, (_, fused), hits in zip(batch, planned, responses)]
 
-        return searched(run, vectors, selection, limit)
+        return searched(run, probes(vectors, texts), selection, limit)
+
+    @staticmethod
+    def _request(probe: Probe, n: int, flt: qe.Filter | None,
+                 threshold: float | None) -> tuple[qe.QueryRequest, bool]:
+        """A dense query, or (with a text holding terms) dense and BM25 prefetches fused by RRF; and
+        whether it is fused."""
+        dense = qe.Query.Nearest([float(x) for x in probe.vector])
+        indices, values = query_terms(probe.text) if probe.text is not None else ([], [])
+        if not indices:
+            return qe.QueryRequest(limit=n, query=dense, filter=flt, with_payload=True, with_vector=False,
+                                   score_threshold=threshold), False
+        depth = fusion_depth(n)
+        keyword = qe.Query.Nearest(qe.SparseVector(indices, values), using=SPARSE_NAME)
+        return qe.QueryRequest(
+            limit=n, filter=flt, with_payload=True, with_vector=[""],
+            query=qe.Fusion.Rrf(k=RRF_K),  # type: ignore[arg-type]  # the stub names Fusion, not its Rrf
+            prefetches=[qe.Prefetch(limit=depth, query=dense, filter=flt, score_threshold=threshold),
+                        qe.Prefetch(limit=depth, query=keyword, filter=flt)]), True
 
     def unsupported(self, match: Match) -> bool:
         """`edge_cannot`: ``icontains`` and boolean operands are evaluated in Python."""
@@ -254,6 +275,17 @@ class EdgeStore(PagedVectorStore):
                     self._shard.close()
                     self._shard = None
                     _forget_owner(self.folder)
+
+
+def edge_point(point_id: str | int, vector: Sequence[float], payload: dict[str, Any]) -> qe.Point:
+    """An Edge point: the dense `vector` and the BM25 terms of the payload's memory text (``data``)."""
+    return qe.Point(point_id, {"": [float(x) for x in vector], SPARSE_NAME: _sparse(str(payload.get("data") or ""))},
+                    payload)
+
+
+def _sparse(text: str) -> qe.SparseVector:
+    indices, values = document_terms(text)
+    return qe.SparseVector(indices, values)
 
 
 def owner_file(folder: Path) -> Path:
@@ -290,10 +322,59 @@ def is_local_mode_folder(folder: Path) -> bool:
     return (folder / "meta.json").is_file() and (folder / "collection").is_dir()
 
 
-def _config(dims: int | None) -> qe.EdgeConfig:
+def _config(dims: int | None, *, sparse: bool = True) -> qe.EdgeConfig:
     vectors = qe.EdgeVectorParams(size=dims, distance=qe.Distance.Cosine) if dims is not None else None
-    return qe.EdgeConfig(vectors=vectors, optimizers=qe.EdgeOptimizersConfig(
-        indexing_threshold=0, deleted_threshold=DELETED_THRESHOLD))
+    return qe.EdgeConfig(
+        vectors=vectors, optimizers=qe.EdgeOptimizersConfig(indexing_threshold=0, deleted_threshold=DELETED_THRESHOLD),
+        sparse_vectors={SPARSE_NAME: qe.EdgeSparseVectorParams(modifier=qe.Modifier.Idf)} if sparse else None)
+
+
+def has_sparse(folder: Path) -> bool:
+    """True when the shard at `folder` was created with (or given) the BM25 sparse vector, as its
+    persisted ``edge_config.json`` says; False for a shard written by memq before hybrid retrieval."""
+    try:
+        config = json.loads((folder / "edge_config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and SPARSE_NAME in (config.get("sparse_vectors") or {})
+
+
+SPARSE_PENDING = ".bm25-pending"
+"""A marker in a shard's folder while its points are being given BM25 vectors (removed when done)."""
+
+
+def add_sparse(shard: qe.EdgeShard, folder: Path, page: int = 1000) -> int:
+    """Give a shard written before hybrid retrieval its BM25 sparse vector, and every point its terms.
+
+    Idempotent and resumable: a marker (`SPARSE_PENDING`) in the folder says the work is unfinished,
+    so a process killed midway finishes it at the next open; redoing a point writes the same vector.
+
+    Args:
+        shard: the open shard (owned by this process).
+        folder: its folder.
+        page: points read and updated per round.
+
+    Returns:
+        The number of points given terms.
+    """
+    marker = folder / SPARSE_PENDING
+    marker.touch()
+    shard.update(qe.UpdateOperation.create_sparse_vector(SPARSE_NAME, qe.Modifier.Idf))
+    done, offset = 0, None
+    while True:
+        records, offset = shard.scroll(qe.ScrollRequest(limit=page, offset=offset, with_payload=True,
+                                                        with_vector=False))
+        updates = [qe.PointVectors(r.id, {SPARSE_NAME: _sparse(str((r.payload or {}).get("data") or ""))})
+                   for r in records]
+        if updates:
+            shard.update(qe.UpdateOperation.update_vectors(updates))
+        done += len(updates)
+        if offset is None or not records:
+            break
+    shard.flush()
+    marker.unlink()
+    logger.info("vector store %s: BM25 terms added to %d points (hybrid retrieval)", folder, done)
+    return done
 
 
 def open_edge(root: Path, collection: str, dims: int) -> EdgeStore:
@@ -321,8 +402,10 @@ def open_edge(root: Path, collection: str, dims: int) -> EdgeStore:
     folder.parent.mkdir(parents=True, exist_ok=True)
     try:
         if (folder / "edge_config.json").exists():
-            shard = qe.EdgeShard.load(str(folder), _config(dims))
+            upgrade = not has_sparse(folder) or (folder / SPARSE_PENDING).exists()
+            shard = qe.EdgeShard.load(str(folder), _config(dims, sparse=not upgrade))
         else:
+            upgrade = False
             shard = qe.EdgeShard.create(str(folder), _config(dims))
     except Exception as exc:
         text = str(exc)
@@ -340,6 +423,8 @@ def open_edge(root: Path, collection: str, dims: int) -> EdgeStore:
         for key in KEYWORD_INDEXES:
             shard.update(qe.UpdateOperation.create_field_index(key, qe.PayloadSchemaType.Keyword))
         shard.update(qe.UpdateOperation.create_field_index("created_at", qe.PayloadSchemaType.Datetime))
+        if upgrade:
+            add_sparse(shard, folder)
     except Exception:
         shard.close()
         raise

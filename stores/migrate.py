@@ -34,7 +34,8 @@ from qdrant_client import QdrantClient
 from qdrant_client import models as qm
 
 from memq.errors import StoreError, StoreOwned
-from stores.edge import EdgeStore, is_local_mode_folder, open_edge, owner_of
+from stores.edge import EdgeStore, edge_point, is_local_mode_folder, open_edge, owner_of
+from stores.vectors import dense_of
 
 __all__ = ["LocalCollection", "MigrationReport", "inspect_local_mode", "migrate_local_mode", "default_backup",
            "LOCAL_MODE_FILES", "PAGE"]
@@ -178,7 +179,8 @@ def _read_points(client: QdrantClient, root: Path, name: str, dims: int) -> _Rea
     while True:
         records, offset = client.scroll(name, limit=PAGE, offset=offset, with_payload=True, with_vectors=True)
         for r in records:
-            vector = [float(x) for x in r.vector if isinstance(x, float | int)] if isinstance(r.vector, list) else []
+            dense = dense_of(r.vector)
+            vector = [float(x) for x in dense if isinstance(x, float | int)] if dense is not None else []
             if len(vector) != dims:
                 raise StoreError(f"point {r.id} of collection {name!r} in {root} has no unnamed vector of size "
                                  f"{dims}; nothing was changed")
@@ -254,13 +256,14 @@ def _move(names: Sequence[str], source: Path, target: Path) -> list[str]:
 
 
 def _write(store: EdgeStore, read: _Read) -> None:
-    """Upsert the points of `read` as they are, in batches of `PAGE`, and check the shard's count.
+    """Upsert the points of `read` as they are (plus their texts' BM25 terms), in batches of `PAGE`, and
+    check the shard's count.
 
     Raises:
         StoreError: Edge refused a batch, or the shard counts another number of points than were read.
     """
     for start in range(0, len(read.ids), PAGE):
-        batch = [qe.Point(read.ids[i], read.vectors[i], read.payloads[i])
+        batch = [edge_point(read.ids[i], read.vectors[i], read.payloads[i])
                  for i in range(start, min(start + PAGE, len(read.ids)))]
         try:
             store.shard.update(qe.UpdateOperation.upsert_points(batch))

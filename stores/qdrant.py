@@ -9,6 +9,7 @@ ids and ``actor_id``, datetime on ``created_at`` (server only; local mode has no
 from __future__ import annotations
 
 import builtins
+import logging
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -23,10 +24,13 @@ from memq.config import QdrantSettings
 from memq.errors import StoreError, StoreUnavailable
 from memq.models import MemoryItem, Scope
 from memq.filters import Node
-from stores.vectors import (KEYWORD_INDEXES, MemoryPoint, PagedVectorStore, Spelling, searched, select, to_item,
-                            translate)
+from stores.sparse import RRF_K, SPARSE_NAME, document_terms, fusion_depth, query_terms
+from stores.vectors import (KEYWORD_INDEXES, MemoryPoint, PagedVectorStore, Probe, Spelling, dense_of, fused_hits,
+                            probes, searched, select, to_item, translate)
 
 __all__ = ["QdrantClientStore", "qdrant_filter", "connect_server"]
+
+logger = logging.getLogger(__name__)
 
 
 QDRANT = Spelling(
@@ -80,6 +84,9 @@ class QdrantClientStore(PagedVectorStore):
         self.dims = dims
         self._lock: AbstractContextManager[Any] = lock if lock is not None else nullcontext()
         self._ready = False
+        self.sparse = False
+        """Whether the collection has the BM25 sparse vector (known after `ensure_collection`): memq
+        creates it so; a collection created before hybrid retrieval is searched by dense vectors only."""
 
     def ensure_collection(self) -> None:
         """Create the collection (cosine, `dims`) with keyword payload indexes on the scope ids, once.
@@ -93,7 +100,8 @@ class QdrantClientStore(PagedVectorStore):
         with self._lock, _mapped("create collection"):
             if not self._client.collection_exists(self.collection):
                 self._client.create_collection(
-                    self.collection, vectors_config=qm.VectorParams(size=self.dims, distance=qm.Distance.COSINE))
+                    self.collection, vectors_config=qm.VectorParams(size=self.dims, distance=qm.Distance.COSINE),
+                    sparse_vectors_config={SPARSE_NAME: qm.SparseVectorParams(modifier=qm.Modifier.IDF)})
                 if self.indexed:  # local mode ignores payload indexes (and warns)
                     for key in KEYWORD_INDEXES:
                         # user_id is the tenant key: Qdrant keeps each tenant's points together (its
@@ -108,6 +116,11 @@ class QdrantClientStore(PagedVectorStore):
             if size != self.dims:
                 raise StoreError(f"collection {self.collection!r} holds vectors of size {size}, "
                                  f"the embedder makes {self.dims}")
+            self.sparse = SPARSE_NAME in (info.config.params.sparse_vectors or {})
+            if not self.sparse:
+                logger.warning("collection %r has no %r sparse vector (created before hybrid retrieval): searches "
+                               "use dense vectors only; copy it into a new collection to get hybrid retrieval",
+                               self.collection, SPARSE_NAME)
         self._ready = True
 
     def upsert(self, points: Sequence[MemoryPoint]) -> None:
@@ -115,7 +128,7 @@ class QdrantClientStore(PagedVectorStore):
         if not points:
             return
         self.ensure_collection()
-        structs = [qm.PointStruct(id=p.id, vector=list(p.vector), payload=p.payload()) for p in points]
+        structs = [qm.PointStruct(id=p.id, vector=self._vectors(p), payload=p.payload()) for p in points]
         with self._lock, _mapped("upsert"):
             self._client.upsert(self.collection, points=structs, wait=True)
 
@@ -136,13 +149,21 @@ class QdrantClientStore(PagedVectorStore):
             records = self._client.retrieve(self.collection, ids=list(ids), with_payload=True)
         return [to_item(r.id, r.payload) for r in records]
 
+    def _vectors(self, point: MemoryPoint) -> dict[str, Any] | list[float]:
+        if not self.sparse:
+            return list(point.vector)
+        indices, values = document_terms(point.memory)
+        return {"": list(point.vector), SPARSE_NAME: qm.SparseVector(indices=indices, values=values)}
+
     def search_batch(self, vectors: Sequence[Sequence[float]], scope: Scope, *, limit: int,
                      threshold: float | None = None, filters: Mapping[str, Any] | None = None,
-                     exact: bool = False) -> list[list[MemoryItem]]:
-        """`search` for several vectors in one request; one list of hits per vector.
+                     exact: bool = False, texts: Sequence[str] | None = None) -> list[list[MemoryItem]]:
+        """`search` for several vectors in one request; one list of hits per vector. With `texts` (and
+        a collection with the sparse vector), each search fuses its dense and BM25 rankings.
 
         Args:
             exact: only memories whose scope equals `scope` (see `stores.vectors.select`).
+            texts: one query text per vector (`stores.vectors.VectorStore.search`), or None.
         """
         if not vectors:
             return []
@@ -150,14 +171,31 @@ class QdrantClientStore(PagedVectorStore):
         selection = select(scope, filters, exact=exact, unsupported=self.unsupported)
         flt = qdrant_filter(selection.pushed)
 
-        def run(vectors: Sequence[Sequence[float]], n: int) -> list[list[MemoryItem]]:
-            requests = [qm.QueryRequest(query=list(v), filter=flt, limit=n, with_payload=True,
-                                        score_threshold=threshold) for v in vectors]
+        def run(batch: Sequence[Probe], n: int) -> list[list[MemoryItem]]:
+            planned = [self._request(p, n, flt, threshold) for p in batch]
             with self._lock, _mapped("query"):
-                responses = self._client.query_batch_points(self.collection, requests=requests)
-            return [[to_item(p.id, p.payload, p.score) for p in r.points] for r in responses]
+                responses = self._client.query_batch_points(self.collection, requests=[r for r, _ in planned])
+            return [fused_hits(p.vector, [(h.id, h.payload, dense_of(h.vector)) for h in r.points], threshold) if fused
+                    else [to_item(h.id, h.payload, h.score) for h in r.points]
+                    for p, (_, fused), r in zip(batch, planned, responses)]
 
-        return searched(run, vectors, selection, limit)
+        return searched(run, probes(vectors, texts), selection, limit)
+
+    def _request(self, probe: Probe, n: int, flt: qm.Filter | None,
+                 threshold: float | None) -> tuple[qm.QueryRequest, bool]:
+        """A dense query, or dense and BM25 prefetches fused by RRF (with a text holding terms, on a
+        collection with the sparse vector); and whether it is fused."""
+        dense = [float(x) for x in probe.vector]
+        indices, values = query_terms(probe.text) if probe.text is not None and self.sparse else ([], [])
+        if not indices:
+            return qm.QueryRequest(query=dense, filter=flt, limit=n, with_payload=True,
+                                   score_threshold=threshold), False
+        depth = fusion_depth(n)
+        return qm.QueryRequest(
+            query=qm.RrfQuery(rrf=qm.Rrf(k=RRF_K)), filter=flt, limit=n, with_payload=True, with_vector=[""],
+            prefetch=[qm.Prefetch(query=dense, filter=flt, limit=depth, score_threshold=threshold),
+                      qm.Prefetch(query=qm.SparseVector(indices=indices, values=values), using=SPARSE_NAME,
+                                  filter=flt, limit=depth)]), True
 
     def count_of(self, node: Node | None) -> int:
         """How many points match `node` (at least 1)."""

@@ -106,7 +106,7 @@ class VectorServer:
             "ping": lambda a: "pong",
             "search_batch": lambda a: [_items(hits) for hits in store.search_batch(
                 a["vectors"], Scope(**a["scope"]), limit=a["limit"], threshold=a["threshold"],
-                filters=a["filters"], exact=a["exact"])],
+                filters=a["filters"], exact=a["exact"], texts=a.get("texts"))],
             "retrieve": lambda a: _items(store.retrieve(a["ids"])),
             "list": lambda a: _items(store.list(Scope(**a["scope"]), limit=a["limit"], filters=a["filters"],
                                                 offset=a.get("offset", 0), exact=a.get("exact", False))),
@@ -253,13 +253,14 @@ class RemoteVectorStore(VectorStore):
 
     def search_batch(self, vectors: Sequence[Sequence[float]], scope: Scope, *, limit: int,
                      threshold: float | None = None, filters: Mapping[str, Any] | None = None,
-                     exact: bool = False) -> list[list[MemoryItem]]:
-        """`search` for several vectors, answered by the owner in one batch."""
+                     exact: bool = False, texts: Sequence[str] | None = None) -> list[list[MemoryItem]]:
+        """`search` for several vectors (with `texts`: hybrid), answered by the owner in one batch."""
         if not vectors:
             return []
         answer = self._call("search_batch", vectors=[[float(x) for x in v] for v in vectors],
                             scope=scope.model_dump(), limit=limit, threshold=threshold,
-                            filters=dict(filters) if filters else None, exact=exact)
+                            filters=dict(filters) if filters else None, exact=exact,
+                            texts=list(texts) if texts is not None else None)
         return [[MemoryItem.model_validate(i) for i in hits] for hits in answer]
 
     def list(self, scope: Scope, *, limit: int = 100, filters: Mapping[str, Any] | None = None,

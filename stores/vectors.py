@@ -19,7 +19,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import JsonValue
 
@@ -151,18 +151,48 @@ def select(scope: Scope | None, filters: Mapping[str, Any] | None = None, *, exa
     return Selection(Logic("and", tuple(parts)) if parts else None, post)
 
 
-def searched(run: Callable[[Sequence[Sequence[float]], int], list[list[MemoryItem]]],
-             vectors: Sequence[Sequence[float]], selection: Selection, limit: int) -> list[list[MemoryItem]]:
-    """The hits of a batch of searches: ``run(vectors, n)`` (the first `n` hits of each vector) in one
-    batch when the backend applies the whole selection, else each vector's hits on their own, checked
+Q = TypeVar("Q")
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One search of a batch: the query's dense vector and, for hybrid retrieval, its text.
+
+    Attributes:
+        vector: the query's embedding (`dims` floats, unit length).
+        text: the query text, whose BM25 terms (`stores.sparse`) are fused with the dense ranking;
+            None searches by the vector alone.
+    """
+
+    vector: Sequence[float]
+    text: str | None = None
+
+
+def probes(vectors: Sequence[Sequence[float]], texts: Sequence[str] | None) -> list[Probe]:
+    """The searches of a batch: one `Probe` per vector, with its text when `texts` is given.
+
+    Raises:
+        StoreError: `texts` is not one text per vector.
+    """
+    if texts is None:
+        return [Probe(v) for v in vectors]
+    if len(texts) != len(vectors):
+        raise StoreError(f"{len(texts)} query texts for {len(vectors)} vectors")
+    return [Probe(v, t) for v, t in zip(vectors, texts)]
+
+
+def searched(run: Callable[[Sequence[Q], int], list[list[MemoryItem]]],
+             queries: Sequence[Q], selection: Selection, limit: int) -> list[list[MemoryItem]]:
+    """The hits of a batch of searches: ``run(queries, n)`` (the first `n` hits of each query) in one
+    batch when the backend applies the whole selection, else each query's hits on their own, checked
     by `post_filtered`."""
     post = selection.post
     if post is None:
-        return run(vectors, limit)
-    def alone(vector: Sequence[float]) -> Callable[[int], list[MemoryItem]]:
-        return lambda n: run([vector], n)[0]
+        return run(queries, limit)
+    def alone(query: Q) -> Callable[[int], list[MemoryItem]]:
+        return lambda n: run([query], n)[0]
 
-    return [post_filtered(alone(v), post, limit) for v in vectors]
+    return [post_filtered(alone(q), post, limit) for q in queries]
 
 
 def payload_of(item: MemoryItem) -> dict[str, Any]:
@@ -293,22 +323,30 @@ class VectorStore(ABC):
         """Memories by id (missing ids are skipped)."""
 
     def search(self, vector: Sequence[float], scope: Scope, *, limit: int, threshold: float | None = None,
-               filters: Mapping[str, Any] | None = None) -> list[MemoryItem]:
+               filters: Mapping[str, Any] | None = None, text: str | None = None) -> list[MemoryItem]:
         """The `limit` memories of `scope` nearest to `vector`, best first, each with its cosine `score`.
+
+        Args:
+            text: the query's text: the dense ranking is fused with the text's BM25 matches (hybrid
+                retrieval, `stores.sparse`); results then come in the fused order, each still scored
+                by its cosine similarity to `vector`, and `threshold` still bounds that similarity.
+                None (or a store without sparse vectors): dense only.
 
         Raises:
             InvalidFilter: filters that do not parse (`memq.filters`).
         """
-        return self.search_batch([vector], scope, limit=limit, threshold=threshold, filters=filters)[0]
+        return self.search_batch([vector], scope, limit=limit, threshold=threshold, filters=filters,
+                                 texts=[text] if text is not None else None)[0]
 
     @abstractmethod
     def search_batch(self, vectors: Sequence[Sequence[float]], scope: Scope, *, limit: int,
                      threshold: float | None = None, filters: Mapping[str, Any] | None = None,
-                     exact: bool = False) -> list[list[MemoryItem]]:
+                     exact: bool = False, texts: Sequence[str] | None = None) -> list[list[MemoryItem]]:
         """`search` for several vectors at once; one list of hits per vector.
 
         Args:
             exact: only memories whose scope equals `scope` (see `select`).
+            texts: one query text per vector for hybrid retrieval (see `search`), or None.
         """
 
     @abstractmethod
@@ -385,3 +423,41 @@ class PagedVectorStore(VectorStore):
     @abstractmethod
     def oldest(self, node: Node | None, n: int) -> builtins.list[MemoryItem]:
         """The `n` oldest points matching `node` by ``created_at`` (any order among equal times)."""
+
+
+def dense_of(vector: object) -> Sequence[float] | None:
+    """A returned point's dense vector: the engines give the unnamed vector alone (a list) or within
+    a mapping of vector names (under ``""``); None when it is absent."""
+    if isinstance(vector, dict):
+        vector = vector.get("")
+    return vector if isinstance(vector, list) else None
+
+
+def fused_hits(query: Sequence[float], found: Sequence[tuple[object, Mapping[str, Any] | None, Sequence[float] | None]],
+               threshold: float | None) -> list[MemoryItem]:
+    """The hits of a fused (hybrid) search, in the fusion's order, each scored by its cosine similarity
+    to the query (what `score` means in a dense search, so thresholds keep their meaning).
+
+    Args:
+        query: the query's dense vector.
+        found: ``(point id, payload, dense vector)`` per fused hit, best first (a hit without its
+            vector keeps no score and is dropped when `threshold` is set).
+        threshold: minimum cosine similarity; hits only BM25 found may fall under it and are dropped.
+
+    Returns:
+        The kept hits as `MemoryItem` with ``score`` = cosine similarity.
+    """
+    import numpy as np
+
+    q = np.asarray(query, dtype=np.float32)
+    q_norm = float(np.linalg.norm(q)) or 1.0
+    kept: list[MemoryItem] = []
+    for point_id, payload, dense in found:
+        score: float | None = None
+        if dense is not None and len(dense) == len(q):
+            d = np.asarray(dense, dtype=np.float32)
+            score = float(d @ q) / (q_norm * (float(np.linalg.norm(d)) or 1.0))
+        if threshold is not None and (score is None or score < threshold):
+            continue
+        kept.append(to_item(point_id, payload, score))
+    return kept

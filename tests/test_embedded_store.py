@@ -179,3 +179,80 @@ def test_the_owner_survives_malformed_requests_and_answers_the_next_reader(
         server.stop()
         store.close()
         client.close()
+
+
+def _memory(i: int, text: str, vector: list[float]) -> MemoryPoint:
+    from datetime import datetime, timezone
+
+    return MemoryPoint(id=f"00000000-0000-0000-0000-{i:012d}", vector=vector, memory=text,
+                       scope=Scope(user_id="ann"), created_at=datetime(2024, 1, 1, tzinfo=timezone.utc),
+                       updated_at=None, metadata={}, actor_id=None, role=None, source_message_ids=[], job_id="j")
+
+
+def test_a_shard_written_before_hybrid_retrieval_gets_bm25_terms_at_its_next_open(tmp_path: Path) -> None:
+    import qdrant_edge as qe
+
+    from stores.edge import SPARSE_PENDING, _config, has_sparse
+
+    # Given a shard as memq wrote it before hybrid retrieval: dense vectors only, 1,500 points
+    folder = tmp_path / "q" / "old"
+    shard = qe.EdgeShard.create(str(folder), _config(4, sparse=False))
+    points = [_memory(i, f"Ann visited town number {i}", [1.0, 0.0, 0.0, 0.0]) for i in range(1499)]
+    points.append(_memory(1499, "Ann plays the saxophone", [0.0, 1.0, 0.0, 0.0]))
+    shard.update(qe.UpdateOperation.upsert_points([qe.Point(p.id, list(p.vector), p.payload()) for p in points]))
+    shard.close()
+    assert not has_sparse(folder)
+    # When memq opens it
+    store = open_edge(tmp_path / "q", "old", 4)
+    try:
+        # Then the shard has the sparse vector, every point has its terms, and the marker is gone
+        assert has_sparse(folder) and not (folder / SPARSE_PENDING).exists()
+        # (the keyword match ties the best dense match in the fusion: 1/2 each, the second dense 1/3)
+        hits = store.search([1.0, 0.0, 0.0, 0.0], Scope(user_id="ann"), limit=2, text="saxophone")
+        assert points[-1].id in {h.id for h in hits}
+        records = store.shard.retrieve([p.id for p in points], with_payload=False, with_vector=True)
+        assert len(records) == 1500 and all(isinstance(r.vector, dict) and r.vector["bm25"].indices for r in records)
+        # And a new point is written with its terms as usual
+        store.upsert([_memory(2000, "Ann bought a cello", [0.0, 0.0, 1.0, 0.0])])
+        assert "Ann bought a cello" in {h.memory for h in store.search([1.0, 0.0, 0.0, 0.0], Scope(user_id="ann"),
+                                                                        limit=2, text="cello")}
+    finally:
+        store.close()
+    # And an open interrupted before the terms were all written (the marker left behind) writes them again
+    shard = qe.EdgeShard.load(str(folder), _config(4))
+    shard.update(qe.UpdateOperation.update_vectors([qe.PointVectors(points[-1].id, {"bm25": qe.SparseVector([], [])})]))
+    shard.close()
+    (folder / SPARSE_PENDING).touch()
+    store = open_edge(tmp_path / "q", "old", 4)
+    try:
+        assert not (folder / SPARSE_PENDING).exists()
+        hits = store.search([1.0, 0.0, 0.0, 0.0], Scope(user_id="ann"), limit=2, text="saxophone")
+        assert points[-1].id in {h.id for h in hits}
+    finally:
+        store.close()
+
+
+def test_a_server_collection_without_the_sparse_vector_is_searched_dense_only(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import threading
+
+    from qdrant_client import QdrantClient
+    from qdrant_client import models as qm
+
+    from stores.qdrant import QdrantClientStore
+
+    # Given a collection created before hybrid retrieval (qdrant-client's local mode stands in for a server)
+    client = QdrantClient(path=str(tmp_path / "local"))
+    client.create_collection("old", vectors_config=qm.VectorParams(size=4, distance=qm.Distance.COSINE))
+    store = QdrantClientStore(client, "old", 4, threading.RLock())
+    try:
+        tea = _memory(1, "Ann likes green tea", [1.0, 0.0, 0.0, 0.0])
+        sax = _memory(2, "Ann plays the saxophone", [0.0, 1.0, 0.0, 0.0])
+        with caplog.at_level("WARNING", logger="stores.qdrant"):
+            store.upsert([tea, sax])
+        # Then writes and searches work, dense only, and the operator is told why
+        assert not store.sparse and "dense vectors only" in caplog.text
+        assert [h.id for h in store.search([1.0, 0.0, 0.0, 0.0], Scope(user_id="ann"), limit=1,
+                                           text="saxophone")] == [tea.id]
+    finally:
+        store.close()

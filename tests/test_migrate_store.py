@@ -31,6 +31,7 @@ from memq.models import Scope
 from stores.edge import is_local_mode_folder, open_edge
 from stores.migrate import inspect_local_mode, migrate_local_mode
 from stores.qdrant import QdrantClientStore
+from stores.sparse import SPARSE_NAME, document_terms
 from stores.vector_open import open_vector_store
 from stores.vectors import MemoryPoint
 
@@ -156,7 +157,7 @@ def test_migrate_store_copies_every_point_into_edge_and_keeps_the_old_files(old_
     # And the old files are in the backup, byte for byte, and the folder no longer reads as local mode
     assert {k: v for k, v in _snapshot(backups[0]).items() if k != ".lock"} == old_files
     assert not is_local_mode_folder(old_store.root)
-    # And every point reads back through Edge: id, payload and (normalized) vector
+    # And every point reads back through Edge: id, payload, (normalized) vector and its text's BM25 terms
     for collection, points in old_store.points.items():
         store = open_edge(old_store.root, collection, DIMS)
         try:
@@ -165,7 +166,11 @@ def test_migrate_store_copies_every_point_into_edge_and_keeps_the_old_files(old_
             for r in records:
                 point = points[str(r.id)]
                 assert r.payload == point.payload()
-                assert r.vector == pytest.approx(_unit(point.vector), abs=1e-5)
+                assert isinstance(r.vector, dict)
+                assert r.vector[""] == pytest.approx(_unit(point.vector), abs=1e-5)
+                terms = r.vector[SPARSE_NAME]
+                assert isinstance(terms, qe.SparseVector) and terms.indices
+                assert (list(terms.indices), list(terms.values)) == document_terms(point.memory)
             if collection == "memq":
                 # And each scope counts the same memories, and a search finds the same ones as before
                 assert store.count(ALICE) == 180 and store.count(BOB) == 120

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import threading
 import uuid
+from dataclasses import replace
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -232,3 +233,49 @@ def test_a_vector_of_the_wrong_size_is_a_store_error(store: VectorStore) -> None
     with pytest.raises(StoreError):
         store.search([1.0, 0.0], ann, limit=3)
     assert store.count() == 0
+
+
+def _said(i: int, scope: Scope, text: str, axis: int) -> MemoryPoint:
+    vector = [0.0] * DIMS
+    vector[axis] = 1.0
+    return replace(_point(i, scope), memory=text, vector=vector)
+
+
+E0 = [1.0, 0.0, 0.0, 0.0]
+
+
+def test_a_hybrid_search_fuses_keyword_matches_the_dense_ranking_misses_within_the_scope(store: VectorStore) -> None:
+    store.ensure_collection()
+    ann, bob = Scope(user_id="ann"), Scope(user_id="bob")
+    tea = _said(0, ann, "Ann likes green tea", axis=0)  # the dense match of the probe
+    sax = _said(1, ann, "Ann plays the saxophone every Sunday", axis=1)  # cosine 0, the keyword match
+    store.upsert([tea, sax, *[_said(2 + i, ann, f"Ann visited town {i}", axis=2 + i % 2) for i in range(4)],
+                  _said(9, bob, "Bob sells saxophones", axis=0), _said(10, Scope(user_id="ann", agent_id="bot"),
+                                                                 "the bot's trumpet note", axis=1)])
+    # Dense only: the nearest memory
+    assert [m.id for m in store.search(E0, ann, limit=1)] == [tea.id]
+    # Hybrid: the saxophone memory ranks first in the fusion (first in BM25, stemmed; tied in dense),
+    # and its score is still its cosine similarity to the probe
+    fused = store.search(E0, ann, limit=1, text="Who plays saxophones?")
+    assert [m.id for m in fused] == [sax.id] and fused[0].score == pytest.approx(0.0, abs=1e-6)
+    # Only the scope's memories come back, however well another scope's match the keyword
+    wide = store.search(E0, ann, limit=10, text="saxophone")
+    assert {m.user_id for m in wide} == {"ann"} and sax.id in {m.id for m in wide}
+    assert _point(9, bob).id not in {m.id for m in wide}
+    # Mem0's reads cover ann's memories with an agent too; a job's exact reads do not
+    trumpet = _point(10, ann).id
+    assert trumpet in {m.id for m in store.search(E0, ann, limit=3, text="trumpet")}
+    exact = store.search_batch([E0], ann, limit=3, exact=True, texts=["trumpet"])[0]
+    assert {(m.user_id, m.agent_id) for m in exact} == {("ann", None)} and trumpet not in {m.id for m in exact}
+    # A threshold still bounds the cosine similarity: the keyword-only match falls under it
+    assert [m.id for m in store.search(E0, ann, limit=5, threshold=0.5, text="saxophone")] == [tea.id]
+    # Filters narrow a hybrid search as a dense one
+    assert store.search(E0, ann, limit=5, text="saxophone", filters={"n": 99}) == []
+    # A query with no terms (stopwords only) is a dense search
+    assert [m.id for m in store.search(E0, ann, limit=3, text="the of and")] \
+        == [m.id for m in store.search(E0, ann, limit=3)]
+    # A batch keeps one text per vector
+    both = store.search_batch([E0, E0], ann, limit=1, texts=["saxophone", "tea"])
+    assert [[m.id for m in hits] for hits in both] == [[sax.id], [tea.id]]
+    with pytest.raises(StoreError):
+        store.search_batch([E0, E0], ann, limit=1, texts=["saxophone"])
