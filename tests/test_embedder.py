@@ -1,0 +1,81 @@
+"""The offline embedder shares forward passes between threads and keeps every call's own answer."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import numpy as np
+import pytest
+
+from memq.config import EmbedderSettings
+from stores.embedder import SentenceTransformerEmbedder, get_embedder
+
+SENTENCES = [f"Caroline went to support group number {i} in May." for i in range(40)]
+
+
+def _embedder() -> SentenceTransformerEmbedder:
+    embedder = get_embedder(EmbedderSettings())
+    assert isinstance(embedder, SentenceTransformerEmbedder)
+    return embedder
+
+
+def test_concurrent_calls_share_passes_and_each_gets_its_own_vectors() -> None:
+    embedder = _embedder()
+    alone = {i: embedder.embed(SENTENCES[i:i + 5]) for i in range(0, 40, 5)}
+    # Given 8 threads that embed 5 sentences each at the same moment, 3 times over
+    start = threading.Barrier(8)
+    got: dict[int, list[list[list[float]]]] = {i: [] for i in alone}
+
+    def call(i: int) -> None:
+        for _ in range(3):
+            start.wait()
+            got[i].append(embedder.embed(SENTENCES[i:i + 5]))
+
+    before = embedder.passes
+    threads = [threading.Thread(target=call, args=(i,)) for i in alone]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    # Then each call got the vectors of its own sentences, in order, as when it ran alone
+    for i, answers in got.items():
+        assert len(answers) == 3
+        for vectors in answers:
+            assert np.allclose(np.array(vectors), np.array(alone[i]), atol=1e-5)
+    # And the 24 calls took fewer passes than calls (callers that arrive during a pass share the next)
+    assert embedder.passes - before < 24
+
+
+def test_a_call_that_fails_in_a_shared_pass_fails_alone() -> None:
+    embedder = _embedder()
+    start = threading.Barrier(6)
+    results: dict[int, Any] = {}
+
+    def call(i: int) -> None:
+        texts: list[Any] = [None] if i == 0 else SENTENCES[i:i + 3]
+        start.wait()
+        try:
+            results[i] = embedder.embed(texts)
+        except Exception as exc:  # the model's own error for a non-text input
+            results[i] = exc
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    # Then only the bad call got an error; the others got vectors; no thread is left waiting
+    assert isinstance(results[0], Exception)
+    assert all(isinstance(results[i], list) and len(results[i]) == 3 for i in range(1, 6))
+    assert not any(t.is_alive() for t in threads)
+    assert embedder.embed(["still serving"]) and len(embedder.embed([])) == 0
+
+
+@pytest.mark.parametrize("n", [1, 300])
+def test_one_call_is_never_split_or_merged_wrongly(n: int) -> None:
+    embedder = _embedder()
+    texts = [f"fact number {i}" for i in range(n)]
+    vectors = embedder.embed(texts)
+    assert len(vectors) == n and all(len(v) == 384 for v in vectors)
+    assert np.allclose(np.array(vectors[-1]), np.array(embedder.embed([texts[-1]])[0]), atol=1e-5)
