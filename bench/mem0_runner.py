@@ -14,7 +14,8 @@ Phases (``SPEC["phase"]``):
 
 * ``adds``: a fresh ``Memory``; ``warmup`` adds one after the other (untimed: loads what loads lazily),
   then ``adds`` through a thread pool of ``threads`` calling ``Memory.add`` at once, timed from the first
-  submit to the last return. An add that raises is *failed*; errors Mem0 logs and swallows (it turns a bad
+  submit to the last return. An add that raises is *failed* (counted by exception type and message, digits
+  as ``N``); errors Mem0 logs and swallows (it turns a bad
   reply into no facts, a failed memory action into a log line) are counted apart, by message. Then per
   user: memories stored and duplicates (same text twice). With ``questions``, each is searched
   (``Memory.search(question, user_id=..., limit=limit)``) and the memory texts returned, best first.
@@ -30,6 +31,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import resource
 import sys
 import time
@@ -121,7 +123,7 @@ def run_adds(spec: dict[str, Any], workdir: Path) -> dict[str, Any]:
             try:
                 result = memory.add(add["messages"], user_id=add["user_id"], metadata=add.get("metadata"))
             except Exception as exc:  # a failed add is a figure here, not a crash
-                return {"ok": False, "error": f"{type(exc).__name__}: {str(exc)[:160]}",
+                return {"ok": False, "error": f"{type(exc).__name__}: {re.sub(r'[0-9]+', 'N', str(exc))[:160]}",
                         "s": time.perf_counter() - started}
             events = Counter(r.get("event") for r in result.get("results", []))
             return {"ok": True, "events": dict(events), "s": time.perf_counter() - started}

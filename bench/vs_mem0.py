@@ -200,6 +200,7 @@ def _summary(system: str, run: dict[str, Any], llm: dict[str, Any]) -> dict[str,
     calls, prompt, completion = (sum(llm[k].values()) for k in ("calls", "prompt_tokens", "completion_tokens"))
     return {"system": system, "threads": run["threads"], "adds": adds, "elapsed_s": round(run["elapsed_s"], 2),
             "adds_per_s": round(adds / run["elapsed_s"], 2), "failed": run["failed"],
+            "succeeded_per_s": round((adds - run["failed"]) / run["elapsed_s"], 2),
             "calls_per_add": round(calls / adds, 2), "prompt_tokens_per_add": round(prompt / adds),
             "completion_tokens_per_add": round(completion / adds), "events": run["events"],
             "memories": run["memories"], "duplicates": run["duplicates"], "llm": llm,
