@@ -1,6 +1,6 @@
 """memq against Mem0 1.0.11 on the same data, embedder and model server, in one run; writes docs/BENCHMARKS.md.
 
-    .venv/bin/python bench/vs_mem0.py          # the whole benchmark (about 20 minutes on 2 cores)
+    .venv/bin/python bench/vs_mem0.py          # the whole benchmark (25 minutes on 2 shared cores)
     .venv/bin/python bench/vs_mem0.py --adds 20 --concurrency 1,4 --search-sizes 1000 --skip-graph   # a quick try
 
 What it runs, all in this one process's run (so ratios come from one run on one machine state):
