@@ -120,6 +120,7 @@ class LLMTestServer:
 
     Attributes:
         requests: every chat request body received (parsed JSON), in order, including rate-limited ones.
+        request_times: when each of `requests` arrived (``time.time()`` seconds), same order.
         rate_limited: how many 429s were sent because of `rpm_limit` (scripted 429s not counted).
         image_captions: what the server "sees" in an image, by URL (a vision call about an image not
             listed gets ``"a photo numbered <first 8 hex of the URL's sha256>"``).
@@ -137,6 +138,7 @@ class LLMTestServer:
         self.rpm_limit = rpm_limit
         self.with_retry_after = with_retry_after
         self.requests: list[dict[str, Any]] = []
+        self.request_times: list[float] = []
         self.embedding_requests: list[dict[str, Any]] = []
         self.rate_limited = 0
         self.image_captions: dict[str, str] = {}
@@ -170,6 +172,7 @@ class LLMTestServer:
         with self._lock:
             self._script.clear()
             self.requests.clear()
+            self.request_times.clear()
             self.embedding_requests.clear()
             self.vision_requests.clear()
             self.rerank_requests.clear()
@@ -199,6 +202,7 @@ class LLMTestServer:
     def _next(self, body: dict[str, Any]) -> Reply:
         with self._lock:
             self.requests.append(body)
+            self.request_times.append(time.time())
             limited = self._over_limit()
             if limited is not None:
                 return limited
