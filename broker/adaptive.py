@@ -6,35 +6,42 @@ backoff); so memq learns the limit instead, the way TCP learns a path's capacity
 
 **Decrease (on a 429).** TCP's congestion avoidance (Jacobson 1988, RFC 5681) halves its window on a
 loss: additive increase, multiplicative decrease (AIMD) converges, but a sender that halves spends
-on average only about 3/4 of the capacity. memq instead decreases to a fraction (`DECREASE`, 0.9) of
-the rate its calls *actually achieved* when the 429 came, which is the provider's limit: against a
-sliding one-minute window, the successful calls of the last minute number exactly the limit at the
-moment one more is refused (BBR, Cardwell et al. 2016, likewise paces at the delivery rate it
-measured rather than at a fraction of what it tried to send). The achieved rate is counted in 60
-one-second buckets (successes of the last minute, per minute); before a minute of history exists it
-is taken over the time since the first recorded success (at least 1 s), so a provider with a short
-window (10 per second, say) is learned at its own rate rather than at what a few seconds would
-suggest. A 429 never raises the rate, a 429 with no success in the last minute leaves it as it is
-(nothing to measure), and the rate never goes below `FLOOR_RPM` nor above the configured
-``MEMQ_LLM__RPM`` (a ceiling, when set).
+on average only about 3/4 of the capacity. memq decreases to a fraction (`DECREASE`, 0.9) of the rate
+its calls *actually achieved* when the 429 came, which is the provider's limit: against a sliding
+one-minute window, the successful calls of the last minute number exactly the limit at the moment one
+more is refused (BBR, Cardwell et al. 2016, likewise paces at the delivery rate it measured rather than
+at a fraction of what it tried to send). When the learned rate was in use (calls went at about its
+pace) the provider refused that pace itself, so the decrease is from it. The achieved rate is counted
+in 60 one-second buckets (successes of the last minute, per minute); before a minute of history exists
+it is taken over the time since the first recorded success less memq's own pauses (at least 1 s), so a
+provider with a short window (2 a second, say) is learned at its own rate rather than at what a few
+seconds with a pause in them suggest. A 429 never raises the rate, a 429 with no success in the last
+minute leaves it as it is (nothing to measure), and the rate never goes below `FLOOR_RPM` nor above the
+configured ``MEMQ_LLM__RPM`` (a ceiling, when set).
 
 **One reaction per congestion event.** Like TCP NewReno, which cuts its window once per window of
 lost data, memq reacts once: a 429 for a call sent before the last reaction (the other calls that were
 in flight at the same time) changes nothing.
 
-**Pause.** Each reaction also blocks the model for every worker (`blocked_until`, as a Retry-After
+**Pause.** Each reaction also blocks the model for every worker (``blocked_until``, as a Retry-After
 does): `PAUSE_S` (1 s) after a 429 that follows a success, doubling with each further reaction
 without a success in between, up to `PAUSE_MAX_S` (30 s). A full one-minute window frees its first
-slot only after up to a minute: the doubling pauses span it in 6 reactions instead of a storm of
-429s.
+slot only after up to a minute: the doubling pauses span it in 6 reactions instead of a storm of 429s.
+When 429s outlasted a pause (the provider's window is longer than it), the first success after them
+sets the rate from the whole stretch: the provider let the calls counted at the first 429 through, and
+no other until now, so its rate is at most that many over the time since the first of them (taken
+over a minute at most). Without this, a cold start against a one-minute window resumes at the rate
+measured over the first seconds (60 calls in 9 s: 400 a minute) and fills the window again.
 
 **Increase (while calls succeed).** Each successful call adds `STEP_RPM` (0.05 requests per minute)
 to the learned rate: at R calls a minute that is R/20 per minute, so the rate climbs back from 0.9 R
 to R in about two minutes whatever R is, probing slowly for more room (TCP adds one segment per round
-trip the same way). It grows only while memq uses it (the achieved rate at least `USED` of it), as
-TCP grows its window only when the sender fills it (congestion window validation, RFC 7661), so an
-idle hour does not grow it into a burst. A learned rate that reaches the configured ceiling is
-dropped: the ceiling rules again.
+trip the same way). The step is multiplied by the minutes since the last 429 (at least 1, at most
+`PROBE_MAX`), as CUBIC (RFC 9438) grows its window faster the longer since its last loss: a rate that
+holds without 429s was probably learned too low (or the provider raised its limit). It grows only
+while memq uses it (the achieved rate at least `USED` of it), as TCP grows its window only when the
+sender fills it (congestion window validation, RFC 7661), so an idle hour does not grow it into a
+burst. A learned rate that reaches the configured ceiling is dropped: the ceiling rules again.
 
 **Pacing.** The learned rate is enforced by the token bucket of `broker.ratelimit` with a bucket of
 `BURST_S` (0.1 s) of budget, at least one request: calls are evenly spaced instead of spending a
@@ -47,24 +54,32 @@ With no ``MEMQ_LLM__RPM`` the model starts unlimited and has a learned rate only
 starts again. A 429 with ``Retry-After`` is not learned from: the provider said when, and the
 block of `broker.ratelimit` obeys it.
 
+Simulated against the LLM test server's sliding window (8 workers, 300 ms calls, unlimited demand;
+the real thing is `bench/throughput.py`): a 60 per minute window is used at 0.97 of its limit from the
+third minute on (cold start: 60, then 53 calls in the second minute), 600 per minute at 0.965, 2 and 10
+per second at 0.91-0.94.
+
 Fields of the model's hash (``{key_prefix}:{model}``, shared with `broker.ratelimit`): ``a_rate``
 (learned requests per minute; absent: none), ``a_event`` (Redis time of the last reaction),
-``a_streak`` (reactions since the last success), ``a_since`` (time of the first recorded success),
-``c0``..``c59`` and ``k0``..``k59`` (successes per second and that second, by second mod 60), and
-``blocked_until``.
+``a_streak`` (reactions since the last success), ``a_n`` and ``a_t0`` (successes counted at a run's
+first 429 and since when), ``a_since`` (time of the first recorded success), ``a_paused`` (seconds
+paused since then), ``c0``..``c59`` and ``k0``..``k59`` (successes per second and that second, by
+second mod 60), and ``blocked_until``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["BURST_S", "DECREASE", "FLOOR_RPM", "LEARNED_TTL_S", "PAUSE_MAX_S", "PAUSE_S", "STEP_RPM", "USED",
-           "ADAPTIVE_LUA", "Throttle"]
+__all__ = ["BURST_S", "DECREASE", "FLOOR_RPM", "LEARNED_TTL_S", "PAUSE_MAX_S", "PAUSE_S", "PROBE_MAX", "STEP_RPM",
+           "USED", "ADAPTIVE_LUA", "Throttle"]
 
 DECREASE = 0.9
 """On a 429 the learned rate becomes this fraction of the rate achieved over the last minute."""
 STEP_RPM = 0.05
 """Requests per minute each successful call adds to the learned rate."""
+PROBE_MAX = 4
+"""A success adds `STEP_RPM` times the minutes since the last 429 (at least 1, at most this)."""
 USED = 0.8
 """The learned rate grows only while the achieved rate is at least this fraction of it."""
 PAUSE_S = 1.0
@@ -108,7 +123,7 @@ if now == nil then
 end
 local ceiling, ttl_ms = tonumber(ARGV[3]), tonumber(ARGV[4])
 local WINDOW, DECREASE, STEP, USED = {WINDOW_S}, {DECREASE}, {STEP_RPM}, {USED}
-local PAUSE, PAUSE_MAX, FLOOR = {PAUSE_S}, {PAUSE_MAX_S}, {FLOOR_RPM}
+local PAUSE, PAUSE_MAX, FLOOR, PROBE_MAX = {PAUSE_S}, {PAUSE_MAX_S}, {FLOOR_RPM}, {PROBE_MAX}
 
 local function fmt(x) return string.format('%.6f', x) end
 local function keep(ms)
@@ -116,8 +131,9 @@ local function keep(ms)
   if redis.call('PTTL', key) < ms then redis.call('PEXPIRE', key, ms) end
 end
 
--- Successful calls of the last minute, and that count per minute (over the time since the first
--- recorded success when that is shorter, at least 1 s).
+-- Successful calls of the last minute, that count per minute, and the span (s) it was taken over: a
+-- minute, or when the first recorded success is more recent, the time since it less the pauses since
+-- (memq sent nothing then), at least 1 s.
 local function achieved()
   local sec = math.floor(now)
   local fields = {{}}
@@ -131,9 +147,11 @@ local function achieved()
     local c, k = tonumber(v[2 * i + 1]), tonumber(v[2 * i + 2])
     if c ~= nil and k ~= nil and k > sec - WINDOW then n = n + c end
   end
-  local since = tonumber(redis.call('HGET', key, 'a_since')) or now
-  local span = math.min(WINDOW, math.max(1, now - since))
-  return n, n * 60 / span
+  local h = redis.call('HMGET', key, 'a_since', 'a_paused')
+  local elapsed = now - (tonumber(h[1]) or now)
+  local span = WINDOW
+  if elapsed < WINDOW then span = math.max(1, elapsed - (tonumber(h[2]) or 0)) end
+  return n, n * 60 / span, span
 end
 
 local rate = tonumber(redis.call('HGET', key, 'a_rate'))
@@ -150,10 +168,24 @@ elseif op == 'succeeded' then
     redis.call('HSET', key, 'c' .. i, 1, 'k' .. i, sec)
   end
   redis.call('HSETNX', key, 'a_since', fmt(now))
-  redis.call('HDEL', key, 'a_streak')
-  if rate ~= nil then
+  local r = redis.call('HMGET', key, 'a_streak', 'a_n', 'a_t0')
+  redis.call('HDEL', key, 'a_streak', 'a_n', 'a_t0')
+  local streak, n0, t0 = tonumber(r[1]) or 0, tonumber(r[2]), tonumber(r[3])
+  if streak >= 2 and n0 ~= nil and t0 ~= nil then
+    -- the first success after 429s that outlasted a pause (the provider's window is longer than it):
+    -- the provider let n0 calls through since t0 and none since but this one, so its rate is taken
+    -- over that whole time
+    local target = math.max(FLOOR, DECREASE * (n0 + 1) * 60 / math.min(WINDOW, math.max(1, now - t0)))
+    if (rate ~= nil and target < rate) or (rate == nil and ceiling > 0 and target < ceiling) then rate = target end
+  elseif rate ~= nil then
     local _, per_min = achieved()
-    if per_min >= USED * rate then rate = rate + STEP end
+    if per_min >= USED * rate then
+      -- the longer since the last 429, the faster it probes (one step per minute since, up to PROBE_MAX)
+      local since_429 = now - (tonumber(redis.call('HGET', key, 'a_event')) or now)
+      rate = rate + STEP * math.min(PROBE_MAX, math.max(1, since_429 / WINDOW))
+    end
+  end
+  if rate ~= nil then
     if ceiling > 0 and rate >= ceiling then
       redis.call('HDEL', key, 'a_rate')
       rate = nil
@@ -172,14 +204,20 @@ elseif op == 'throttled' then
   end
   streak = streak + 1
   local pause = math.min(PAUSE_MAX, PAUSE * 2 ^ (streak - 1))
-  local n, per_min = achieved()
+  local n, per_min, span = achieved()
   if n > 0 then
-    local target = math.max(FLOOR, DECREASE * per_min)
+    -- a rate in use (calls went at about its pace) was refused itself; otherwise what went through counts
+    local basis = per_min
+    if rate ~= nil and per_min >= USED * rate then basis = math.max(per_min, rate) end
+    local target = math.max(FLOOR, DECREASE * basis)
     if rate == nil or target < rate then rate = target end
+    if streak == 1 then redis.call('HSET', key, 'a_n', n, 'a_t0', fmt(now - span)) end
   end
   if rate ~= nil and ceiling > 0 and rate >= ceiling then rate = nil end
+  local paused = math.max(0, now + pause - math.max(blocked, now))
   blocked = math.max(blocked, now + pause)
   redis.call('HSET', key, 'a_event', fmt(now), 'a_streak', streak, 'blocked_until', fmt(blocked))
+  redis.call('HINCRBYFLOAT', key, 'a_paused', paused)
   if rate ~= nil then redis.call('HSET', key, 'a_rate', fmt(rate)) else redis.call('HDEL', key, 'a_rate') end
   keep((blocked - now) * 1000)
   return {{fmt(blocked - now), shown(rate), 1}}

@@ -21,7 +21,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from memq.errors import StoreUnavailable, TransientError
-from broker.adaptive import DECREASE, FLOOR_RPM, LEARNED_TTL_S, PAUSE_MAX_S, PAUSE_S, STEP_RPM
+from broker.adaptive import DECREASE, FLOOR_RPM, LEARNED_TTL_S, PAUSE_MAX_S, PAUSE_S, PROBE_MAX, STEP_RPM
 from broker.ratelimit import IDLE_TTL_S, RateLimiter
 from tests.rigs.llm_server import LLMTestServer
 from cli.redis_server import RedisServer
@@ -369,6 +369,57 @@ def test_before_a_minute_of_history_the_achieved_rate_is_taken_over_the_time_sin
     # When a 429 comes, Then the rate learned is about 0.9 x 120 per minute (20 in the 9.5 s since the first
     # success), not 0.9 x 20
     assert limiter.throttled(MODEL, sent_s_ago=0.1, rpm=None).learned_rpm == pytest.approx(DECREASE * 120, rel=0.06)
+
+
+def test_memqs_own_pauses_do_not_count_as_time_the_provider_refused(limiter: RateLimiter, clock: Clock) -> None:
+    # Given a provider taking 2 calls a second: 2 succeed, the next is refused (learned 0.9 x 120)
+    _succeed(limiter, clock, 2, 0.3)
+    first = limiter.throttled(MODEL, sent_s_ago=0.1, rpm=None)
+    assert first.learned_rpm == pytest.approx(DECREASE * 120)
+    # When after the pause 2 more succeed at once and the next is refused
+    clock.advance(first.pause_s)
+    _succeed(limiter, clock, 2, 0.3)
+    again = limiter.throttled(MODEL, sent_s_ago=0.1, rpm=None)
+    # Then the 1 s pause is not counted against the provider: 4 calls in the 0.6 s memq was sending is
+    # more than the rate learned, which stays (a 429 never raises it); 4 over 1.6 s would have lowered it
+    assert again.reacted and again.learned_rpm == pytest.approx(DECREASE * 120 + 2 * STEP_RPM)
+
+
+def test_after_429s_that_outlast_a_pause_the_first_success_takes_the_rate_over_the_whole_stretch(
+        limiter: RateLimiter, clock: Clock) -> None:
+    # Given a cold start against a one-minute window of 60: 60 calls succeed in 9 s, then every call is refused
+    _succeed(limiter, clock, 60, 9.0)
+    reactions = []
+    while clock.now < 1_000_000 + 55:
+        reactions.append(limiter.throttled(MODEL, sent_s_ago=0.1, rpm=None))
+        clock.advance(reactions[-1].pause_s + 0.1)
+    # Then the 429s alone leave a rate measured over less than a minute, above the limit
+    assert len(reactions) >= 5 and (reactions[-1].learned_rpm or 0) > 60
+
+    # When the window frees and a call succeeds (after 60 s)
+    clock.now = max(clock.now, 1_000_000 + 61)
+    learned = limiter.succeeded(MODEL, rpm=None)
+    # Then the rate is the 61 calls the provider let through over that minute, times 0.9
+    assert learned == pytest.approx(DECREASE * 61)
+
+
+def test_the_longer_a_learned_rate_holds_without_429s_the_faster_it_probes(limiter: RateLimiter,
+                                                                          clock: Clock) -> None:
+    # Given a learned rate of 54, used at its pace (54 successes over the minute after its 429)
+    _called_long_ago(limiter, clock)
+    _succeed(limiter, clock, 60, 60.0)
+    limiter.throttled(MODEL, sent_s_ago=0.1, rpm=None)
+    refused_at = clock.now
+    in_first_minute = _succeed(limiter, clock, 54, 59.0)
+    assert in_first_minute is not None
+
+    # When it is still used and unrefused three minutes after the 429
+    clock.now = refused_at + 180.0
+    _succeed(limiter, clock, 108, 0.0)  # the last minute's calls, so that it counts as used
+    before = limiter.succeeded(MODEL, rpm=None)
+    after = limiter.succeeded(MODEL, rpm=None)
+    # Then each success adds 3 steps (one per minute since the 429, at most PROBE_MAX)
+    assert before is not None and after == pytest.approx(before + min(3, PROBE_MAX) * STEP_RPM)
 
 
 def test_429s_of_calls_in_flight_together_react_once_and_a_run_of_429s_doubles_the_pause(
