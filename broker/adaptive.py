@@ -20,8 +20,11 @@ minute leaves it as it is (nothing to measure), and the rate never goes below `F
 configured ``MEMQ_LLM__RPM`` (a ceiling, when set).
 
 **One reaction per congestion event.** Like TCP NewReno, which cuts its window once per window of
-lost data, memq reacts once: a 429 for a call sent before the last reaction (the other calls that were
-in flight at the same time) changes nothing.
+lost data, memq reacts once: a 429 for a call sent before the last reaction's pause ended (the other
+calls in flight at the same time, or one that took its budget just before the pause began) changes
+nothing. Symmetrically, a success of a call sent before the reaction belongs to the span it measured:
+when many calls were in flight, the 429 may be answered before the successes sent with it, so the rate
+is measured again with each of them (never above the rate before the 429).
 
 **Pause.** Each reaction also blocks the model for every worker (``blocked_until``, as a Retry-After
 does): `PAUSE_S` (1 s) after a 429 that follows a success, doubling with each further reaction
@@ -44,10 +47,13 @@ sender fills it (congestion window validation, RFC 7661), so an idle hour does n
 burst. A learned rate that reaches the configured ceiling is dropped: the ceiling rules again.
 
 **Pacing.** The learned rate is enforced by the token bucket of `broker.ratelimit` with a bucket of
-`BURST_S` (0.1 s) of budget, at least one request: calls are evenly spaced instead of spending a
-minute's budget at once, which a sliding-window provider refuses at the start of every window, and a
-provider with a short window (a second) sees no bursts above the rate. (In a simulation of a
-10-per-second provider, a 1 s bucket settled at 55-65% of the limit, 0.1 s at 93%.)
+one call: calls are evenly spaced instead of spending a minute's budget at once, which a sliding-window
+provider refuses at the start of every window, and a provider with a short window (a second) sees no
+burst above the rate (in a simulation of a 10-per-second provider, a bucket of a second of budget
+settled at 55-65% of the limit, one call at 93%). Once the provider has shown a window longer than a
+pause (429s that outlasted one), the bucket holds `BURST_CALLS` (2): one call of burst is within the
+margin of such a window, and it keeps a token that came while no task was ready (a stage's calls come
+in clumps: with one call the real pipeline reached 0.85-0.9 of the learned rate, with two 0.9-0.95).
 
 With no ``MEMQ_LLM__RPM`` the model starts unlimited and has a learned rate only after its first
 429. A learned rate is forgotten `LEARNED_TTL_S` (1 h) after the model's last call; the next 429
@@ -60,9 +66,11 @@ third minute on (cold start: 60, then 53 calls in the second minute), 600 per mi
 per second at 0.91-0.94.
 
 Fields of the model's hash (``{key_prefix}:{model}``, shared with `broker.ratelimit`): ``a_rate``
-(learned requests per minute; absent: none), ``a_event`` (Redis time of the last reaction),
-``a_streak`` (reactions since the last success), ``a_n`` and ``a_t0`` (successes counted at a run's
-first 429 and since when), ``a_since`` (time of the first recorded success), ``a_paused`` (seconds
+(learned requests per minute; absent: none), ``a_event`` and ``a_until`` (Redis time of the last
+reaction and the end of its pause),
+``a_streak`` (reactions since the last success), ``a_n``, ``a_t0`` and ``a_prev`` (successes counted at
+a run's first 429, since when, and the rate before it), ``a_long`` (the provider showed a window longer
+than a pause), ``a_since`` (time of the first recorded success), ``a_paused`` (seconds
 paused since then), ``c0``..``c59`` and ``k0``..``k59`` (successes per second and that second, by
 second mod 60), and ``blocked_until``.
 """
@@ -71,10 +79,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["BURST_S", "DECREASE", "FLOOR_RPM", "LEARNED_TTL_S", "PAUSE_MAX_S", "PAUSE_S", "PROBE_MAX", "STEP_RPM",
+__all__ = ["BURST_CALLS", "DECREASE", "FLOOR_RPM", "LEARNED_TTL_S", "PAUSE_MAX_S", "PAUSE_S", "PROBE_MAX", "STEP_RPM",
            "USED", "ADAPTIVE_LUA", "Throttle"]
 
-DECREASE = 0.9
+DECREASE = 0.95
 """On a 429 the learned rate becomes this fraction of the rate achieved over the last minute."""
 STEP_RPM = 0.05
 """Requests per minute each successful call adds to the learned rate."""
@@ -88,8 +96,9 @@ PAUSE_MAX_S = 30.0
 """Longest pause after a 429 (seconds)."""
 FLOOR_RPM = 1.0
 """The learned rate never goes below this (requests per minute)."""
-BURST_S = 0.1
-"""Seconds of budget the learned rate's bucket holds (the configured ``burst_s`` when it is smaller)."""
+BURST_CALLS = 2
+"""Calls the learned rate's bucket holds once the provider showed a window longer than a pause (before:
+1); never more than ``burst_s`` seconds of the rate, nor less than 1."""
 LEARNED_TTL_S = 3600
 """Seconds a model's learned state lives after its last call."""
 WINDOW_S = 60
@@ -112,7 +121,7 @@ class Throttle:
 
 
 # KEYS: the model's hash. ARGV: op ('throttled' | 'succeeded' | 'learned'), now ('' = Redis TIME), ceiling
-# rpm (0: none), ttl (ms), then for 'throttled': seconds since the refused call was sent.
+# rpm (0: none), ttl (ms), then for 'throttled' and 'succeeded': seconds since the call was sent.
 # Returns {pause_s, learned rpm ('' = none), reacted (1/0)} for 'throttled', the learned rpm ('' = none) else.
 ADAPTIVE_LUA = f"""
 local key, op = KEYS[1], ARGV[1]
@@ -168,10 +177,28 @@ elseif op == 'succeeded' then
     redis.call('HSET', key, 'c' .. i, 1, 'k' .. i, sec)
   end
   redis.call('HSETNX', key, 'a_since', fmt(now))
-  local r = redis.call('HMGET', key, 'a_streak', 'a_n', 'a_t0')
-  redis.call('HDEL', key, 'a_streak', 'a_n', 'a_t0')
-  local streak, n0, t0 = tonumber(r[1]) or 0, tonumber(r[2]), tonumber(r[3])
+  local sent = now - tonumber(ARGV[5])
+  local r = redis.call('HMGET', key, 'a_streak', 'a_n', 'a_t0', 'a_event', 'a_prev')
+  local streak, n0, t0, event = tonumber(r[1]) or 0, tonumber(r[2]), tonumber(r[3]), tonumber(r[4])
+  if n0 ~= nil and t0 ~= nil and event ~= nil and sent < event then
+    -- a call sent before the last reaction: it belongs to the span that reaction measured, so the rate
+    -- is measured again with it (as if its answer had come first), never above the rate before the 429
+    n0 = n0 + 1
+    redis.call('HSET', key, 'a_n', n0)
+    local target = DECREASE * n0 * 60 / math.max(1, event - t0)
+    local prev = tonumber(r[5])
+    if rate ~= nil and target > rate then
+      rate = target
+      if prev ~= nil then rate = math.min(rate, prev) end
+      if ceiling > 0 and rate >= ceiling then rate = nil end
+      if rate ~= nil then redis.call('HSET', key, 'a_rate', fmt(rate)) else redis.call('HDEL', key, 'a_rate') end
+    end
+    keep(0)
+    return shown(rate)
+  end
+  redis.call('HDEL', key, 'a_streak', 'a_n', 'a_t0', 'a_prev')
   if streak >= 2 and n0 ~= nil and t0 ~= nil then
+    redis.call('HSET', key, 'a_long', 1)
     -- the first success after 429s that outlasted a pause (the provider's window is longer than it):
     -- the provider let n0 calls through since t0 and none since but this one, so its rate is taken
     -- over that whole time
@@ -197,26 +224,32 @@ elseif op == 'succeeded' then
   return shown(rate)
 elseif op == 'throttled' then
   local sent = now - tonumber(ARGV[5])
-  local h = redis.call('HMGET', key, 'a_event', 'blocked_until', 'a_streak')
-  local event, blocked, streak = tonumber(h[1]), tonumber(h[2]) or 0, tonumber(h[3]) or 0
-  if event ~= nil and sent < event then
+  local h = redis.call('HMGET', key, 'a_until', 'blocked_until', 'a_streak')
+  local reacted_until, blocked, streak = tonumber(h[1]), tonumber(h[2]) or 0, tonumber(h[3]) or 0
+  if reacted_until ~= nil and sent < reacted_until then
     return {{fmt(math.max(0, blocked - now)), shown(rate), 0}}
   end
   streak = streak + 1
   local pause = math.min(PAUSE_MAX, PAUSE * 2 ^ (streak - 1))
   local n, per_min, span = achieved()
   if n > 0 then
+    local prev = rate
     -- a rate in use (calls went at about its pace) was refused itself; otherwise what went through counts
+    local in_use = rate ~= nil and per_min >= USED * rate
     local basis = per_min
-    if rate ~= nil and per_min >= USED * rate then basis = math.max(per_min, rate) end
+    if in_use then basis = math.max(per_min, rate) end
     local target = math.max(FLOOR, DECREASE * basis)
     if rate == nil or target < rate then rate = target end
-    if streak == 1 then redis.call('HSET', key, 'a_n', n, 'a_t0', fmt(now - span)) end
+    if streak == 1 and not in_use then
+      -- what this reaction measured: n calls since t0 (later answers of calls sent before now add to it)
+      redis.call('HSET', key, 'a_n', n, 'a_t0', fmt(now - span), 'a_prev', shown(prev))
+    end
   end
   if rate ~= nil and ceiling > 0 and rate >= ceiling then rate = nil end
   local paused = math.max(0, now + pause - math.max(blocked, now))
   blocked = math.max(blocked, now + pause)
-  redis.call('HSET', key, 'a_event', fmt(now), 'a_streak', streak, 'blocked_until', fmt(blocked))
+  redis.call('HSET', key, 'a_event', fmt(now), 'a_until', fmt(now + pause), 'a_streak', streak,
+             'blocked_until', fmt(blocked))
   redis.call('HINCRBYFLOAT', key, 'a_paused', paused)
   if rate ~= nil then redis.call('HSET', key, 'a_rate', fmt(rate)) else redis.call('HDEL', key, 'a_rate') end
   keep((blocked - now) * 1000)

@@ -30,7 +30,7 @@ forever.
 A provider's 429 *without* ``Retry-After`` teaches the model a rate (`broker.adaptive`: lowered on
 each 429, raised slowly while calls succeed), kept in the same hash; the request bucket then refills
 at the lower of the configured ``rpm`` and the learned rate (with no ``rpm``, at the learned rate), with
-a bucket of at most `broker.adaptive.BURST_S` seconds of the learned rate.
+a bucket of one call (`broker.adaptive.BURST_CALLS` once the provider showed a long window).
 
 Keys: ``{key_prefix}:{model}``, one hash per model with fields ``r_level``, ``r_ts``, ``t_level``,
 ``t_ts``, ``blocked_until`` and the learned rate's fields (`broker.adaptive`). A key expires
@@ -48,7 +48,7 @@ from contextlib import contextmanager
 
 import redis
 
-from broker.adaptive import ADAPTIVE_LUA, BURST_S, LEARNED_TTL_S, Throttle
+from broker.adaptive import ADAPTIVE_LUA, BURST_CALLS, LEARNED_TTL_S, Throttle
 from memq.errors import StoreUnavailable
 
 __all__ = ["IDLE_TTL_S", "RateLimiter", "Throttle"]
@@ -88,13 +88,17 @@ end
 
 if op == 'acquire' then
   local rpm, tpm, tokens, burst_s = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
-  local rburst = burst_s
-  -- a rate learned from the provider's 429s (broker.adaptive), below the configured one, rules
-  local learned = tonumber(redis.call('HGET', key, 'a_rate'))
-  if learned ~= nil and (rpm == 0 or learned < rpm) then
-    rpm, rburst = learned, math.min(burst_s, tonumber(ARGV[8]))
+  local rcap, tcap = cap(rpm, burst_s), cap(tpm, burst_s)
+  -- a rate learned from the provider's 429s (broker.adaptive), below the configured one, rules, with a
+  -- bucket of one call, or ARGV[8] once the provider showed a long window
+  local learned = redis.call('HMGET', key, 'a_rate', 'a_long')
+  local learned_rpm = tonumber(learned[1])
+  if learned_rpm ~= nil and (rpm == 0 or learned_rpm < rpm) then
+    rpm = learned_rpm
+    local calls = 1
+    if learned[2] then calls = tonumber(ARGV[8]) end
+    rcap = math.max(1, math.min(calls, learned_rpm * burst_s / 60))
   end
-  local rcap, tcap = cap(rpm, rburst), cap(tpm, burst_s)
   local wait = 0
   local blocked = tonumber(redis.call('HGET', key, 'blocked_until'))
   if blocked ~= nil and blocked > now + 1e-9 then wait = blocked - now end
@@ -219,7 +223,7 @@ class RateLimiter:
             raise ValueError(f"tokens must be >= 0, got {tokens}")
         if not 0 < burst_s <= 60:
             raise ValueError(f"burst_s must be in (0, 60], got {burst_s}")
-        return self._run(model, "acquire", rpm_n, tpm_n, tokens, burst_s, BURST_S)
+        return self._run(model, "acquire", rpm_n, tpm_n, tokens, burst_s, BURST_CALLS)
 
     def block(self, model: str, seconds: float) -> None:
         """Refuse all budget for the model for `seconds` from now (Redis time), e.g. after a 429.
@@ -284,22 +288,26 @@ class RateLimiter:
         pause, rate, reacted = self._adapt(model, "throttled", rpm, sent_s_ago)
         return Throttle(pause_s=float(pause), learned_rpm=_rate(rate), reacted=bool(int(reacted)))
 
-    def succeeded(self, model: str, *, rpm: int | None) -> float | None:
+    def succeeded(self, model: str, *, sent_s_ago: float = 0.0, rpm: int | None) -> float | None:
         """Record a successful call of the model: counted in the achieved rate, ends a run of 429s, and
-        raises a learned rate by `broker.adaptive.STEP_RPM` while it is being used.
+        raises a learned rate by `broker.adaptive.STEP_RPM` while it is being used (a call sent before
+        the last 429's reaction is counted in what that reaction measured instead).
 
         Args:
             model: the model name (its budget).
+            sent_s_ago: seconds since the call was sent (measured by the caller, >= 0).
             rpm: the configured requests per minute (a learned rate reaching it is dropped); None: none.
 
         Returns:
             The learned requests per minute now, or None (none learned, or the configured rate rules).
 
         Raises:
-            ValueError: `rpm` is not positive.
+            ValueError: `rpm` is not positive or `sent_s_ago` is negative or not finite.
             StoreUnavailable: Redis refused or timed out (retryable).
         """
-        return _rate(self._adapt(model, "succeeded", rpm))
+        if not math.isfinite(sent_s_ago) or sent_s_ago < 0:
+            raise ValueError(f"sent_s_ago must be finite and >= 0, got {sent_s_ago}")
+        return _rate(self._adapt(model, "succeeded", rpm, sent_s_ago))
 
     def learned_rpm(self, model: str) -> float | None:
         """The model's learned requests per minute, or None when it has none (`broker.adaptive`).

@@ -174,7 +174,8 @@ class LLM:
         metrics.LLM_TOKENS.labels(s.model, "prompt").inc(spent.prompt_tokens)
         metrics.LLM_TOKENS.labels(s.model, "completion").inc(spent.completion_tokens)
         if self._limiter is not None:
-            _show_learned(self.budget, self._limiter.succeeded(self.budget, rpm=s.rpm))
+            _show_learned(self.budget, self._limiter.succeeded(self.budget, sent_s_ago=time.monotonic() - sent,
+                                                               rpm=s.rpm))
             if spent.prompt_tokens:
                 self._limiter.record_actual(self.budget, tpm=s.tpm, estimated=estimate, burst_s=s.burst_s,
                                             actual=spent.prompt_tokens + spent.completion_tokens)

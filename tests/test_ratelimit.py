@@ -351,28 +351,29 @@ def test_a_429_without_retry_after_lowers_the_rate_to_nine_tenths_of_what_succee
     # When the provider answers 429 without Retry-After to a call sent 0.3 s ago
     throttle = limiter.throttled(MODEL, sent_s_ago=0.3, rpm=None)
 
-    # Then the model learns DECREASE x 60 = 54 requests per minute and every worker pauses PAUSE_S
+    # Then the model learns DECREASE x 60 requests per minute and every worker pauses PAUSE_S
     assert throttle.reacted and throttle.learned_rpm == pytest.approx(DECREASE * 60)
     assert throttle.pause_s == pytest.approx(PAUSE_S)
-    assert limiter.learned_rpm(MODEL) == pytest.approx(54.0)
+    assert limiter.learned_rpm(MODEL) == pytest.approx(DECREASE * 60)
     assert limiter.acquire(MODEL, rpm=None, tpm=None, tokens=0) == pytest.approx(PAUSE_S)
-    # And after the pause calls are spaced at the learned rate: one granted, the next 60/54 s later
+    # And after the pause calls are spaced at the learned rate (a bucket of one call): one granted, the next
+    # one interval later
     clock.advance(PAUSE_S)
     assert limiter.acquire(MODEL, rpm=None, tpm=None, tokens=0) == 0.0
-    assert limiter.acquire(MODEL, rpm=None, tpm=None, tokens=0) == pytest.approx(60 / 54)
+    assert limiter.acquire(MODEL, rpm=None, tpm=None, tokens=0) == pytest.approx(60 / (DECREASE * 60))
 
 
 def test_before_a_minute_of_history_the_achieved_rate_is_taken_over_the_time_since_the_first_success(
         limiter: RateLimiter, clock: Clock) -> None:
     # Given 20 successes in the first 10 s (a provider with a short window: 2 per second)
     _succeed(limiter, clock, 20, 10.0)
-    # When a 429 comes, Then the rate learned is about 0.9 x 120 per minute (20 in the 9.5 s since the first
-    # success), not 0.9 x 20
+    # When a 429 comes, Then the rate learned is about DECREASE x 120 per minute (20 in the 9.5 s since the
+    # first success), not DECREASE x 20
     assert limiter.throttled(MODEL, sent_s_ago=0.1, rpm=None).learned_rpm == pytest.approx(DECREASE * 120, rel=0.06)
 
 
 def test_memqs_own_pauses_do_not_count_as_time_the_provider_refused(limiter: RateLimiter, clock: Clock) -> None:
-    # Given a provider taking 2 calls a second: 2 succeed, the next is refused (learned 0.9 x 120)
+    # Given a provider taking 2 calls a second: 2 succeed, the next is refused (learned DECREASE x 120)
     _succeed(limiter, clock, 2, 0.3)
     first = limiter.throttled(MODEL, sent_s_ago=0.1, rpm=None)
     assert first.learned_rpm == pytest.approx(DECREASE * 120)
@@ -383,6 +384,22 @@ def test_memqs_own_pauses_do_not_count_as_time_the_provider_refused(limiter: Rat
     # Then the 1 s pause is not counted against the provider: 4 calls in the 0.6 s memq was sending is
     # more than the rate learned, which stays (a 429 never raises it); 4 over 1.6 s would have lowered it
     assert again.reacted and again.learned_rpm == pytest.approx(DECREASE * 120 + 2 * STEP_RPM)
+
+
+def test_successes_of_calls_sent_before_a_429s_reaction_count_in_what_it_measured(limiter: RateLimiter,
+                                                                                 clock: Clock) -> None:
+    # Given 8 calls sent at once to a provider taking 3 a second: one answer arrives, then a 429
+    clock.advance(0.3)
+    limiter.succeeded(MODEL, sent_s_ago=0.3, rpm=None)
+    early = limiter.throttled(MODEL, sent_s_ago=0.3, rpm=None)
+    assert early.learned_rpm == pytest.approx(DECREASE * 60)  # 1 success in (at least) 1 s
+
+    # When the two other successes of that batch are answered after the reaction
+    rates = [limiter.succeeded(MODEL, sent_s_ago=0.3, rpm=None) for _ in range(2)]
+    # Then each is counted in the measure, as if it had come first: 2, then 3 calls in the second
+    assert rates == pytest.approx([DECREASE * 120, DECREASE * 180])
+    # And other 429s of the batch change nothing
+    assert not limiter.throttled(MODEL, sent_s_ago=0.3, rpm=None).reacted
 
 
 def test_after_429s_that_outlast_a_pause_the_first_success_takes_the_rate_over_the_whole_stretch(
@@ -399,13 +416,13 @@ def test_after_429s_that_outlast_a_pause_the_first_success_takes_the_rate_over_t
     # When the window frees and a call succeeds (after 60 s)
     clock.now = max(clock.now, 1_000_000 + 61)
     learned = limiter.succeeded(MODEL, rpm=None)
-    # Then the rate is the 61 calls the provider let through over that minute, times 0.9
+    # Then the rate is the 61 calls the provider let through over that minute, times DECREASE
     assert learned == pytest.approx(DECREASE * 61)
 
 
 def test_the_longer_a_learned_rate_holds_without_429s_the_faster_it_probes(limiter: RateLimiter,
                                                                           clock: Clock) -> None:
-    # Given a learned rate of 54, used at its pace (54 successes over the minute after its 429)
+    # Given a learned rate of DECREASE x 60, used at its pace (54 successes over the minute after its 429)
     _called_long_ago(limiter, clock)
     _succeed(limiter, clock, 60, 60.0)
     limiter.throttled(MODEL, sent_s_ago=0.1, rpm=None)
@@ -451,13 +468,13 @@ def test_429s_of_calls_in_flight_together_react_once_and_a_run_of_429s_doubles_t
 
 def test_the_learned_rate_rises_a_small_step_per_success_while_used_and_not_while_idle(
         limiter: RateLimiter, clock: Clock) -> None:
-    # Given a learned rate of 54 per minute
+    # Given a learned rate of DECREASE x 60 per minute
     _called_long_ago(limiter, clock)
     _succeed(limiter, clock, 60, 60.0)
     learned = limiter.throttled(MODEL, sent_s_ago=0.1, rpm=None).learned_rpm
-    assert learned == pytest.approx(54.0)
+    assert learned == pytest.approx(DECREASE * 60)
 
-    # When 54 calls succeed over the next minute (the rate is used)
+    # When 54 calls succeed over the next minute (the rate is used: at least USED of it)
     after = _succeed(limiter, clock, 54, 60.0)
     # Then it rose by STEP_RPM per success while the achieved rate was at least USED of it
     assert after is not None and learned + STEP_RPM <= after <= learned + 54 * STEP_RPM
@@ -494,7 +511,7 @@ def test_a_configured_rpm_is_a_ceiling_the_learned_rate_never_exceeds(limiter: R
     # Given a configured limit of 30 per minute and 60 successes in the last minute
     _called_long_ago(limiter, clock, rpm=30)
     _succeed(limiter, clock, 60, 60.0, rpm=30)
-    # When a 429 comes: 0.9 x 60 is above the ceiling, so nothing is learned and the configured rate rules
+    # When a 429 comes: DECREASE x 60 is above the ceiling, so nothing is learned and the configured rate rules
     assert limiter.throttled(MODEL, sent_s_ago=0.1, rpm=30).learned_rpm is None
 
     # When later only 20 succeeded in the last minute before a 429
@@ -502,10 +519,10 @@ def test_a_configured_rpm_is_a_ceiling_the_learned_rate_never_exceeds(limiter: R
     _succeed(limiter, clock, 20, 60.0, rpm=30)
     learned = limiter.throttled(MODEL, sent_s_ago=0.1, rpm=30).learned_rpm
     # Then the rate is lowered below the ceiling, and acquire spaces calls by it
-    assert learned == pytest.approx(18.0)
+    assert learned == pytest.approx(DECREASE * 20)
     clock.advance(PAUSE_S)
     assert limiter.acquire(MODEL, rpm=30, tpm=None, tokens=0) == 0.0
-    assert limiter.acquire(MODEL, rpm=30, tpm=None, tokens=0) == pytest.approx(60 / 18)
+    assert limiter.acquire(MODEL, rpm=30, tpm=None, tokens=0) == pytest.approx(60 / (DECREASE * 20))
 
     # When successes raise it to the ceiling, Then it is dropped and the configured rate rules again
     raised = [limiter.succeeded(MODEL, rpm=30) for _ in range(400)]
@@ -528,8 +545,8 @@ def test_the_learned_rate_never_goes_below_the_floor_and_a_429_with_nothing_meas
         clock.advance(PAUSE_MAX_S)
         _succeed(limiter, clock, 1, 60.0)
         rates.append(limiter.throttled(MODEL, sent_s_ago=0.1, rpm=None).learned_rpm)
-    # Then the rate goes down to the floor of FLOOR_RPM and stays there
-    assert rates[-1] == pytest.approx(FLOOR_RPM) and all(r is not None and r >= FLOOR_RPM for r in rates)
+    # Then the rate is held at the floor of FLOOR_RPM (DECREASE x 1 is below it), never under it
+    assert rates[0] == pytest.approx(FLOOR_RPM) and all(r is not None and FLOOR_RPM <= r < 1.5 for r in rates)
 
 
 def test_learned_state_lives_an_hour_after_the_last_call_and_bad_arguments_are_refused(
