@@ -6,7 +6,7 @@ backoff); so memq learns the limit instead, the way TCP learns a path's capacity
 
 **Decrease (on a 429).** TCP's congestion avoidance (Jacobson 1988, RFC 5681) halves its window on a
 loss: additive increase, multiplicative decrease (AIMD) converges, but a sender that halves spends
-on average only about 3/4 of the capacity. memq decreases to a fraction (`DECREASE`, 0.9) of the rate
+on average only about 3/4 of the capacity. memq decreases to a fraction (`DECREASE`, 0.95) of the rate
 its calls *actually achieved* when the 429 came, which is the provider's limit: against a sliding
 one-minute window, the successful calls of the last minute number exactly the limit at the moment one
 more is refused (BBR, Cardwell et al. 2016, likewise paces at the delivery rate it measured rather than
@@ -37,9 +37,9 @@ over a minute at most). Without this, a cold start against a one-minute window r
 measured over the first seconds (60 calls in 9 s: 400 a minute) and fills the window again.
 
 **Increase (while calls succeed).** Each successful call adds `STEP_RPM` (0.05 requests per minute)
-to the learned rate: at R calls a minute that is R/20 per minute, so the rate climbs back from 0.9 R
-to R in about two minutes whatever R is, probing slowly for more room (TCP adds one segment per round
-trip the same way). The step is multiplied by the minutes since the last 429 (at least 1, at most
+to the learned rate: at R calls a minute that is R/20 per minute, so the rate climbs back from 0.95 R
+to R in about a minute whatever R is, probing slowly for more room (TCP adds one segment per round
+trip the same way); the sawtooth between 0.95 R and R averages about 0.97 R. The step is multiplied by the minutes since the last 429 (at least 1, at most
 `PROBE_MAX`), as CUBIC (RFC 9438) grows its window faster the longer since its last loss: a rate that
 holds without 429s was probably learned too low (or the provider raised its limit). It grows only
 while memq uses it (the achieved rate at least `USED` of it), as TCP grows its window only when the
@@ -50,29 +50,30 @@ burst. A learned rate that reaches the configured ceiling is dropped: the ceilin
 one call: calls are evenly spaced instead of spending a minute's budget at once, which a sliding-window
 provider refuses at the start of every window, and a provider with a short window (a second) sees no
 burst above the rate (in a simulation of a 10-per-second provider, a bucket of a second of budget
-settled at 55-65% of the limit, one call at 93%). Once the provider has shown a window longer than a
-pause (429s that outlasted one), the bucket holds `BURST_CALLS` (2): one call of burst is within the
+settled at 55-65% of the limit, one call at over 90%). Once the provider has shown a window longer than
+a pause (429s that outlasted one), the bucket holds `BURST_CALLS` (2): one call of burst is within the
 margin of such a window, and it keeps a token that came while no task was ready (a stage's calls come
-in clumps: with one call the real pipeline reached 0.85-0.9 of the learned rate, with two 0.9-0.95).
+in clumps: in `bench/throughput.py` runs, one call used 83-93% of the learned rate a minute, two 88-98%).
 
 With no ``MEMQ_LLM__RPM`` the model starts unlimited and has a learned rate only after its first
 429. A learned rate is forgotten `LEARNED_TTL_S` (1 h) after the model's last call; the next 429
 starts again. A 429 with ``Retry-After`` is not learned from: the provider said when, and the
 block of `broker.ratelimit` obeys it.
 
-Simulated against the LLM test server's sliding window (8 workers, 300 ms calls, unlimited demand;
-the real thing is `bench/throughput.py`): a 60 per minute window is used at 0.97 of its limit from the
-third minute on (cold start: 60, then 53 calls in the second minute), 600 per minute at 0.965, 2 and 10
-per second at 0.91-0.94.
+Simulated against the LLM test server's sliding window with this module's script on a real Redis and
+a hand-moved clock (8 workers, 300 ms calls, unlimited demand; the pipeline's own figures come from
+`bench/throughput.py`): a 60 per minute window is used at 0.98 of its limit from the third minute on
+(cold start: 60, then 57 calls in the second minute), 600 per minute at 0.99, 2 and 10 per second at
+0.96-0.98; over the second half of 2 to 4 minute runs, 0.958 in each of 10 random orders of the calls
+that finish at the same instant, for each of the three.
 
 Fields of the model's hash (``{key_prefix}:{model}``, shared with `broker.ratelimit`): ``a_rate``
 (learned requests per minute; absent: none), ``a_event`` and ``a_until`` (Redis time of the last
-reaction and the end of its pause),
-``a_streak`` (reactions since the last success), ``a_n``, ``a_t0`` and ``a_prev`` (successes counted at
-a run's first 429, since when, and the rate before it), ``a_long`` (the provider showed a window longer
-than a pause), ``a_since`` (time of the first recorded success), ``a_paused`` (seconds
-paused since then), ``c0``..``c59`` and ``k0``..``k59`` (successes per second and that second, by
-second mod 60), and ``blocked_until``.
+reaction and the end of its pause), ``a_streak`` (reactions since the last success), ``a_n``, ``a_t0``
+and ``a_prev`` (successes counted at a run's first 429, since when, and the rate before it), ``a_long``
+(the provider showed a window longer than a pause), ``a_since`` (time of the first recorded success),
+``a_paused`` (seconds paused since then), ``c0``..``c59`` and ``k0``..``k59`` (successes per second and
+that second, by second mod 60), and ``blocked_until``.
 """
 
 from __future__ import annotations
@@ -83,7 +84,8 @@ __all__ = ["BURST_CALLS", "DECREASE", "FLOOR_RPM", "LEARNED_TTL_S", "PAUSE_MAX_S
            "USED", "ADAPTIVE_LUA", "Throttle"]
 
 DECREASE = 0.95
-"""On a 429 the learned rate becomes this fraction of the rate achieved over the last minute."""
+"""On a 429 the learned rate becomes this fraction of the rate achieved over the last minute (of the learned
+rate itself when it was in use)."""
 STEP_RPM = 0.05
 """Requests per minute each successful call adds to the learned rate."""
 PROBE_MAX = 4

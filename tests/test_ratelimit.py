@@ -21,7 +21,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from memq.errors import StoreUnavailable, TransientError
-from broker.adaptive import DECREASE, FLOOR_RPM, LEARNED_TTL_S, PAUSE_MAX_S, PAUSE_S, PROBE_MAX, STEP_RPM
+from broker.adaptive import BURST_CALLS, DECREASE, FLOOR_RPM, LEARNED_TTL_S, PAUSE_MAX_S, PAUSE_S, PROBE_MAX, STEP_RPM
 from broker.ratelimit import IDLE_TTL_S, RateLimiter
 from tests.rigs.llm_server import LLMTestServer
 from cli.redis_server import RedisServer
@@ -418,6 +418,10 @@ def test_after_429s_that_outlast_a_pause_the_first_success_takes_the_rate_over_t
     learned = limiter.succeeded(MODEL, rpm=None)
     # Then the rate is the 61 calls the provider let through over that minute, times DECREASE
     assert learned == pytest.approx(DECREASE * 61)
+    # And the provider showed a window longer than a pause: the learned rate's bucket holds BURST_CALLS
+    # calls instead of one, then spaces calls at the rate
+    grants = [limiter.acquire(MODEL, rpm=None, tpm=None, tokens=0) for _ in range(BURST_CALLS + 1)]
+    assert grants[:BURST_CALLS] == [0.0] * BURST_CALLS and grants[-1] == pytest.approx(60 / learned)
 
 
 def test_the_longer_a_learned_rate_holds_without_429s_the_faster_it_probes(limiter: RateLimiter,
