@@ -4,7 +4,8 @@ runs next.
 Keys (``{id}`` a job id, ``{scope}`` a `Scope.key`):
 
 - ``memq:job:{id}``               hash: status, stage, error, error_type, waiting, created_at, updated_at,
-                                  seq, scope, ids (the scope ids as JSON), idem, results, counts, relations
+                                  seq, scope, ids (the scope ids as JSON), idem, results, counts, relations,
+                                  rate_limited_since (Redis time the current stage was first rate-limited)
 - ``memq:job:{id}:request``       the `AddJob` as JSON (claim check: tasks carry only the job id)
 - ``memq:job:{id}:stage:{name}``  a stage's output as JSON, written once (``SET NX``): every delivery
                                   of a stage, duplicates included, goes on with the first output
@@ -139,6 +140,7 @@ class JobStore:
         self._finish = client.register_script(scripts.FINISH)
         self._release = client.register_script(scripts.RELEASE)
         self._rescue = client.register_script(scripts.RESCUE)
+        self._rate_limited = client.register_script(scripts.RATE_LIMITED)
 
     @classmethod
     def from_url(cls, url: str, *, ttl_s: int, socket_timeout_s: float = 5.0, outage_s: float = 0.0) -> JobStore:
@@ -343,6 +345,18 @@ class JobStore:
     def release(self, job_id: str, stage: str, token: str) -> None:
         """Give a lease back (only if it is still this token's)."""
         self._call(lambda: self._release(keys=[f"{_key(job_id)}:lease:{stage}"], args=[token]))
+
+    def rate_limited_for(self, job_id: str) -> float:
+        """Seconds the job's current stage has been rate-limited: since its first rate-limit (Redis time),
+        which the first call for a stage records (answering 0). A finished stage (`step`) clears it.
+
+        Returns:
+            Seconds (>= 0); 0 for a job without a record or one that has finished.
+
+        Raises:
+            BrokerUnavailable: Redis stayed unreachable.
+        """
+        return float(_text(self._call(lambda: self._rate_limited(keys=[], args=[job_id]))))
 
     # --- transitions --------------------------------------------------------------------------
 

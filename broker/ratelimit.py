@@ -27,22 +27,31 @@ A request asking for more tokens than the TPM capacity waits only for a full buc
 capped at the capacity), then is granted and takes all its tokens, leaving a debt; it never waits
 forever.
 
+A provider's 429 *without* ``Retry-After`` teaches the model a rate (`broker.adaptive`: lowered on
+each 429, raised slowly while calls succeed), kept in the same hash; the request bucket then refills
+at the lower of the configured ``rpm`` and the learned rate (with no ``rpm``, at the learned rate), with
+a bucket of one call (`broker.adaptive.BURST_CALLS` once the provider showed a long window).
+
 Keys: ``{key_prefix}:{model}``, one hash per model with fields ``r_level``, ``r_ts``, ``t_level``,
-``t_ts``, ``blocked_until``. A key expires `IDLE_TTL_S` seconds after its last write, or later if its
-buckets need longer to refill or its block lasts longer, so unused models leave nothing behind.
+``t_ts``, ``blocked_until`` and the learned rate's fields (`broker.adaptive`). A key expires
+`IDLE_TTL_S` seconds after its last write, or later if its buckets need longer to refill or its block
+lasts longer (and `broker.adaptive.LEARNED_TTL_S` after a model's last call, once calls report their
+outcome), so unused models leave nothing behind.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import redis
 
+from broker.adaptive import ADAPTIVE_LUA, BURST_CALLS, LEARNED_TTL_S, Throttle
 from memq.errors import StoreUnavailable
 
-__all__ = ["IDLE_TTL_S", "RateLimiter"]
+__all__ = ["IDLE_TTL_S", "RateLimiter", "Throttle"]
 
 IDLE_TTL_S = 120
 """Seconds an idle model's key lives after its last write (at least until its buckets are full)."""
@@ -80,6 +89,16 @@ end
 if op == 'acquire' then
   local rpm, tpm, tokens, burst_s = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
   local rcap, tcap = cap(rpm, burst_s), cap(tpm, burst_s)
+  -- a rate learned from the provider's 429s (broker.adaptive), below the configured one, rules, with a
+  -- bucket of one call, or ARGV[8] once the provider showed a long window
+  local learned = redis.call('HMGET', key, 'a_rate', 'a_long')
+  local learned_rpm = tonumber(learned[1])
+  if learned_rpm ~= nil and (rpm == 0 or learned_rpm < rpm) then
+    rpm = learned_rpm
+    local calls = 1
+    if learned[2] then calls = tonumber(ARGV[8]) end
+    rcap = math.max(1, math.min(calls, learned_rpm * burst_s / 60))
+  end
   local wait = 0
   local blocked = tonumber(redis.call('HGET', key, 'blocked_until'))
   if blocked ~= nil and blocked > now + 1e-9 then wait = blocked - now end
@@ -151,6 +170,7 @@ class RateLimiter:
         self._prefix = key_prefix
         self._clock = clock
         self._script = client.register_script(_LIMITER_LUA)
+        self._adaptive = client.register_script(ADAPTIVE_LUA)
 
     def _key(self, model: str) -> str:
         return f"{self._prefix}:{model}"
@@ -162,11 +182,18 @@ class RateLimiter:
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise StoreUnavailable(f"Redis is unreachable (rate limiter): {type(exc).__name__}") from exc
 
+    def _now(self) -> str:
+        return f"{self._clock():.6f}" if self._clock is not None else ""
+
     def _run(self, model: str, op: str, *args: int | float) -> float:
         with self._mapped():
-            now = f"{self._clock():.6f}" if self._clock is not None else ""
-            raw = self._script(keys=[self._key(model)], args=[op, IDLE_TTL_S * 1000, now, *args])
+            raw = self._script(keys=[self._key(model)], args=[op, IDLE_TTL_S * 1000, self._now(), *args])
         return float(raw)
+
+    def _adapt(self, model: str, op: str, rpm: int | None, *args: float) -> Any:
+        ceiling = _check_limit("rpm", rpm)
+        with self._mapped():
+            return self._adaptive(keys=[self._key(model)], args=[op, self._now(), ceiling, LEARNED_TTL_S * 1000, *args])
 
     def acquire(self, model: str, *, rpm: int | None, tpm: int | None, tokens: int, burst_s: float = 60.0) -> float:
         """Take 1 request and `tokens` tokens from the model's budgets, atomically, if both suffice.
@@ -176,7 +203,8 @@ class RateLimiter:
 
         Args:
             model: the model name (any string; one budget per name).
-            rpm: requests per minute (the request bucket's capacity); None: unlimited.
+            rpm: requests per minute (the request bucket's capacity); None: unlimited. A rate learned
+                from the provider's 429s (`throttled`) that is lower, or any when None, rules instead.
             tpm: tokens per minute (the token bucket's capacity); None: unlimited.
             tokens: estimated tokens of the call (prompt plus expected completion), >= 0.
             burst_s: bucket capacity in seconds of budget (60: a whole minute may be spent at once, as
@@ -195,7 +223,7 @@ class RateLimiter:
             raise ValueError(f"tokens must be >= 0, got {tokens}")
         if not 0 < burst_s <= 60:
             raise ValueError(f"burst_s must be in (0, 60], got {burst_s}")
-        return self._run(model, "acquire", rpm_n, tpm_n, tokens, burst_s)
+        return self._run(model, "acquire", rpm_n, tpm_n, tokens, burst_s, BURST_CALLS)
 
     def block(self, model: str, seconds: float) -> None:
         """Refuse all budget for the model for `seconds` from now (Redis time), e.g. after a 429.
@@ -237,3 +265,59 @@ class RateLimiter:
         if tpm_n == 0 or actual == estimated:
             return
         self._run(model, "adjust", tpm_n, actual - estimated, burst_s)
+
+    def throttled(self, model: str, *, sent_s_ago: float, rpm: int | None) -> Throttle:
+        """React to a provider's 429 without ``Retry-After``: lower the model's learned rate and pause it,
+        for every worker (`broker.adaptive`), once per congestion event.
+
+        Args:
+            model: the model name (its budget).
+            sent_s_ago: seconds since the refused call was sent (measured by the caller, >= 0): a call
+                sent before the last reaction was part of the congestion already reacted to.
+            rpm: the configured requests per minute (the learned rate never exceeds it); None: none.
+
+        Returns:
+            The pause left (seconds), the learned rate now, and whether this 429 changed anything.
+
+        Raises:
+            ValueError: `rpm` is not positive or `sent_s_ago` is negative or not finite.
+            StoreUnavailable: Redis refused or timed out (retryable).
+        """
+        if not math.isfinite(sent_s_ago) or sent_s_ago < 0:
+            raise ValueError(f"sent_s_ago must be finite and >= 0, got {sent_s_ago}")
+        pause, rate, reacted = self._adapt(model, "throttled", rpm, sent_s_ago)
+        return Throttle(pause_s=float(pause), learned_rpm=_rate(rate), reacted=bool(int(reacted)))
+
+    def succeeded(self, model: str, *, sent_s_ago: float = 0.0, rpm: int | None) -> float | None:
+        """Record a successful call of the model: counted in the achieved rate, ends a run of 429s, and
+        raises a learned rate by `broker.adaptive.STEP_RPM` while it is being used (a call sent before
+        the last 429's reaction is counted in what that reaction measured instead).
+
+        Args:
+            model: the model name (its budget).
+            sent_s_ago: seconds since the call was sent (measured by the caller, >= 0).
+            rpm: the configured requests per minute (a learned rate reaching it is dropped); None: none.
+
+        Returns:
+            The learned requests per minute now, or None (none learned, or the configured rate rules).
+
+        Raises:
+            ValueError: `rpm` is not positive or `sent_s_ago` is negative or not finite.
+            StoreUnavailable: Redis refused or timed out (retryable).
+        """
+        if not math.isfinite(sent_s_ago) or sent_s_ago < 0:
+            raise ValueError(f"sent_s_ago must be finite and >= 0, got {sent_s_ago}")
+        return _rate(self._adapt(model, "succeeded", rpm, sent_s_ago))
+
+    def learned_rpm(self, model: str) -> float | None:
+        """The model's learned requests per minute, or None when it has none (`broker.adaptive`).
+
+        Raises:
+            StoreUnavailable: Redis refused or timed out (retryable).
+        """
+        return _rate(self._adapt(model, "learned", None))
+
+
+def _rate(raw: bytes | str) -> float | None:
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    return float(text) if text else None

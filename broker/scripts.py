@@ -76,7 +76,7 @@ for i = 0, n - 1 do
     local h = redis.call('HMGET', jk, 'scope', 'seq')
     if h[1] and h[2] then advance(h[1], tonumber(h[2])) end
     redis.call('DEL', jk .. ':steps', jk .. ':written')
-    redis.call('HDEL', jk, 'error', 'error_type', 'results', 'counts', 'relations', 'images', 'warnings', 'stage', 'waiting', 'deferrals', 'rescues', 'next')
+    redis.call('HDEL', jk, 'error', 'error_type', 'results', 'counts', 'relations', 'images', 'warnings', 'stage', 'waiting', 'deferrals', 'rescues', 'next', 'rate_limited_since')
     for _, stage in ipairs({'caption', 'extract', 'decide', 'write_vectors', 'write_graph'}) do
       redis.call('PERSIST', jk .. ':stage:' .. stage)
     end
@@ -133,7 +133,7 @@ local fields = {'updated_at', now}
 if label ~= '' then fields[#fields + 1] = 'stage'; fields[#fields + 1] = label end
 if status == 'queued' then fields[#fields + 1] = 'status'; fields[#fields + 1] = 'running' end
 redis.call('HSET', jk, unpack(fields))
-redis.call('HDEL', jk, 'waiting')
+redis.call('HDEL', jk, 'waiting', 'rate_limited_since')
 if push then return 'ok' end
 return 'done-before'
 """
@@ -268,6 +268,23 @@ end
 stamp(id, pushed)
 redis.call('HSET', jk, 'updated_at', now)
 return 'ok'
+"""
+
+# ARGV: id. Seconds since the job's current stage was first rate-limited (Redis time); the first call
+# for a stage stamps the job and answers 0 (STEP, a finished stage, clears the stamp). A job that has no
+# record or has finished answers 0 and is not stamped.
+RATE_LIMITED = """
+local jk = 'memq:job:' .. ARGV[1]
+local status = redis.call('HGET', jk, 'status')
+if not status or status == 'succeeded' or status == 'failed' then return '0' end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local since = tonumber(redis.call('HGET', jk, 'rate_limited_since'))
+if since == nil then
+  redis.call('HSET', jk, 'rate_limited_since', string.format('%.6f', now))
+  return '0'
+end
+return string.format('%.6f', math.max(0, now - since))
 """
 
 # KEYS: the queues to read; ARGV: first index, last index (LRANGE's, per queue).

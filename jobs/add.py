@@ -34,7 +34,7 @@ from pydantic import BaseModel
 from broker.messages import Next
 from jobs.clients import Clients
 from jobs.transitions import Advance, Deferred, Finished, Joined, Retry, Skip, Transition
-from memq.errors import StageBusy, StoreUnavailable
+from memq.errors import NotNow, RateLimitBudgetExceeded, RateLimited, StageBusy, StoreUnavailable
 from memq.models import AddJob, JobState, Relation
 from pipeline import apply, caption as caption_stage, decide as decide_stage, extract as extract_stage
 from pipeline import edit as edit_stage, finalize as finalize_stage, graph_plan, retrieve
@@ -216,6 +216,29 @@ def requeue(task: str, wait_s: float, *, attempt: int) -> Transition:
     """Run `task` again after `wait_s` seconds without counting an attempt (the shared rate limiter
     had no budget yet, or another delivery is computing the stage)."""
     return Retry(Next(task, countdown_s=wait_s, retries=attempt))
+
+
+def not_now(job_id: str, c: Clients, task: str, error: NotNow, *, attempt: int) -> Transition:
+    """A stage that cannot run now (`NotNow`) runs again after its wait, without counting an attempt:
+    another delivery is computing it (`StageBusy`), or the model has no room (`RateLimited`: the shared
+    limiter's budget, or the provider's 429, with or without ``Retry-After``).
+
+    Rate limits end a job only by time: once its stage has been rate-limited for longer than
+    ``jobs.rate_limit_budget_s`` since its first rate-limit (a finished stage starts the clock again),
+    the job fails with `RateLimitBudgetExceeded` and a dead letter.
+
+    Raises:
+        BrokerUnavailable: Redis stayed unreachable.
+    """
+    if isinstance(error, RateLimited):
+        waited_s, budget_s = c.ledger.rate_limited_for(job_id), c.settings.jobs.rate_limit_budget_s
+        if waited_s > budget_s:
+            over = RateLimitBudgetExceeded(
+                f"{task} rate-limited for {waited_s:.0f} s, over its budget of {budget_s:.0f} s "
+                f"(MEMQ_JOBS__RATE_LIMIT_BUDGET_S); last: {type(error.__cause__ or error).__name__}",
+                waited_s=waited_s, budget_s=budget_s, job_id=job_id)
+            return fail(job_id, c, task, over, attempts=attempt + 1)
+    return requeue(task, error.retry_after_s or 1.0, attempt=attempt)
 
 
 def fail(job_id: str, c: Clients, task: str, error: BaseException, *, attempts: int) -> Transition:

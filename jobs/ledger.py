@@ -87,6 +87,11 @@ class JobLedger:
         """The job's store writes that have landed."""
         return self.jobs.written(job_id)
 
+    def rate_limited_for(self, job_id: str) -> float:
+        """Seconds the job's current stage has been rate-limited (0 at its first rate-limit, which this
+        records; a finished stage starts again), for ``jobs.rate_limit_budget_s``."""
+        return self.jobs.rate_limited_for(job_id)
+
     @contextmanager
     def computing(self, job_id: str, stage: str, *, ttl_s: float) -> Iterator[bool]:
         """Hold the lease on computing a stage while the block runs: yields False when another delivery

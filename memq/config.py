@@ -93,7 +93,9 @@ class LLMSettings(_Group):
     timeout_s: float = 60.0
     max_tokens: int = 2000
     rpm: int | None = Field(default=None, gt=0, description="Requests per minute for `model`, shared by all "
-                            "workers through Redis; None: unlimited.")
+                            "workers through Redis: a ceiling (a provider's 429s may lower the rate below it, "
+                            "`broker.adaptive`); None: no ceiling, memq starts unlimited and learns the "
+                            "provider's limit from its 429s.")
     tpm: int | None = Field(default=None, gt=0, description="Tokens per minute (prompt plus completion) for "
                             "`model`, shared by all workers through Redis; None: unlimited.")
     burst_s: float = Field(default=60.0, gt=0, le=60, description="Seconds of budget that may be spent at once "
@@ -286,6 +288,10 @@ class JobSettings(_Group):
     rescue_max: int = Field(
         default=3, ge=0, description="Rescues of a job without progress in between; one more lost message ends "
         "it as failed (MessageLost, a dead letter kept for replay).")
+    rate_limit_budget_s: float = Field(
+        default=86_400.0, gt=0, description="How long a stage may stay rate-limited (the shared limiter's waits "
+        "and the provider's 429s, which never count as attempts), from its first rate-limit, before the job "
+        "fails with RateLimitBudgetExceeded and a dead letter; a finished stage starts it again.")
 
 
 class _MemqDotEnv(DotEnvSettingsSource):

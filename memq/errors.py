@@ -26,10 +26,13 @@
         ├── InvalidJob                the stored job fails validation; never retried
         ├── LLMOutputError            the model's reply does not fit the response model
         ├── StoreError                permanent store failure (vector size mismatch, constraint)
+        ├── RateLimitBudgetExceeded   rate-limited longer than ``jobs.rate_limit_budget_s``: the job fails
         └── TransientError            retried with backoff
             ├── LLMUnavailable        rate-limited, timed out, refused, 5xx
+            │   └── ProviderThrottled the provider answered 429 (with or without Retry-After)
             ├── StoreUnavailable      Qdrant, Neo4j or SQL refused or timed out
-            ├── RateLimited           no budget yet in the shared limiter: wait, not a failure
+            ├── RateLimited           no budget yet in the shared limiter, or the provider's 429: wait,
+            │                         not a failure (never an attempt)
             └── StageBusy             another delivery of the stage is computing it: wait, not a failure
         JobFailed                     raised to Celery after a job's failure is recorded (no user data)
 
@@ -236,6 +239,16 @@ class LLMUnavailable(TransientError):
         self.retry_after_s = retry_after_s
 
 
+class ProviderThrottled(LLMUnavailable):
+    """The provider answered 429 (too many requests). `pipeline.llm` turns it into `RateLimited` for the
+    model stages (a wait, never an attempt); elsewhere (a remote embedder, a rerank) it is an
+    `LLMUnavailable` like any other.
+
+    Attributes:
+        retry_after_s: the provider's ``Retry-After`` in seconds, or None when it sent none.
+    """
+
+
 class StoreUnavailable(TransientError):
     """Qdrant, Neo4j, the SQL database or (for the rate limiter) Redis refused or timed out."""
 
@@ -264,14 +277,34 @@ class NotNow(TransientError):
 
 
 class RateLimited(NotNow):
-    """The shared rate limiter has no budget for the model. (A job waiting for its scope's turn is not
-    rate limited: see `jobs.transitions.Deferred`.)"""
+    """The model has no room now: the shared rate limiter has no budget for it yet, or the provider
+    answered 429 (then the error's cause is a `ProviderThrottled`, and ``retry_after_s`` is its
+    ``Retry-After`` or the pause memq learned, `broker.adaptive`). The task is re-queued without
+    counting an attempt; only ``jobs.rate_limit_budget_s`` ends a job that stays rate-limited
+    (`RateLimitBudgetExceeded`). (A job waiting for its scope's turn is not rate limited: see
+    `jobs.transitions.Deferred`.)"""
 
 
 class StageBusy(NotNow):
     """Another delivery of the same stage of the job holds the lease on computing it (a duplicate after
     a restore). By the time it is re-queued, the other delivery has stored the stage's output (reused,
     no model call), or it died and its lease lapsed."""
+
+
+class RateLimitBudgetExceeded(PipelineError):
+    """A stage of the job stayed rate-limited (the shared limiter's waits and the provider's 429s) longer
+    than ``jobs.rate_limit_budget_s`` since it was first rate-limited, without finishing: the job is ended
+    as failed, with a dead letter kept for replay, so its scope moves on.
+
+    Attributes:
+        waited_s: seconds since the stage was first rate-limited.
+        budget_s: the budget (``jobs.rate_limit_budget_s``).
+    """
+
+    def __init__(self, message: str, *, waited_s: float, budget_s: float, job_id: str | None = None) -> None:
+        super().__init__(message, job_id=job_id)
+        self.waited_s = waited_s
+        self.budget_s = budget_s
 
 
 class MessageLost(PipelineError):

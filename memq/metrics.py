@@ -16,6 +16,9 @@ Counters and histograms (per worker process):
 - ``memq_llm_tokens_total{model, kind}``: prompt and completion tokens as the provider counted them.
 - ``memq_limiter_waits_total{budget}`` and ``memq_limiter_wait_seconds_total{budget}``: calls the shared
   rate limiter held back, and for how long.
+- ``memq_llm_learned_rpm{budget}`` (gauge): the requests per minute the shared limiter learned from the
+  provider's 429s without ``Retry-After`` (`broker.adaptive`), as this worker last saw it; absent while
+  none is learned (unlimited, or the configured ``rpm`` rules).
 
 Gauges read from Redis at each scrape (`broker.queue_metrics`): queue depth per queue, unfinished jobs,
 the oldest one's age, jobs waiting for their scope's turn.
@@ -23,7 +26,7 @@ the oldest one's age, jobs waiting for their scope's turn.
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 JOBS = Counter("memq_jobs_total", "Jobs ended in this worker, by outcome (succeeded, failed).", ["outcome"])
 JOBS_RESCUED = Counter("memq_jobs_rescued_total", "Lost jobs (next task message gone with a killed worker) the "
@@ -41,3 +44,5 @@ LLM_TOKENS = Counter("memq_llm_tokens_total", "Tokens of model calls, as the pro
 LIMITER_WAITS = Counter("memq_limiter_waits_total", "Calls the shared rate limiter held back.", ["budget"])
 LIMITER_WAIT_SECONDS = Counter("memq_limiter_wait_seconds_total", "Seconds calls were told to wait by the shared "
                                "rate limiter.", ["budget"])
+LLM_LEARNED_RPM = Gauge("memq_llm_learned_rpm", "Requests per minute the shared limiter learned from the provider's "
+                        "429s without Retry-After (absent: none learned).", ["budget"])

@@ -3,12 +3,19 @@
 Every call makes one attempt (``max_retries=0``): memq's own retries decide what happens next. A reply
 that does not fit the response model gets one repair (the ``json-repair`` library) and then raises
 `LLMOutputError`; it is never read as "no facts".
+
+Every call of a provider's model goes through the shared rate limiter (`broker.ratelimit`), with or
+without a configured ``rpm``/``tpm``: a provider's 429 is a wait (`RateLimited`), never a failed
+attempt. With ``Retry-After`` the model is blocked for every worker until then; without it the limiter
+learns the provider's rate (`broker.adaptive`: lowered on each 429, raised slowly by each success,
+which every call reports).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -19,7 +26,8 @@ from pydantic import BaseModel, ValidationError
 
 from memq.config import OFFLINE_MODEL, LLMSettings
 from memq import metrics
-from memq.errors import LLMOutputError, LLMUnavailable, RateLimited
+from memq.errors import LLMOutputError, LLMUnavailable, ProviderThrottled, RateLimited
+from broker.adaptive import PAUSE_S
 from broker.ratelimit import RateLimiter
 from pipeline import offline_model
 from pipeline.types import LLMUsage
@@ -93,7 +101,8 @@ class LLM:
         settings: model string (any litellm model, or the offline default), API base/key, timeout (s),
             and the model's shared budget (``rpm``, ``tpm``).
         embedder: the embedder the offline model's decider uses (the worker's); None loads the default.
-        limiter: the shared rate limiter (Redis); None calls without a budget.
+        limiter: the shared rate limiter (Redis); None calls without a budget and learns nothing from
+            429s. The offline model never uses it (it has no provider to throttle it).
         budget: the limiter's name for this model's budget (default: the model string); the vision
             model uses ``vision:<model>`` so captioning never eats the extraction budget.
     """
@@ -102,9 +111,10 @@ class LLM:
                  limiter: RateLimiter | None = None, budget: str | None = None) -> None:
         self.settings = settings
         self.budget = budget or settings.model
-        self._limiter = limiter if (settings.rpm or settings.tpm) else None
+        offline = settings.model.startswith(OFFLINE_PROVIDER + "/")
+        self._limiter = None if offline else limiter
         self._litellm = import_litellm()
-        if settings.model.startswith(OFFLINE_PROVIDER + "/"):
+        if offline:
             _register_offline_provider(embedder)
 
     def complete_json(self, system: str, user: str, response_model: type[M], *,
@@ -121,8 +131,10 @@ class LLM:
             The parsed reply and the call's usage (1 call, tokens as reported).
 
         Raises:
-            RateLimited: the model's shared budget (``rpm``/``tpm``) has no room yet; wait ``retry_after_s``.
-            LLMUnavailable: rate-limited (with ``retry_after_s``), timed out, refused, 5xx (retryable).
+            RateLimited: the model's shared budget (``rpm``/``tpm``, or the rate learned from 429s) has no
+                room yet, or the provider answered 429 (its cause is then the `ProviderThrottled`); wait
+                ``retry_after_s`` (the provider's ``Retry-After``, or the learned pause).
+            LLMUnavailable: timed out, refused, 5xx (retryable).
             InvalidJob: the provider refused the request (4xx other than 408/409/429).
             LLMOutputError: the reply does not fit `response_model` after one repair.
         """
@@ -141,13 +153,15 @@ class LLM:
             for image in images:
                 url: dict[str, str] = {"url": image.url, **({"detail": image.detail} if image.detail else {})}
                 content += [{"type": "text", "text": image.label}, {"type": "image_url", "image_url": url}]
+        sent = time.monotonic()
         try:
             response = self._call(system, content)
-        except LLMUnavailable as exc:
-            throttled = exc.retry_after_s or type(exc.__cause__).__name__ == "RateLimitError"
-            metrics.LLM_CALLS.labels(s.model, "rate_limited" if throttled else "error").inc()
-            if exc.retry_after_s and self._limiter is not None:
-                self._limiter.block(self.budget, exc.retry_after_s)
+        except ProviderThrottled as exc:
+            metrics.LLM_CALLS.labels(s.model, "rate_limited").inc()
+            raise RateLimited(f"{self.budget}: the provider answered 429",
+                              retry_after_s=self._throttled(exc, time.monotonic() - sent)) from exc
+        except LLMUnavailable:
+            metrics.LLM_CALLS.labels(s.model, "error").inc()
             raise
         except Exception:
             metrics.LLM_CALLS.labels(s.model, "error").inc()
@@ -159,11 +173,31 @@ class LLM:
         metrics.LLM_CALLS.labels(s.model, "ok").inc()
         metrics.LLM_TOKENS.labels(s.model, "prompt").inc(spent.prompt_tokens)
         metrics.LLM_TOKENS.labels(s.model, "completion").inc(spent.completion_tokens)
-        if self._limiter is not None and spent.prompt_tokens:
-            self._limiter.record_actual(self.budget, tpm=s.tpm, estimated=estimate, burst_s=s.burst_s,
-                                        actual=spent.prompt_tokens + spent.completion_tokens)
+        if self._limiter is not None:
+            _show_learned(self.budget, self._limiter.succeeded(self.budget, sent_s_ago=time.monotonic() - sent,
+                                                               rpm=s.rpm))
+            if spent.prompt_tokens:
+                self._limiter.record_actual(self.budget, tpm=s.tpm, estimated=estimate, burst_s=s.burst_s,
+                                            actual=spent.prompt_tokens + spent.completion_tokens)
         logger.debug("model reply (%s): %s", response_model.__name__, text)
         return parse_reply(text, response_model), spent
+
+    def _throttled(self, exc: ProviderThrottled, sent_s_ago: float) -> float:
+        """Tell every worker about a 429 and return the seconds to wait: the provider's ``Retry-After``
+        (the model is blocked until then), else the pause the learned rate's reaction set (`broker.adaptive`)."""
+        if exc.retry_after_s:
+            if self._limiter is not None:
+                self._limiter.block(self.budget, exc.retry_after_s)
+            return exc.retry_after_s
+        if self._limiter is None:
+            return PAUSE_S
+        throttle = self._limiter.throttled(self.budget, sent_s_ago=max(0.0, sent_s_ago), rpm=self.settings.rpm)
+        _show_learned(self.budget, throttle.learned_rpm)
+        if throttle.reacted:
+            logger.warning("%s answered 429 without Retry-After: learned rate %s, every worker pauses %.1f s",
+                           self.budget, "none" if throttle.learned_rpm is None else f"{throttle.learned_rpm:.1f}/min",
+                           throttle.pause_s)
+        return throttle.pause_s or PAUSE_S
 
     def _call(self, system: str, user: str | list[dict[str, Any]]) -> Any:
         """One completion attempt; short in-call retries (tenacity) for dropped connections only."""
@@ -186,6 +220,17 @@ class LLM:
                     drop_params=True,
                 )
         raise AssertionError("unreachable: tenacity reraises")
+
+
+def _show_learned(budget: str, rpm: float | None) -> None:
+    """Keep this process's ``memq_llm_learned_rpm`` gauge in step with the shared learned rate."""
+    if rpm is not None:
+        metrics.LLM_LEARNED_RPM.labels(budget).set(rpm)
+        return
+    try:
+        metrics.LLM_LEARNED_RPM.remove(budget)
+    except KeyError:
+        pass
 
 
 def _connection_dropped(exc: BaseException) -> bool:

@@ -2,8 +2,9 @@
 
 litellm tries to download a price map when imported unless ``LITELLM_LOCAL_MODEL_COST_MAP`` is set;
 `import_litellm` sets it first. `mapped_provider_errors` turns litellm/OpenAI errors into memq's:
-429, 408, 409, 5xx, timeouts and refused connections become `LLMUnavailable` (with ``Retry-After`` in
-seconds when the provider sent one); any other 4xx (bad request, auth) is a permanent `InvalidJob`.
+429 becomes `ProviderThrottled`, 408, 409, 5xx, timeouts and refused connections `LLMUnavailable` (both
+with ``Retry-After`` in seconds when the provider sent one); any other 4xx (bad request, auth) is a
+permanent `InvalidJob`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from types import ModuleType
 
-from memq.errors import InvalidJob, LLMUnavailable
+from memq.errors import InvalidJob, LLMUnavailable, ProviderThrottled
 
 _TRANSIENT_STATUS = {408, 409, 429}
 
@@ -53,7 +54,8 @@ def mapped_provider_errors(what: str) -> Iterator[None]:
         what: a short label for messages (``"completion openai/gpt-4o-mini"``).
 
     Raises:
-        LLMUnavailable: 429 (with `retry_after_s`), 408/409, 5xx, timeout, connection refused.
+        ProviderThrottled: 429 (with `retry_after_s` when the provider sent ``Retry-After``).
+        LLMUnavailable: 408/409, 5xx, timeout, connection refused.
         InvalidJob: another 4xx (bad request, auth, not found): retrying would not help.
     """
     litellm = import_litellm()
@@ -61,16 +63,20 @@ def mapped_provider_errors(what: str) -> Iterator[None]:
 
     try:
         yield
-    except (litellm.RateLimitError, litellm.Timeout, litellm.APIConnectionError,
+    except litellm.RateLimitError as exc:
+        raise ProviderThrottled(f"{what}: {type(exc).__name__}", retry_after_s=_retry_after_s(exc)) from exc
+    except (litellm.Timeout, litellm.APIConnectionError,
             litellm.InternalServerError, litellm.ServiceUnavailableError) as exc:
         raise LLMUnavailable(f"{what}: {type(exc).__name__}", retry_after_s=_retry_after_s(exc)) from exc
     except litellm.APIError as exc:
         status = getattr(exc, "status_code", None)
         if status is None or status >= 500 or status in _TRANSIENT_STATUS:
-            raise LLMUnavailable(f"{what}: {type(exc).__name__} {status}", retry_after_s=_retry_after_s(exc)) from exc
+            error = ProviderThrottled if status == 429 else LLMUnavailable
+            raise error(f"{what}: {type(exc).__name__} {status}", retry_after_s=_retry_after_s(exc)) from exc
         raise InvalidJob(f"{what}: provider refused the request ({status} {type(exc).__name__})") from exc
     except openai.OpenAIError as exc:  # 4xx classes: BadRequest, Authentication, NotFound ...
         status = getattr(exc, "status_code", None)
         if status in _TRANSIENT_STATUS:
-            raise LLMUnavailable(f"{what}: {type(exc).__name__}", retry_after_s=_retry_after_s(exc)) from exc
+            error = ProviderThrottled if status == 429 else LLMUnavailable
+            raise error(f"{what}: {type(exc).__name__}", retry_after_s=_retry_after_s(exc)) from exc
         raise InvalidJob(f"{what}: provider refused the request ({status} {type(exc).__name__})") from exc

@@ -17,7 +17,7 @@ from jobs.clients import Clients, build_clients
 from jobs.ledger import JobLedger
 from jobs.transitions import Advance, Deferred, Finished, Joined, Retry, Skip
 from memq.config import Queues, Settings
-from memq.errors import StoreUnavailable
+from memq.errors import RateLimited, RateLimitBudgetExceeded, StageBusy, StoreUnavailable
 from memq.models import JobState, MemoryEvent
 from producer import Producer
 
@@ -97,6 +97,43 @@ def test_a_store_write_that_retries_after_the_vectors_landed_publishes_the_job_a
     # And another stage's transient error is a plain retry, counted
     other = add.retry(job_id, by_hand, "memq.extract", StoreUnavailable("x"), attempt=2, countdown_s=1)
     assert isinstance(other, Retry) and other.step.retries == 3
+
+
+def test_a_stages_rate_limit_clock_starts_at_its_first_rate_limit_and_only_its_budget_ends_the_job(
+        by_hand: Clients, settings: Settings, user_id: str) -> None:
+    job_id = _enqueue(by_hand, settings, "Lea keeps honeybees.", user_id)
+    by_hand.ledger.commit(job_id, add.start(job_id, by_hand))
+    record = by_hand.ledger.jobs.client
+
+    # When its caption stage is rate-limited (attempt 3 of the stage)
+    step = add.not_now(job_id, by_hand, "memq.caption", RateLimited("no budget", retry_after_s=2.0), attempt=3)
+    # Then it is a requeue after the wait that keeps the attempt number, and the stage's clock has started
+    assert isinstance(step, Retry) and step.error is None
+    assert (step.step.task, step.step.countdown_s, step.step.retries) == ("memq.caption", 2.0, 3)
+    assert record.hget(f"memq:job:{job_id}", "rate_limited_since") is not None
+    # And another delivery computing the stage is a requeue that starts no clock
+    record.hdel(f"memq:job:{job_id}", "rate_limited_since")
+    busy = add.not_now(job_id, by_hand, "memq.caption", StageBusy("busy", retry_after_s=2.0), attempt=0)
+    assert isinstance(busy, Retry) and record.hget(f"memq:job:{job_id}", "rate_limited_since") is None
+
+    # When the stage is rate-limited and then finishes
+    add.not_now(job_id, by_hand, "memq.caption", RateLimited("no budget", retry_after_s=1.0), attempt=0)
+    by_hand.ledger.commit(job_id, add.caption(job_id, by_hand))
+    # Then its clock is gone: the next stage starts its own
+    assert record.hget(f"memq:job:{job_id}", "rate_limited_since") is None
+
+    # When the next stage stays rate-limited past a budget (here a microsecond)
+    tight = settings.jobs.model_copy(update={"rate_limit_budget_s": 1e-6})
+    c = dataclasses.replace(by_hand, settings=settings.model_copy(update={"jobs": tight}))
+    first = add.not_now(job_id, c, "memq.extract", RateLimited("no budget", retry_after_s=1.0), attempt=0)
+    assert isinstance(first, Retry)
+    over = add.not_now(job_id, c, "memq.extract", RateLimited("no budget", retry_after_s=1.0), attempt=0)
+    # Then the job fails with RateLimitBudgetExceeded, and a dead letter keeps it
+    assert isinstance(over, Finished) and over.state is JobState.FAILED
+    assert isinstance(over.error, RateLimitBudgetExceeded) and over.error.waited_s > over.error.budget_s
+    by_hand.ledger.commit(job_id, over)
+    assert by_hand.ledger.jobs.status(job_id).error_type == "RateLimitBudgetExceeded"
+    assert job_id in {d.job_id for d in by_hand.records.dead_letters()}
 
 
 def test_a_replayed_job_whose_vectors_had_landed_joins_again_and_succeeds(

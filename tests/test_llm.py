@@ -8,7 +8,8 @@ import pytest
 import redis
 
 from memq.config import LLMSettings
-from memq.errors import LLMUnavailable, RateLimited
+from memq.errors import ProviderThrottled, RateLimited
+from broker.adaptive import DECREASE, PAUSE_S
 from broker.ratelimit import RateLimiter
 from tests.rigs.llm_server import LLMTestServer, Reply
 from cli.redis_server import RedisServer
@@ -16,7 +17,7 @@ from pipeline.extract import FactsReply
 from pipeline.llm import LLM
 
 
-def _llm(server: LLMTestServer, redis_server: RedisServer, **limits: int) -> tuple[LLM, RateLimiter, str]:
+def _llm(server: LLMTestServer, redis_server: RedisServer, **limits: float) -> tuple[LLM, RateLimiter, str]:
     model = f"openai/limited-{uuid.uuid4().hex[:8]}"
     settings = LLMSettings(model=model, api_base=server.url, api_key="k", timeout_s=5, **limits)  # type: ignore[arg-type]
     limiter = RateLimiter(redis.Redis.from_url(redis_server.url))
@@ -35,12 +36,42 @@ def test_a_call_without_budget_raises_rate_limited_before_reaching_the_provider(
     assert 50 < raised.value.retry_after_s <= 60 and llm_server.calls == 1
 
 
-def test_a_provider_429_with_retry_after_blocks_the_model_for_every_worker(
+def test_a_provider_429_with_retry_after_is_a_wait_and_blocks_the_model_for_every_worker(
         llm_server: LLMTestServer, redis_server: RedisServer) -> None:
     llm, limiter, model = _llm(llm_server, redis_server, rpm=600)
     llm_server.script(Reply(status=429, headers={"Retry-After": "7"}))
-    with pytest.raises(LLMUnavailable) as raised:
+    # When the provider answers 429 with Retry-After: 7
+    with pytest.raises(RateLimited) as raised:
         llm.complete_json("system", "user", FactsReply)
+    # Then the call is a wait of 7 s (RateLimited: re-queued, never an attempt), caused by the provider's 429
     assert raised.value.retry_after_s == 7
-    # Any other worker asking for this model's budget now waits out the provider's Retry-After
+    assert isinstance(raised.value.__cause__, ProviderThrottled) and raised.value.__cause__.retry_after_s == 7
+    # And any other worker asking for this model's budget now waits out the provider's Retry-After
     assert 6 < limiter.acquire(model, rpm=600, tpm=None, tokens=10) <= 7
+    # And nothing is learned from it: the provider said when
+    assert limiter.learned_rpm(model) is None
+
+
+def test_a_429_without_retry_after_and_no_configured_limit_teaches_every_worker_a_rate(
+        llm_server: LLMTestServer, redis_server: RedisServer) -> None:
+    from prometheus_client import REGISTRY
+
+    # Given a model with no configured limit whose first 3 calls succeed
+    llm, limiter, model = _llm(llm_server, redis_server)
+    llm_server.script(*['{"facts": []}'] * 3, Reply(status=429))
+    for _ in range(3):
+        llm.complete_json("system", "user", FactsReply)
+    assert limiter.learned_rpm(model) is None  # unlimited until the provider says otherwise
+
+    # When the provider answers 429 without Retry-After
+    with pytest.raises(RateLimited) as raised:
+        llm.complete_json("system", "user", FactsReply)
+
+    # Then the call is a wait of the learned pause, caused by the provider's 429 (no Retry-After)
+    assert raised.value.retry_after_s == pytest.approx(PAUSE_S, abs=0.05)
+    assert isinstance(raised.value.__cause__, ProviderThrottled) and raised.value.__cause__.retry_after_s is None
+    # And the model now has a learned rate, at most DECREASE x its 3 successes per minute taken over >= 1 s
+    learned = limiter.learned_rpm(model)
+    assert learned is not None and 1 <= learned <= DECREASE * 3 * 60 + 1e-6
+    # And this worker's gauge shows it
+    assert REGISTRY.get_sample_value("memq_llm_learned_rpm", {"budget": model}) == learned

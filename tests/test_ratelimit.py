@@ -1,4 +1,5 @@
-"""The global LLM rate limiter against a real redis-server, and the LLM test server's provider-side limit.
+"""The global LLM rate limiter against a real redis-server (with the rate it learns from 429s without
+Retry-After), and the LLM test server's provider-side limit.
 
 The limiter runs on a clock the test moves by hand (`Clock`), so every wait is exact and nothing
 depends on how fast a loaded machine runs; one test checks Redis's own clock, with bounds only.
@@ -20,6 +21,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from memq.errors import StoreUnavailable, TransientError
+from broker.adaptive import BURST_CALLS, DECREASE, FLOOR_RPM, LEARNED_TTL_S, PAUSE_MAX_S, PAUSE_S, PROBE_MAX, STEP_RPM
 from broker.ratelimit import IDLE_TTL_S, RateLimiter
 from tests.rigs.llm_server import LLMTestServer
 from cli.redis_server import RedisServer
@@ -320,3 +322,248 @@ def test_a_short_burst_caps_what_can_be_spent_at_once(limiter: RateLimiter) -> N
     grants = sum(limiter.acquire(MODEL, rpm=600, tpm=None, tokens=0, burst_s=1.0) == 0 for _ in range(30))
     # Then 10 are granted at once, not 600
     assert grants == 10
+
+
+# --- the rate learned from 429s without Retry-After (broker.adaptive) ---------------------------------
+
+def _called_long_ago(limiter: RateLimiter, clock: Clock, *, rpm: int | None = None) -> None:
+    """A model whose first success was over a minute ago (so the achieved rate is taken over a full minute)."""
+    limiter.succeeded(MODEL, rpm=rpm)
+    clock.advance(120.0)
+
+
+def _succeed(limiter: RateLimiter, clock: Clock, calls: int, over_s: float, *, rpm: int | None = None) -> float | None:
+    """`calls` successful calls spread evenly over `over_s` seconds; returns the learned rate after the last."""
+    learned = None
+    for _ in range(calls):
+        clock.advance(over_s / calls)
+        learned = limiter.succeeded(MODEL, rpm=rpm)
+    return learned
+
+
+def test_a_429_without_retry_after_lowers_the_rate_to_nine_tenths_of_what_succeeded_over_the_last_minute(
+        limiter: RateLimiter, clock: Clock) -> None:
+    # Given a model with no configured limit whose calls succeeded 60 times over the last minute
+    _called_long_ago(limiter, clock)
+    assert _succeed(limiter, clock, 60, 60.0) is None
+    assert limiter.acquire(MODEL, rpm=None, tpm=None, tokens=0) == 0.0
+
+    # When the provider answers 429 without Retry-After to a call sent 0.3 s ago
+    throttle = limiter.throttled(MODEL, sent_s_ago=0.3, rpm=None)
+
+    # Then the model learns DECREASE x 60 requests per minute and every worker pauses PAUSE_S
+    assert throttle.reacted and throttle.learned_rpm == pytest.approx(DECREASE * 60)
+    assert throttle.pause_s == pytest.approx(PAUSE_S)
+    assert limiter.learned_rpm(MODEL) == pytest.approx(DECREASE * 60)
+    assert limiter.acquire(MODEL, rpm=None, tpm=None, tokens=0) == pytest.approx(PAUSE_S)
+    # And after the pause calls are spaced at the learned rate (a bucket of one call): one granted, the next
+    # one interval later
+    clock.advance(PAUSE_S)
+    assert limiter.acquire(MODEL, rpm=None, tpm=None, tokens=0) == 0.0
+    assert limiter.acquire(MODEL, rpm=None, tpm=None, tokens=0) == pytest.approx(60 / (DECREASE * 60))
+
+
+def test_before_a_minute_of_history_the_achieved_rate_is_taken_over_the_time_since_the_first_success(
+        limiter: RateLimiter, clock: Clock) -> None:
+    # Given 20 successes in the first 10 s (a provider with a short window: 2 per second)
+    _succeed(limiter, clock, 20, 10.0)
+    # When a 429 comes, Then the rate learned is about DECREASE x 120 per minute (20 in the 9.5 s since the
+    # first success), not DECREASE x 20
+    assert limiter.throttled(MODEL, sent_s_ago=0.1, rpm=None).learned_rpm == pytest.approx(DECREASE * 120, rel=0.06)
+
+
+def test_memqs_own_pauses_do_not_count_as_time_the_provider_refused(limiter: RateLimiter, clock: Clock) -> None:
+    # Given a provider taking 2 calls a second: 2 succeed, the next is refused (learned DECREASE x 120)
+    _succeed(limiter, clock, 2, 0.3)
+    first = limiter.throttled(MODEL, sent_s_ago=0.1, rpm=None)
+    assert first.learned_rpm == pytest.approx(DECREASE * 120)
+    # When after the pause 2 more succeed at once and the next is refused
+    clock.advance(first.pause_s)
+    _succeed(limiter, clock, 2, 0.3)
+    again = limiter.throttled(MODEL, sent_s_ago=0.1, rpm=None)
+    # Then the 1 s pause is not counted against the provider: 4 calls in the 0.6 s memq was sending is
+    # more than the rate learned, which stays (a 429 never raises it); 4 over 1.6 s would have lowered it
+    assert again.reacted and again.learned_rpm == pytest.approx(DECREASE * 120 + 2 * STEP_RPM)
+
+
+def test_successes_of_calls_sent_before_a_429s_reaction_count_in_what_it_measured(limiter: RateLimiter,
+                                                                                 clock: Clock) -> None:
+    # Given 8 calls sent at once to a provider taking 3 a second: one answer arrives, then a 429
+    clock.advance(0.3)
+    limiter.succeeded(MODEL, sent_s_ago=0.3, rpm=None)
+    early = limiter.throttled(MODEL, sent_s_ago=0.3, rpm=None)
+    assert early.learned_rpm == pytest.approx(DECREASE * 60)  # 1 success in (at least) 1 s
+
+    # When the two other successes of that batch are answered after the reaction
+    rates = [limiter.succeeded(MODEL, sent_s_ago=0.3, rpm=None) for _ in range(2)]
+    # Then each is counted in the measure, as if it had come first: 2, then 3 calls in the second
+    assert rates == pytest.approx([DECREASE * 120, DECREASE * 180])
+    # And other 429s of the batch change nothing
+    assert not limiter.throttled(MODEL, sent_s_ago=0.3, rpm=None).reacted
+
+
+def test_after_429s_that_outlast_a_pause_the_first_success_takes_the_rate_over_the_whole_stretch(
+        limiter: RateLimiter, clock: Clock) -> None:
+    # Given a cold start against a one-minute window of 60: 60 calls succeed in 9 s, then every call is refused
+    _succeed(limiter, clock, 60, 9.0)
+    reactions = []
+    while clock.now < 1_000_000 + 55:
+        reactions.append(limiter.throttled(MODEL, sent_s_ago=0.1, rpm=None))
+        clock.advance(reactions[-1].pause_s + 0.1)
+    # Then the 429s alone leave a rate measured over less than a minute, above the limit
+    assert len(reactions) >= 5 and (reactions[-1].learned_rpm or 0) > 60
+
+    # When the window frees and a call succeeds (after 60 s)
+    clock.now = max(clock.now, 1_000_000 + 61)
+    learned = limiter.succeeded(MODEL, rpm=None)
+    # Then the rate is the 61 calls the provider let through over that minute, times DECREASE
+    assert learned == pytest.approx(DECREASE * 61)
+    # And the provider showed a window longer than a pause: the learned rate's bucket holds BURST_CALLS
+    # calls instead of one, then spaces calls at the rate
+    grants = [limiter.acquire(MODEL, rpm=None, tpm=None, tokens=0) for _ in range(BURST_CALLS + 1)]
+    assert grants[:BURST_CALLS] == [0.0] * BURST_CALLS and grants[-1] == pytest.approx(60 / learned)
+
+
+def test_the_longer_a_learned_rate_holds_without_429s_the_faster_it_probes(limiter: RateLimiter,
+                                                                          clock: Clock) -> None:
+    # Given a learned rate of DECREASE x 60, used at its pace (54 successes over the minute after its 429)
+    _called_long_ago(limiter, clock)
+    _succeed(limiter, clock, 60, 60.0)
+    limiter.throttled(MODEL, sent_s_ago=0.1, rpm=None)
+    refused_at = clock.now
+    in_first_minute = _succeed(limiter, clock, 54, 59.0)
+    assert in_first_minute is not None
+
+    # When it is still used and unrefused three minutes after the 429
+    clock.now = refused_at + 180.0
+    _succeed(limiter, clock, 108, 0.0)  # the last minute's calls, so that it counts as used
+    before = limiter.succeeded(MODEL, rpm=None)
+    after = limiter.succeeded(MODEL, rpm=None)
+    # Then each success adds 3 steps (one per minute since the 429, at most PROBE_MAX)
+    assert before is not None and after == pytest.approx(before + min(3, PROBE_MAX) * STEP_RPM)
+
+
+def test_429s_of_calls_in_flight_together_react_once_and_a_run_of_429s_doubles_the_pause(
+        limiter: RateLimiter, clock: Clock) -> None:
+    # Given a first 429 (60 successes in the last minute)
+    _succeed(limiter, clock, 60, 60.0)
+    first = limiter.throttled(MODEL, sent_s_ago=0.3, rpm=None)
+
+    # When 429s come for calls that were sent before that reaction (in flight at the same time)
+    clock.advance(0.2)
+    echo = limiter.throttled(MODEL, sent_s_ago=0.4, rpm=None)
+    # Then nothing changes: same rate, the pause left is the first one's
+    assert not echo.reacted and echo.learned_rpm == first.learned_rpm
+    assert echo.pause_s == pytest.approx(PAUSE_S - 0.2)
+
+    # When calls sent after each pause are refused again, with no success in between
+    pauses = []
+    for _ in range(7):
+        clock.advance(PAUSE_MAX_S + 0.1)
+        pauses.append(limiter.throttled(MODEL, sent_s_ago=0.05, rpm=None).pause_s)
+    # Then each reaction doubles the pause, up to PAUSE_MAX_S
+    assert pauses == pytest.approx([2 * PAUSE_S, 4 * PAUSE_S, 8 * PAUSE_S, 16 * PAUSE_S, PAUSE_MAX_S, PAUSE_MAX_S,
+                                    PAUSE_MAX_S])
+    # And a success after the pause ends the run: the next 429 pauses PAUSE_S again
+    clock.advance(PAUSE_MAX_S)
+    _succeed(limiter, clock, 1, 0.1)
+    assert limiter.throttled(MODEL, sent_s_ago=0.05, rpm=None).pause_s == pytest.approx(PAUSE_S)
+
+
+def test_the_learned_rate_rises_a_small_step_per_success_while_used_and_not_while_idle(
+        limiter: RateLimiter, clock: Clock) -> None:
+    # Given a learned rate of DECREASE x 60 per minute
+    _called_long_ago(limiter, clock)
+    _succeed(limiter, clock, 60, 60.0)
+    learned = limiter.throttled(MODEL, sent_s_ago=0.1, rpm=None).learned_rpm
+    assert learned == pytest.approx(DECREASE * 60)
+
+    # When 54 calls succeed over the next minute (the rate is used: at least USED of it)
+    after = _succeed(limiter, clock, 54, 60.0)
+    # Then it rose by STEP_RPM per success while the achieved rate was at least USED of it
+    assert after is not None and learned + STEP_RPM <= after <= learned + 54 * STEP_RPM
+
+    # When calls come only now and then (2 a minute: far below USED of the rate)
+    idle = _succeed(limiter, clock, 20, 600.0)
+    # Then it does not grow
+    assert idle == pytest.approx(after)
+
+
+def test_two_limiters_on_two_connections_share_the_learned_rate(redis_server: RedisServer, prefix: str,
+                                                                clock: Clock) -> None:
+    # Given two workers with their own connections
+    clients = [_client(redis_server.url), _client(redis_server.url)]
+    first, second = (RateLimiter(c, key_prefix=prefix, clock=clock) for c in clients)
+
+    # When the first worker's calls succeed and then one gets a 429
+    for _ in range(30):
+        clock.advance(1.0)
+        first.succeeded(MODEL, rpm=None)
+    learned = first.throttled(MODEL, sent_s_ago=0.1, rpm=None).learned_rpm
+
+    # Then the second worker sees the same learned rate and the same pause
+    assert learned is not None and second.learned_rpm(MODEL) == learned
+    assert second.acquire(MODEL, rpm=None, tpm=None, tokens=0) == pytest.approx(PAUSE_S)
+    # And a success reported by the second moves the rate both see
+    clock.advance(PAUSE_S)
+    assert second.succeeded(MODEL, rpm=None) == first.learned_rpm(MODEL)
+    for c in clients:
+        c.close()
+
+
+def test_a_configured_rpm_is_a_ceiling_the_learned_rate_never_exceeds(limiter: RateLimiter, clock: Clock) -> None:
+    # Given a configured limit of 30 per minute and 60 successes in the last minute
+    _called_long_ago(limiter, clock, rpm=30)
+    _succeed(limiter, clock, 60, 60.0, rpm=30)
+    # When a 429 comes: DECREASE x 60 is above the ceiling, so nothing is learned and the configured rate rules
+    assert limiter.throttled(MODEL, sent_s_ago=0.1, rpm=30).learned_rpm is None
+
+    # When later only 20 succeeded in the last minute before a 429
+    clock.advance(120.0)
+    _succeed(limiter, clock, 20, 60.0, rpm=30)
+    learned = limiter.throttled(MODEL, sent_s_ago=0.1, rpm=30).learned_rpm
+    # Then the rate is lowered below the ceiling, and acquire spaces calls by it
+    assert learned == pytest.approx(DECREASE * 20)
+    clock.advance(PAUSE_S)
+    assert limiter.acquire(MODEL, rpm=30, tpm=None, tokens=0) == 0.0
+    assert limiter.acquire(MODEL, rpm=30, tpm=None, tokens=0) == pytest.approx(60 / (DECREASE * 20))
+
+    # When successes raise it to the ceiling, Then it is dropped and the configured rate rules again
+    raised = [limiter.succeeded(MODEL, rpm=30) for _ in range(400)]
+    assert raised[-1] is None and limiter.learned_rpm(MODEL) is None
+    assert all(r is None or r < 30 for r in raised)
+
+
+def test_the_learned_rate_never_goes_below_the_floor_and_a_429_with_nothing_measured_changes_no_rate(
+        limiter: RateLimiter, clock: Clock) -> None:
+    # Given a model whose last success was over a minute ago
+    _succeed(limiter, clock, 1, 1.0)
+    clock.advance(61.0)
+    # When a 429 comes, Then there is nothing to measure: no rate is learned, the model only pauses
+    nothing = limiter.throttled(MODEL, sent_s_ago=0.1, rpm=None)
+    assert nothing.reacted and nothing.learned_rpm is None and nothing.pause_s == pytest.approx(PAUSE_S)
+
+    # When one call succeeds in a minute and a 429 follows, again and again
+    rates = []
+    for _ in range(5):
+        clock.advance(PAUSE_MAX_S)
+        _succeed(limiter, clock, 1, 60.0)
+        rates.append(limiter.throttled(MODEL, sent_s_ago=0.1, rpm=None).learned_rpm)
+    # Then the rate is held at the floor of FLOOR_RPM (DECREASE x 1 is below it), never under it
+    assert rates[0] == pytest.approx(FLOOR_RPM) and all(r is not None and FLOOR_RPM <= r < 1.5 for r in rates)
+
+
+def test_learned_state_lives_an_hour_after_the_last_call_and_bad_arguments_are_refused(
+        limiter: RateLimiter, redis_server: RedisServer, prefix: str) -> None:
+    # Given a model with one success
+    limiter.succeeded(MODEL, rpm=None)
+    client = _client(redis_server.url)
+    ttl_ms = client.pttl(f"{prefix}:{MODEL}")
+    client.close()
+    # Then its key lives LEARNED_TTL_S from now
+    assert LEARNED_TTL_S * 1000 - 5000 < ttl_ms <= LEARNED_TTL_S * 1000
+    # And nonsense is refused before touching Redis
+    with pytest.raises(ValueError, match="sent_s_ago"):
+        limiter.throttled(MODEL, sent_s_ago=-1.0, rpm=None)
+    with pytest.raises(ValueError, match="rpm"):
+        limiter.succeeded(MODEL, rpm=0)

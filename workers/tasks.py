@@ -4,9 +4,12 @@ A task calls its stage function, turns an error into a retry, a requeue or a fai
 below), and commits the result through the ledger, which queues the next task in the same atomic
 step. Tasks carry only the job id (message text never travels in task arguments).
 
-Retry policy: `RateLimited` (no budget in the shared limiter) and `StageBusy` (another delivery
-is computing the stage) requeue after their wait without counting an attempt; another `TransientError` retries with exponential backoff and full jitter
-(2 s doubling, at most ``jobs.retry_backoff_max_s``), or after the provider's ``Retry-After``; the
+Retry policy: `RateLimited` (no budget in the shared limiter, or the provider's 429 with or without
+``Retry-After``) and `StageBusy` (another delivery is computing the stage) requeue after their wait
+without counting an attempt (`jobs.add.not_now`; a stage rate-limited longer than
+``jobs.rate_limit_budget_s`` fails the job with `RateLimitBudgetExceeded`); another `TransientError`
+retries with exponential backoff and full jitter (2 s doubling, at most ``jobs.retry_backoff_max_s``),
+or after the provider's ``Retry-After``; the
 last attempt, or any other error, fails the job (dead letter, its scope moves on) and then raises
 `JobFailed` so Flower shows the failure without user data. If Redis stays down longer than
 ``jobs.broker_outage_s``, the message is rejected for redelivery (or, if even that cannot reach
@@ -79,8 +82,8 @@ class StageTask(Task):  # type: ignore[misc]
                 change = life(job_id, c)
             except BrokerUnavailable:
                 raise
-            except NotNow as exc:  # RateLimited, StageBusy
-                change = add.requeue(self.name, exc.retry_after_s or 1.0, attempt=attempt)
+            except NotNow as exc:  # RateLimited (the limiter, the provider's 429), StageBusy
+                change = add.not_now(job_id, c, self.name, exc, attempt=attempt)
             except TransientError as exc:
                 change = self._retry_or_fail(job_id, c, exc, attempt)
             except Exception as exc:  # noqa: BLE001  (anything else fails the job, never silently)

@@ -9,7 +9,8 @@ HTTP status (429 with ``Retry-After``, 5xx), latency, or a raw broken body. With
 `default` responder answers (e.g. memq's offline heuristic), so a test only scripts what it checks.
 
 With `rpm_limit` set it also behaves like a provider's rate limit: more than `rpm_limit` chat
-completions in any sliding 60 s window get 429 with ``Retry-After`` (whole seconds until a slot frees).
+completions in any sliding window of `window_s` seconds (60 by default: requests per minute) get 429
+with ``Retry-After`` (whole seconds until a slot frees), or without it; a refused request takes no slot.
 """
 
 from __future__ import annotations
@@ -114,14 +115,17 @@ class LLMTestServer:
             the reply content. None answers ``{}``.
         latency_s: delay added to every answer (seconds).
         embedding_dims: length of the ``/v1/embeddings`` vectors.
-        rpm_limit: provider-side limit, chat completions per sliding 60 s window; over it, requests
-            get 429 without using the script. None: no limit.
+        rpm_limit: provider-side limit, chat completions per sliding window of `window_s` seconds; over
+            it, requests get 429 without using the script. None: no limit.
         with_retry_after: send ``Retry-After`` (whole seconds, >= 1) on those 429s; False omits it.
+        window_s: the sliding window's length (seconds; 60: `rpm_limit` is per minute). A short one lets
+            a test reach the limit in a few seconds.
 
     Attributes:
         requests: every chat request body received (parsed JSON), in order, including rate-limited ones.
         request_times: when each of `requests` arrived (``time.time()`` seconds), same order.
         rate_limited: how many 429s were sent because of `rpm_limit` (scripted 429s not counted).
+        accepted_at: `time.monotonic` of every chat request `rpm_limit` let through (with a limit set).
         image_captions: what the server "sees" in an image, by URL (a vision call about an image not
             listed gets ``"a photo numbered <first 8 hex of the URL's sha256>"``).
         vision_requests: the image URLs of every vision call (a chat request with image parts), in order.
@@ -129,14 +133,19 @@ class LLMTestServer:
     """
 
     def __init__(self, default: Callable[[str], str] | None = None, *, latency_s: float = 0.0,
-                 embedding_dims: int = 384, rpm_limit: int | None = None, with_retry_after: bool = True) -> None:
+                 embedding_dims: int = 384, rpm_limit: int | None = None, with_retry_after: bool = True,
+                 window_s: float = 60.0) -> None:
         if rpm_limit is not None and rpm_limit <= 0:
             raise ValueError(f"rpm_limit must be a positive int or None, got {rpm_limit}")
+        if window_s <= 0:
+            raise ValueError(f"window_s must be positive, got {window_s}")
         self.default = default
         self.latency_s = latency_s
         self.embedding_dims = embedding_dims
         self.rpm_limit = rpm_limit
         self.with_retry_after = with_retry_after
+        self.window_s = window_s
+        self.accepted_at: list[float] = []
         self.requests: list[dict[str, Any]] = []
         self.request_times: list[float] = []
         self.embedding_requests: list[dict[str, Any]] = []
@@ -144,7 +153,7 @@ class LLMTestServer:
         self.image_captions: dict[str, str] = {}
         self.vision_requests: list[list[str]] = []
         self.rerank_requests: list[dict[str, Any]] = []
-        self._window: deque[float] = deque()  # monotonic times (s) of accepted chat requests, last 60 s
+        self._window: deque[float] = deque()  # monotonic times (s) of accepted chat requests, last window_s
         self._script: deque[Reply] = deque()
         self._lock = threading.Lock()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -177,6 +186,7 @@ class LLMTestServer:
             self.vision_requests.clear()
             self.rerank_requests.clear()
             self._window.clear()
+            self.accepted_at.clear()
             self.rate_limited = 0
 
     def _over_limit(self) -> Reply | None:
@@ -187,14 +197,15 @@ class LLMTestServer:
         if self.rpm_limit is None:
             return None
         now = time.monotonic()
-        while self._window and self._window[0] <= now - 60.0:
+        while self._window and self._window[0] <= now - self.window_s:
             self._window.popleft()
         if len(self._window) < self.rpm_limit:
             self._window.append(now)
+            self.accepted_at.append(now)
             return None
         self.rate_limited += 1
-        retry_after_s = max(1, math.ceil(self._window[0] + 60.0 - now))
-        error = {"error": {"message": f"Rate limit reached: {self.rpm_limit} requests per minute",
+        retry_after_s = max(1, math.ceil(self._window[0] + self.window_s - now))
+        error = {"error": {"message": f"Rate limit reached: {self.rpm_limit} requests per {self.window_s:g} s",
                            "type": "requests", "param": None, "code": "rate_limit_exceeded"}}
         headers = {"Retry-After": str(retry_after_s)} if self.with_retry_after else {}
         return Reply(status=429, headers=headers, raw_body=json.dumps(error).encode())
