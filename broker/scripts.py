@@ -133,9 +133,12 @@ local fields = {'updated_at', now}
 if label ~= '' then fields[#fields + 1] = 'stage'; fields[#fields + 1] = label end
 if status == 'queued' then fields[#fields + 1] = 'status'; fields[#fields + 1] = 'running' end
 redis.call('HSET', jk, unpack(fields))
-redis.call('HDEL', jk, 'waiting', 'rate_limited_since')
-if push then return 'ok' end
-return 'done-before'
+redis.call('HDEL', jk, 'waiting')
+if push then
+  redis.call('HDEL', jk, 'rate_limited_since')  -- a stage finished: the rate-limit clock starts again
+  return 'ok'
+end
+return 'done-before'  -- a duplicate delivery of a done stage leaves the next stage's clock alone
 """
 
 # ARGV: id, now, write name, output JSON, expected writes, finalize queue, finalize message

@@ -26,7 +26,7 @@ from pydantic import BaseModel, ValidationError
 
 from memq.config import OFFLINE_MODEL, LLMSettings
 from memq import metrics
-from memq.errors import LLMOutputError, LLMUnavailable, ProviderThrottled, RateLimited
+from memq.errors import LLMOutputError, LLMUnavailable, ProviderThrottled, RateLimited, StoreUnavailable
 from broker.adaptive import PAUSE_S
 from broker.ratelimit import RateLimiter
 from pipeline import offline_model
@@ -174,11 +174,14 @@ class LLM:
         metrics.LLM_TOKENS.labels(s.model, "prompt").inc(spent.prompt_tokens)
         metrics.LLM_TOKENS.labels(s.model, "completion").inc(spent.completion_tokens)
         if self._limiter is not None:
-            _show_learned(self.budget, self._limiter.succeeded(self.budget, sent_s_ago=time.monotonic() - sent,
-                                                               rpm=s.rpm))
-            if spent.prompt_tokens:
-                self._limiter.record_actual(self.budget, tpm=s.tpm, estimated=estimate, burst_s=s.burst_s,
-                                            actual=spent.prompt_tokens + spent.completion_tokens)
+            try:  # best effort: a reply already paid for is never lost to the limiter's bookkeeping
+                _show_learned(self.budget, self._limiter.succeeded(
+                    self.budget, sent_s_ago=time.monotonic() - sent, rpm=s.rpm))
+                if spent.prompt_tokens:
+                    self._limiter.record_actual(self.budget, tpm=s.tpm, estimated=estimate, burst_s=s.burst_s,
+                                                actual=spent.prompt_tokens + spent.completion_tokens)
+            except StoreUnavailable as exc:
+                logger.warning("%s: the rate limiter missed a success (%s); the reply is kept", self.budget, exc)
         logger.debug("model reply (%s): %s", response_model.__name__, text)
         return parse_reply(text, response_model), spent
 
@@ -187,11 +190,18 @@ class LLM:
         (the model is blocked until then), else the pause the learned rate's reaction set (`broker.adaptive`)."""
         if exc.retry_after_s:
             if self._limiter is not None:
-                self._limiter.block(self.budget, exc.retry_after_s)
+                try:
+                    self._limiter.block(self.budget, exc.retry_after_s)
+                except StoreUnavailable as exc_redis:
+                    logger.warning("%s answered 429; the rate limiter could not block it (%s)", self.budget, exc_redis)
             return exc.retry_after_s
         if self._limiter is None:
             return PAUSE_S
-        throttle = self._limiter.throttled(self.budget, sent_s_ago=max(0.0, sent_s_ago), rpm=self.settings.rpm)
+        try:
+            throttle = self._limiter.throttled(self.budget, sent_s_ago=max(0.0, sent_s_ago), rpm=self.settings.rpm)
+        except StoreUnavailable as exc:  # the 429 stays a wait, never an attempt, even when Redis blinks
+            logger.warning("%s answered 429; the rate limiter could not learn from it (%s)", self.budget, exc)
+            return PAUSE_S
         _show_learned(self.budget, throttle.learned_rpm)
         if throttle.reacted:
             logger.warning("%s answered 429 without Retry-After: learned rate %s, every worker pauses %.1f s",

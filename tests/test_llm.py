@@ -75,3 +75,42 @@ def test_a_429_without_retry_after_and_no_configured_limit_teaches_every_worker_
     assert learned is not None and 1 <= learned <= DECREASE * 3 * 60 + 1e-6
     # And this worker's gauge shows it
     assert REGISTRY.get_sample_value("memq_llm_learned_rpm", {"budget": model}) == learned
+
+
+@pytest.mark.parametrize("provider_says", ["ok", "429"])
+def test_a_redis_outage_during_the_call_loses_no_reply_and_turns_no_429_into_an_attempt(
+        provider_says: str, tmp_path: object) -> None:
+    import threading
+    import time
+
+    # Given a model behind the shared limiter on a Redis of its own, and a provider taking 2 s to answer
+    server = LLMTestServer(latency_s=2.0).start()
+    try:
+        with RedisServer() as own_redis:
+            llm, _, _ = _llm(server, own_redis)
+            server.script('{"facts": ["Ann likes tea"]}' if provider_says == "ok" else Reply(status=429))
+            outcome: dict[str, object] = {}
+
+            def call() -> None:
+                try:
+                    outcome["reply"] = llm.complete_json("system", "user", FactsReply)[0]
+                except Exception as exc:  # the outcome under test
+                    outcome["error"] = exc
+
+            caller = threading.Thread(target=call)
+            caller.start()
+            # When Redis goes away while the request is at the provider (the limiter let it through)
+            deadline = time.monotonic() + 30
+            while server.calls < 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            own_redis.stop()
+            caller.join(30)
+    finally:
+        server.stop()
+    # Then a reply is kept (the limiter's bookkeeping is best effort), and a 429 is still a wait
+    if provider_says == "ok":
+        reply = outcome.get("reply")
+        assert isinstance(reply, FactsReply) and [f.text for f in reply.facts] == ["Ann likes tea"], outcome
+    else:
+        error = outcome.get("error")
+        assert isinstance(error, RateLimited) and error.retry_after_s == pytest.approx(PAUSE_S), outcome
