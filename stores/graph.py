@@ -3,8 +3,9 @@
 Model:
 
 - ``(:__Entity__)`` nodes, unique per (``scope_key``, ``key``) where ``key`` is the normalized name;
-  properties ``name``, ``entity_type``, the scope ids, ``created_at``, ``updated_at``, ``job_ids`` and
-  ``mentions`` (jobs that mentioned it; a retried job counts once) and ``embedding`` (of the name).
+  properties ``name``, ``entity_type``, the scope ids, ``created_at``, ``updated_at``, ``mentions``
+  (jobs that mentioned it; a retried job counts once), ``job_ids`` (the latest `RECENT_JOBS` of them) and
+  ``embedding`` (of the name, written once: a write sends it only for names new to the scope).
 - relations between two entities of one scope, typed by the relationship (``WORKS_AT``), with
   ``rid``, ``created_at``, ``updated_at``, ``job_id``, ``memory_ids`` (the memories supporting it),
   ``valid`` and, once contradicted, ``invalid_at`` and ``invalidated_by``: a contradicted relation is
@@ -34,6 +35,11 @@ from neo4j.exceptions import TransientError as Neo4jTransientError
 from memq.config import Neo4jSettings
 from memq.errors import StoreError, StoreUnavailable
 from memq.models import Relation, Scope
+
+RECENT_JOBS = 8
+"""How many of the latest jobs that mentioned an entity it keeps (``job_ids``): a job's graph write runs
+again only before a later job of its scope may write (one scope, one order), so the latest is what
+counts a retried job once; a bounded list keeps every write of a much-mentioned entity small."""
 
 _TYPE = re.compile(r"[A-Z][A-Z0-9_]{0,63}")
 _SEPARATORS = re.compile(r"[\s\-]+")
@@ -118,6 +124,60 @@ _SCOPE_MATCH: LiteralString = (
 )
 
 
+_WRITE: LiteralString = (
+    # entities: merged by key; a retried job counts once (its id is among the latest)
+    "CALL () { "
+    "  UNWIND $entities AS e "
+    "  MERGE (n:__Entity__ {scope_key: $scope_key, key: e.key}) "
+    "  ON CREATE SET n.name = e.name, n.created_at = $when, n.user_id = $user_id, "
+    "    n.agent_id = $agent_id, n.run_id = $run_id, n.job_ids = [], n.mentions = 0 "
+    "  SET n.updated_at = $when, n.entity_type = e.entity_type "
+    "  WITH n, e WHERE NOT $job_id IN n.job_ids "
+    "  SET n.job_ids = n.job_ids[-($recent - 1)..] + $job_id, n.mentions = n.mentions + 1 "
+    "} "
+    # name embeddings: only those the plan carries (names new to the scope); never rewritten
+    "CALL () { "
+    "  UNWIND $entities AS e "
+    "  WITH e WHERE e.embedding IS NOT NULL "
+    "  MATCH (n:__Entity__ {scope_key: $scope_key, key: e.key}) "
+    "  SET n.embedding = e.embedding "
+    "} "
+    # relations of every type, merged on their ends, type and validity
+    "CALL () { "
+    "  UNWIND $rows AS r "
+    "  MATCH (s:__Entity__ {scope_key: $scope_key, key: r.source}) "
+    "  MATCH (d:__Entity__ {scope_key: $scope_key, key: r.destination}) "
+    "  MERGE (s)-[x:$(r.type) {valid: true}]->(d) "
+    "  ON CREATE SET x.rid = r.rid, x.created_at = $when, x.job_id = $job_id, "
+    "    x.scope_key = $scope_key, x.memory_ids = [] "
+    "  SET x.updated_at = $when, "
+    "    x.memory_ids = x.memory_ids + [m IN r.memory_ids WHERE NOT m IN x.memory_ids] "
+    "} "
+    # contradicted relations: kept, marked invalid
+    "CALL () { "
+    "  UNWIND $rids AS rid "
+    "  MATCH (:__Entity__ {scope_key: $scope_key})-[x {rid: rid}]->() WHERE x.valid "
+    "  SET x.valid = false, x.invalid_at = $when, x.invalidated_by = $job_id "
+    "} "
+    # deleted memories: their support goes; relations left without support and bare entities too
+    "CALL () { "
+    "  WITH $ids AS ids WHERE size(ids) > 0 "
+    "  MATCH (:__Entity__ {scope_key: $scope_key})-[x]->() WHERE any(m IN x.memory_ids WHERE m IN ids) "
+    "  SET x.memory_ids = [m IN x.memory_ids WHERE NOT m IN ids] "
+    "  WITH x WHERE size(x.memory_ids) = 0 DELETE x "
+    "} "
+    "CALL () { "
+    "  WITH $ids AS ids WHERE size(ids) > 0 "
+    "  MATCH (e:__Entity__ {scope_key: $scope_key}) WHERE NOT (e)--() DELETE e "
+    "} "
+    # names still without an embedding (the caller embeds them)
+    "UNWIND $entities AS e "
+    "MATCH (n:__Entity__ {scope_key: $scope_key, key: e.key}) WHERE n.embedding IS NULL "
+    "RETURN n.key AS key"
+)
+"""One job's graph change as one query (see `GraphStore.write`); every value is a parameter."""
+
+
 class GraphStore:
     """Entities and relations in Neo4j.
 
@@ -151,9 +211,11 @@ class GraphStore:
             self._ready = True
 
     def write(self, change: GraphWrite, embed: Callable[[list[str]], list[list[float]]] | None = None) -> None:
-        """Apply one job's graph change in one transaction and, usually, one query (MERGE-based: running
-        it twice changes nothing): its entities and its relations of every type are merged by one query of
-        two ``UNWIND`` subqueries, which also returns the entities left without a name embedding.
+        """Apply one job's graph change as one auto-commit query, so one transaction and one Bolt round
+        trip (MERGE-based: running it twice changes nothing, and a job is counted once in ``mentions``):
+        ``UNWIND`` subqueries merge its entities, write the name embeddings it carries, merge its relations
+        of every type, invalidate contradicted relations and forget deleted memories; the query returns the
+        entities left without a name embedding, which a second query embeds (rare; a retry redoes both).
 
         Args:
             change: the job's graph change. An entity's embedding is None when the decide stage found its
@@ -179,52 +241,19 @@ class GraphStore:
         entities = [{"key": e.key, "name": e.name, "entity_type": e.entity_type,
                      "embedding": list(e.embedding) if e.embedding is not None else None} for e in change.entities]
 
-        def work(tx: neo4j.ManagedTransaction) -> None:
-            bare = [r["key"] for r in tx.run(
-                "CALL () { "
-                "  UNWIND $entities AS e "
-                "  MERGE (n:__Entity__ {scope_key: $scope_key, key: e.key}) "
-                "  ON CREATE SET n.name = e.name, n.created_at = $when, n.user_id = $user_id, "
-                "    n.agent_id = $agent_id, n.run_id = $run_id, n.job_ids = [] "
-                "  SET n.updated_at = $when, n.entity_type = e.entity_type, "
-                "    n.embedding = coalesce(e.embedding, n.embedding), "
-                "    n.job_ids = CASE WHEN $job_id IN n.job_ids THEN n.job_ids ELSE n.job_ids + $job_id END "
-                "  SET n.mentions = size(n.job_ids) "
-                "} "
-                "CALL () { "
-                "  UNWIND $rows AS r "
-                "  MATCH (s:__Entity__ {scope_key: $scope_key, key: r.source}) "
-                "  MATCH (d:__Entity__ {scope_key: $scope_key, key: r.destination}) "
-                "  MERGE (s)-[x:$(r.type) {valid: true}]->(d) "
-                "  ON CREATE SET x.rid = r.rid, x.created_at = $when, x.job_id = $job_id, "
-                "    x.scope_key = $scope_key, x.memory_ids = [] "
-                "  SET x.updated_at = $when, "
-                "    x.memory_ids = x.memory_ids + [m IN r.memory_ids WHERE NOT m IN x.memory_ids] "
-                "} "
-                "UNWIND $entities AS e "
-                "MATCH (n:__Entity__ {scope_key: $scope_key, key: e.key}) WHERE n.embedding IS NULL "
-                "RETURN n.key AS key",
-                entities=entities, rows=rows, **params)]
+        with _mapped("write"), self._driver.session(database=self._database) as session:
+            # one auto-commit query: one round trip, one transaction
+            bare = [r["key"] for r in session.run(
+                _WRITE, entities=entities, rows=rows, rids=list(change.invalidated),
+                ids=list(change.deleted_memory_ids), recent=RECENT_JOBS, **params)]
             if bare:  # names the plan took for known, or a plan without embeddings: embed them here (rare)
                 if embed is None:
                     raise ValueError("entities without an embedding need an embed function")
                 names = {e.key: e.name for e in change.entities}
-                tx.run("UNWIND $rows AS r MATCH (n:__Entity__ {scope_key: $scope_key, key: r.key}) "
-                       "SET n.embedding = r.embedding",
-                       rows=[{"key": k, "embedding": v} for k, v in zip(bare, embed([names[k] for k in bare]))],
-                       **params).consume()
-            if change.invalidated:
-                tx.run(
-                    "UNWIND $rids AS rid "
-                    "MATCH (:__Entity__ {scope_key: $scope_key})-[x {rid: rid}]->() WHERE x.valid "
-                    "SET x.valid = false, x.invalid_at = $when, x.invalidated_by = $job_id",
-                    rids=list(change.invalidated), **params,
-                ).consume()
-            if change.deleted_memory_ids:
-                _forget_memories(tx, list(change.deleted_memory_ids), params)
-
-        with _mapped("write"), self._driver.session(database=self._database) as session:
-            session.execute_write(work)
+                session.run("UNWIND $rows AS r MATCH (n:__Entity__ {scope_key: $scope_key, key: r.key}) "
+                            "SET n.embedding = r.embedding",
+                            rows=[{"key": k, "embedding": v} for k, v in zip(bare, embed([names[k] for k in bare]))],
+                            **params).consume()
 
     def embedded_keys(self, scope: Scope, keys: Sequence[str]) -> set[str]:
         """Which of the entity `keys` exist in exactly this scope with a name embedding (the decide stage

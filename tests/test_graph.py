@@ -216,3 +216,64 @@ def test_one_write_merges_relations_of_every_type_and_embeds_only_names_new_to_t
     assert embedded == [["Lisbon", "chess club"]]
     assert graph._run("MATCH (n:__Entity__ {user_id: $u, key: 'ana'}) RETURN n.embedding[0] AS e, n.mentions AS m",
                       u=user_id) == [{"e": 0.5, "m": 2}]
+
+
+@pytest.mark.timeout(240)
+def test_mentions_count_every_job_while_job_ids_keep_only_the_latest(graph: Any, user_id: str) -> None:
+    import uuid
+    from datetime import datetime, timezone
+
+    from stores.graph import RECENT_JOBS, EntityWrite, GraphWrite
+
+    scope = Scope(user_id=user_id)
+    jobs = [str(uuid.uuid4()) for _ in range(RECENT_JOBS + 4)]
+
+    def write(job_id: str) -> None:
+        graph.write(GraphWrite(job_id=job_id, scope=scope, when=datetime.now(timezone.utc),
+                               entities=[EntityWrite("ana", "Ana", "person", [0.5] * 384)]))
+
+    # Given more jobs naming one entity than it keeps ids of, the latest written twice (a retry)
+    for job_id in jobs:
+        write(job_id)
+    write(jobs[-1])
+    # Then every job counts once, and only the latest ids are kept, newest last
+    [row] = graph._run("MATCH (n:__Entity__ {user_id: $u}) RETURN n.mentions AS m, n.job_ids AS ids", u=user_id)
+    assert row == {"m": len(jobs), "ids": jobs[-RECENT_JOBS:]}
+
+
+@pytest.mark.timeout(240)
+def test_one_write_can_merge_invalidate_and_forget_together(graph: Any, user_id: str) -> None:
+    import uuid
+    from datetime import datetime, timezone
+
+    from memq.models import Relation
+    from stores.graph import EntityWrite, GraphWrite
+
+    scope, other = Scope(user_id=user_id), Scope(user_id=user_id + "-other")
+    vector = [0.5] * 384
+    old_memory, kept_memory = str(uuid.uuid4()), str(uuid.uuid4())
+
+    def write(target: Scope, **change: Any) -> None:
+        graph.write(GraphWrite(job_id=str(uuid.uuid4()), scope=target, when=datetime.now(timezone.utc), **change))
+
+    def rel(source: str, kind: str, destination: str, memory: str) -> Relation:
+        return Relation(rid=str(uuid.uuid4()), source=source, relationship=kind, destination=destination,
+                        memory_ids=[memory])
+
+    entities = [EntityWrite(k, k.title(), "thing", vector) for k in ("ana", "lisbon", "porto", "chess")]
+    lives = rel("ana", "LIVES_IN", "lisbon", kept_memory)
+    plays = rel("ana", "PLAYS", "chess", old_memory)
+    for target in (scope, other):
+        write(target, entities=entities, relations=[lives, plays])
+    # When one job adds a relation, contradicts one and deletes the memory supporting another
+    write(scope, entities=entities[:3], relations=[rel("ana", "LIVES_IN", "porto", str(uuid.uuid4()))],
+          invalidated=[lives.rid], deleted_memory_ids=[old_memory])
+    # Then the new relation is valid, the contradicted one kept as invalid, the unsupported one and its bare
+    # entity gone; the other scope, holding the same rids and memory ids, is untouched
+    mine = {(r.source.lower(), r.relationship, r.destination.lower(), r.valid)
+            for r in graph.all_relations(scope, include_invalid=True)}
+    assert mine == {("ana", "LIVES_IN", "porto", True), ("ana", "LIVES_IN", "lisbon", False)}
+    assert {e["key"] for e in graph.entities(scope)} == {"ana", "lisbon", "porto"}
+    theirs = {(r.source.lower(), r.relationship, r.destination.lower(), r.valid)
+              for r in graph.all_relations(other, include_invalid=True)}
+    assert theirs == {("ana", "LIVES_IN", "lisbon", True), ("ana", "PLAYS", "chess", True)}
