@@ -153,16 +153,18 @@ _WRITE: LiteralString = (
     "  SET x.updated_at = $when, "
     "    x.memory_ids = x.memory_ids + [m IN r.memory_ids WHERE NOT m IN x.memory_ids] "
     "} "
-    # contradicted relations: kept, marked invalid
+    # contradicted relations: kept, marked invalid (found from the scope's entities, by the scope index)
     "CALL () { "
     "  UNWIND $rids AS rid "
-    "  MATCH (:__Entity__ {scope_key: $scope_key})-[x {rid: rid}]->() WHERE x.valid "
+    "  MATCH (e:__Entity__ {scope_key: $scope_key}) "
+    "  MATCH (e)-[x]->() WHERE x.rid = rid AND x.valid "
     "  SET x.valid = false, x.invalid_at = $when, x.invalidated_by = $job_id "
     "} "
     # deleted memories: their support goes; relations left without support and bare entities too
     "CALL () { "
     "  WITH $ids AS ids WHERE size(ids) > 0 "
-    "  MATCH (:__Entity__ {scope_key: $scope_key})-[x]->() WHERE any(m IN x.memory_ids WHERE m IN ids) "
+    "  MATCH (e:__Entity__ {scope_key: $scope_key}) "
+    "  MATCH (e)-[x]->() WHERE any(m IN x.memory_ids WHERE m IN ids) "
     "  SET x.memory_ids = [m IN x.memory_ids WHERE NOT m IN ids] "
     "  WITH x WHERE size(x.memory_ids) = 0 DELETE x "
     "} "
@@ -208,6 +210,7 @@ class GraphStore:
             self._run("CREATE CONSTRAINT memq_entity_key IF NOT EXISTS "
                       "FOR (e:__Entity__) REQUIRE (e.scope_key, e.key) IS UNIQUE")
             self._run("CREATE INDEX memq_entity_user IF NOT EXISTS FOR (e:__Entity__) ON (e.user_id)")
+            self._run("CREATE INDEX memq_entity_scope IF NOT EXISTS FOR (e:__Entity__) ON (e.scope_key)")
             self._ready = True
 
     def write(self, change: GraphWrite, embed: Callable[[list[str]], list[list[float]]] | None = None) -> None:
@@ -404,8 +407,8 @@ class GraphStore:
 
 def _forget_memories(tx: neo4j.ManagedTransaction, memory_ids: list[str], params: dict[str, Any]) -> None:
     tx.run(
-        "MATCH (:__Entity__ {scope_key: $scope_key})-[x]->() "
-        "WHERE any(m IN x.memory_ids WHERE m IN $ids) "
+        "MATCH (e:__Entity__ {scope_key: $scope_key}) "
+        "MATCH (e)-[x]->() WHERE any(m IN x.memory_ids WHERE m IN $ids) "
         "SET x.memory_ids = [m IN x.memory_ids WHERE NOT m IN $ids] "
         "WITH x WHERE size(x.memory_ids) = 0 DELETE x",
         ids=memory_ids, scope_key=params["scope_key"],
