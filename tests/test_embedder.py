@@ -79,3 +79,44 @@ def test_one_call_is_never_split_or_merged_wrongly(n: int) -> None:
     vectors = embedder.embed(texts)
     assert len(vectors) == n and all(len(v) == 384 for v in vectors)
     assert np.allclose(np.array(vectors[-1]), np.array(embedder.embed([texts[-1]])[0]), atol=1e-5)
+
+
+def test_passes_run_side_by_side_up_to_the_limit_and_keep_each_answer() -> None:
+    class Counting(SentenceTransformerEmbedder):
+        def __init__(self, passes: int) -> None:
+            super().__init__(threads=1, passes=passes)
+            self.now = self.most = 0
+            self.lock = threading.Lock()
+
+        def _encode(self, batch: Any) -> None:
+            with self.lock:
+                self.now += 1
+                self.most = max(self.most, self.now)
+            try:
+                super()._encode(batch)
+            finally:
+                with self.lock:
+                    self.now -= 1
+
+    embedder = Counting(passes=2)
+    alone = {i: embedder.embed(SENTENCES[i:i + 5] * 8) for i in range(0, 40, 5)}
+    # Given 8 threads embedding 40 sentences each, at once, 3 times over
+    start = threading.Barrier(8)
+    got: dict[int, list[list[list[float]]]] = {i: [] for i in alone}
+
+    def call(i: int) -> None:
+        for _ in range(3):
+            start.wait()
+            got[i].append(embedder.embed(SENTENCES[i:i + 5] * 8))
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in alone]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    # Then two passes ran at once, never more, and every call got its own vectors
+    assert embedder.most == 2
+    for i, answers in got.items():
+        assert len(answers) == 3
+        for vectors in answers:
+            assert np.allclose(np.array(vectors), np.array(alone[i]), atol=1e-5)
