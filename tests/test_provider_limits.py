@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import redis
 
+from broker.adaptive import PROBE_RPM
 from broker.ratelimit import RateLimiter
 from memq.config import Settings
 from memq.models import JobState
@@ -75,6 +76,25 @@ def test_a_provider_throttling_without_retry_after_and_no_configured_limit_fails
     # And no 429 cost an attempt: the model stages waited (re-queued), none retried
     assert _tasks("retry") == retries
     assert _tasks("waiting") > waits
+
+
+def test_a_429_without_retry_after_before_any_success_still_gives_the_model_a_rate(
+        provider: LLMTestServer, producer: Producer, settings: Settings, user_id: str) -> None:
+    # Given a model with nothing sent in the last minute whose first answer is a 429 without Retry-After
+    # (another client filled the provider's window): there is no achieved rate to cut from
+    provider.script(Reply(status=429))
+    retries = _tasks("retry")
+
+    # When a job is added
+    status = wait_done(producer, producer.add("I restore old bicycles on weekends.", user_id=user_id), timeout_s=60)
+
+    # Then it succeeded without spending an attempt
+    assert status.status is JobState.SUCCEEDED and status.error is None
+    assert _tasks("retry") == retries
+    # And the model is paced from then on at the probe rate (not left unlimited, which lets the backlog
+    # burst after every pause)
+    learned = RateLimiter(redis.Redis.from_url(settings.redis.url)).learned_rpm(settings.llm.model)
+    assert learned is not None and learned <= PROBE_RPM + 1
 
 
 def test_seven_429s_in_a_row_for_one_stage_cost_no_attempt_and_the_job_succeeds(
