@@ -6,6 +6,7 @@ time budget ends a rate-limited job, with a dead letter."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+import json
 from typing import Any
 
 import pytest
@@ -142,3 +143,25 @@ def test_a_job_rate_limited_past_its_budget_fails_with_a_dead_letter_and_replays
     assert replay_dead_letters(clients.ledger, [receipt.job_id]) == [receipt.job_id]
     assert wait_done(producer, receipt, timeout_s=60).status is JobState.SUCCEEDED
     client.close()
+
+
+def test_a_429_saying_the_quota_is_used_up_fails_the_job_at_once_with_a_dead_letter_that_says_so(
+        provider: LLMTestServer, producer: Producer, settings: Settings, user_id: str) -> None:
+    from jobs.clients import build_clients
+
+    # Given a provider whose account has no credit left: OpenAI's 429 with the code insufficient_quota
+    quota = {"error": {"message": "You exceeded your current quota, please check your plan and billing details.",
+                       "type": "insufficient_quota", "param": None, "code": "insufficient_quota"}}
+    provider.script(*[Reply(status=429, raw_body=json.dumps(quota).encode())] * 3)
+
+    # When a job is added
+    receipt = producer.add("I brew ginger beer in summer.", user_id=user_id)
+    status = wait_done(producer, receipt, timeout_s=60)
+
+    # Then it failed at once, naming the cause (no wait, no retry: one call reached the provider)
+    assert status.status is JobState.FAILED and status.error_type == "ProviderQuotaExhausted", status
+    assert provider.calls == 1
+    # And its dead letter says the quota is used up, not a rate limit
+    letter = {d.job_id: d for d in build_clients(settings).records.dead_letters()}[receipt.job_id]
+    assert letter.error_type == "ProviderQuotaExhausted"
+    assert "insufficient_quota" in letter.error and "billing" in letter.error
