@@ -28,7 +28,7 @@ provider's error object as the exception's ``body``)."""
 
 
 def import_litellm() -> ModuleType:
-    """Import litellm with its network price-map download off and its logging quiet."""
+    """Import litellm with its network price-map download off, its logging quiet and no retries of its own."""
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     os.environ.setdefault("LITELLM_LOG", "ERROR")
     import litellm
@@ -36,6 +36,9 @@ def import_litellm() -> ModuleType:
     logging.getLogger("LiteLLM").setLevel(logging.WARNING)
     litellm.suppress_debug_info = True
     litellm.telemetry = False
+    # memq makes one attempt per call (its limiter must see every 429): litellm's OpenAI embedding reads
+    # `max_retries or DEFAULT_MAX_RETRIES`, so the max_retries=0 memq passes became 2 hidden retries
+    litellm.DEFAULT_MAX_RETRIES = 0  # type: ignore[attr-defined]
     return litellm
 
 

@@ -6,6 +6,7 @@ time budget ends a rate-limited job, with a dead letter."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 import json
 from typing import Any
 
@@ -14,11 +15,14 @@ import redis
 
 from broker.adaptive import PROBE_RPM
 from broker.ratelimit import RateLimiter
-from memq.config import Settings
+from cli.redis_server import RedisServer
+from memq.config import RedisSettings, Settings
 from memq.models import JobState
 from producer import Producer
 from tests.helpers import until, wait_done
+from tests.conftest import free_port
 from tests.rigs.llm_server import LLMTestServer, Reply
+from tests.rigs.workers import start_worker, stop_worker, wait_ready, worker_env
 
 FACTS = ("I keep bonsai trees", "I restore old bicycles", "I brew ginger beer", "I collect vinyl records",
          "I grow chili peppers", "I learn Portuguese", "I run on Sunday mornings", "I paint watercolours",
@@ -165,3 +169,37 @@ def test_a_429_saying_the_quota_is_used_up_fails_the_job_at_once_with_a_dead_let
     letter = {d.job_id: d for d in build_clients(settings).records.dead_letters()}[receipt.job_id]
     assert letter.error_type == "ProviderQuotaExhausted"
     assert "insufficient_quota" in letter.error and "billing" in letter.error
+
+
+@pytest.mark.timeout(240)
+def test_a_hosted_embedders_429s_are_waits_on_a_budget_of_its_own_not_attempts(tmp_path: Path,
+                                                                               settings: Settings) -> None:
+    from pipeline.offline_model import answer
+
+    with RedisServer() as own_redis, LLMTestServer(default=lambda prompt: json.dumps(answer(prompt))) as server:
+        # Given a worker process whose embedder is hosted (litellm, at the test server) and which answers 429
+        # to its next 7 requests: 6 with Retry-After: 1, then 1 without (a stage fails after 6 attempts)
+        server.script_embeddings(*[Reply(status=429, headers={"Retry-After": "1"})] * 6, Reply(status=429))
+        log = tmp_path / "worker.log"
+        env = worker_env(own_redis.url, tmp_path / "data", MEMQ_LLM__MODEL="openai/test-model",
+                         MEMQ_LLM__API_BASE=server.url, MEMQ_LLM__API_KEY="k", MEMQ_EMBEDDER__MODEL="openai/test-embed",
+                         MEMQ_EMBEDDER__API_BASE=server.url, MEMQ_EMBEDDER__API_KEY="k",
+                         MEMQ_METRICS__PORT=str(free_port()))
+        worker = start_worker(env, log)
+        producer = Producer(settings.model_copy(update={"redis": RedisSettings(url=own_redis.url)}))
+        try:
+            wait_ready(worker, log)
+            # When a job is added (its decide stage embeds the facts)
+            status = wait_done(producer, producer.add("I keep bonsai trees on my balcony.", user_id="embed-429"),
+                               timeout_s=120)
+        finally:
+            producer.close()
+            stop_worker(worker)
+        # Then it succeeded after the 7 refusals, and none of them was an attempt
+        assert status.status is JobState.SUCCEEDED and status.error is None, status
+        assert len(server.embedding_requests) >= 8
+        assert " will retry " not in log.read_text(errors="replace")
+        # And the embedder's budget is its own: its 429 without Retry-After taught it a rate, the chat model's none
+        limiter = RateLimiter(redis.Redis.from_url(own_redis.url))
+        assert limiter.learned_rpm("embed:openai/test-embed") is not None
+        assert limiter.learned_rpm("openai/test-model") is None
