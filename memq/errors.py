@@ -242,9 +242,10 @@ class LLMUnavailable(TransientError):
 
 
 class ProviderThrottled(LLMUnavailable):
-    """The provider answered 429 (too many requests). `pipeline.llm` turns it into `RateLimited` for the
-    model stages (a wait, never an attempt); elsewhere (a remote embedder, a rerank) it is an
-    `LLMUnavailable` like any other.
+    """The provider answered 429 (too many requests). `pipeline.llm` and a worker's hosted embedder turn
+    it into `RateLimited` (a wait, never an attempt, `broker.budget`); elsewhere (a rerank, a read
+    helper's embedder) it is an `LLMUnavailable` like any other. A 429 saying the quota is used up is
+    `ProviderQuotaExhausted` instead.
 
     Attributes:
         retry_after_s: the provider's ``Retry-After`` in seconds, or None when it sent none.
