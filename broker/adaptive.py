@@ -15,9 +15,15 @@ pace) the provider refused that pace itself, so the decrease is from it. The ach
 in 60 one-second buckets (successes of the last minute, per minute); before a minute of history exists
 it is taken over the time since the first recorded success less memq's own pauses (at least 1 s), so a
 provider with a short window (2 a second, say) is learned at its own rate rather than at what a few
-seconds with a pause in them suggest. A 429 never raises the rate, a 429 with no success in the last
-minute leaves it as it is (nothing to measure), and the rate never goes below `FLOOR_RPM` nor above the
-configured ``MEMQ_LLM__RPM`` (a ceiling, when set).
+seconds with a pause in them suggest. A 429 never raises the rate, and the rate never goes below
+`FLOOR_RPM` nor above the configured ``MEMQ_LLM__RPM`` (a ceiling, when set).
+
+**A 429 with nothing to measure** (no success in the last minute: another client filled the
+provider's window, or its limit is per hour or per day) halves what is allowed now: the learned rate,
+else the configured ceiling, else it starts at `PROBE_RPM`; down to `FLOOR_RPM`. Without it the rate
+would stay unlimited and every pause would end in a burst of the whole backlog; with it, each pause
+ends with one call at a rate halved at each refusal, so a provider that refuses everything for an hour
+sees about one call a minute, and the first successes measure a rate again.
 
 **One reaction per congestion event.** Like TCP NewReno, which cuts its window once per window of
 lost data, memq reacts once: a 429 for a call sent before the last reaction's pause ended (the other
@@ -80,8 +86,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["BURST_CALLS", "DECREASE", "FLOOR_RPM", "LEARNED_TTL_S", "PAUSE_MAX_S", "PAUSE_S", "PROBE_MAX", "STEP_RPM",
-           "USED", "ADAPTIVE_LUA", "Throttle"]
+__all__ = ["BURST_CALLS", "DECREASE", "FLOOR_RPM", "LEARNED_TTL_S", "PAUSE_MAX_S", "PAUSE_S", "PROBE_MAX", "PROBE_RPM",
+           "STEP_RPM", "USED", "ADAPTIVE_LUA", "Throttle"]
 
 DECREASE = 0.95
 """On a 429 the learned rate becomes this fraction of the rate achieved over the last minute (of the learned
@@ -98,6 +104,9 @@ PAUSE_MAX_S = 30.0
 """Longest pause after a 429 (seconds)."""
 FLOOR_RPM = 1.0
 """The learned rate never goes below this (requests per minute)."""
+PROBE_RPM = 60.0
+"""Requests per minute a model with no learned rate and no ceiling starts at after a 429 with nothing to
+measure (no success in the last minute); each such 429 after it halves the rate."""
 BURST_CALLS = 2
 """Calls the learned rate's bucket holds once the provider showed a window longer than a pause (before:
 1); never more than ``burst_s`` seconds of the rate, nor less than 1."""
@@ -134,7 +143,7 @@ if now == nil then
 end
 local ceiling, ttl_ms = tonumber(ARGV[3]), tonumber(ARGV[4])
 local WINDOW, DECREASE, STEP, USED = {WINDOW_S}, {DECREASE}, {STEP_RPM}, {USED}
-local PAUSE, PAUSE_MAX, FLOOR, PROBE_MAX = {PAUSE_S}, {PAUSE_MAX_S}, {FLOOR_RPM}, {PROBE_MAX}
+local PAUSE, PAUSE_MAX, FLOOR, PROBE_MAX, PROBE_RPM = {PAUSE_S}, {PAUSE_MAX_S}, {FLOOR_RPM}, {PROBE_MAX}, {PROBE_RPM}
 
 local function fmt(x) return string.format('%.6f', x) end
 local function keep(ms)
@@ -246,6 +255,13 @@ elseif op == 'throttled' then
       -- what this reaction measured: n calls since t0 (later answers of calls sent before now add to it)
       redis.call('HSET', key, 'a_n', n, 'a_t0', fmt(now - span), 'a_prev', shown(prev))
     end
+  else
+    -- nothing went through in the last minute, so nothing to measure: halve what is allowed now (the
+    -- learned rate, else the ceiling), or start at PROBE_RPM, so the calls after the pause come one at a
+    -- time at a rate instead of all at once
+    local allowed = rate
+    if allowed == nil and ceiling > 0 then allowed = ceiling end
+    if allowed == nil then rate = PROBE_RPM else rate = math.max(FLOOR, allowed / 2) end
   end
   if rate ~= nil and ceiling > 0 and rate >= ceiling then rate = nil end
   local paused = math.max(0, now + pause - math.max(blocked, now))

@@ -26,7 +26,8 @@ class Clients:
 
     Attributes:
         settings: the process's settings.
-        embedder: the embedder (model loaded once per process).
+        embedder: the embedder (model loaded once per process; a hosted one has its budget in the
+            shared rate limiter, ``embed:<model>``).
         vectors: the vector store (in embedded mode this process owns it and serves other
             processes' reads from it).
         history: the SQL history store.
@@ -76,13 +77,13 @@ def build_clients(settings: Settings) -> Clients:
     with _lock:
         clients = _clients.get(settings)
         if clients is None:
-            embedder = get_embedder(settings.embedder)
             assert settings.history.url is not None
             jobs = JobStore.from_url(settings.redis.url, ttl_s=settings.jobs.ttl_s,
                                      socket_timeout_s=settings.redis.socket_timeout_s,
                                      outage_s=settings.jobs.broker_outage_s)
             history = open_history_store(settings.history.url)
             limiter = RateLimiter(jobs.client)
+            embedder = get_embedder(settings.embedder, limiter=limiter)
             vision_llm = settings.vision.llm_settings()
             fetch: Fetch | None = None
             if settings.vision.fetch:

@@ -27,6 +27,8 @@
         ├── LLMOutputError            the model's reply does not fit the response model
         ├── StoreError                permanent store failure (vector size mismatch, constraint)
         ├── RateLimitBudgetExceeded   rate-limited longer than ``jobs.rate_limit_budget_s``: the job fails
+        ├── ProviderQuotaExhausted    the provider's 429 says the account's quota (billing) is used up:
+        │                             not a rate limit, the job fails at once
         └── TransientError            retried with backoff
             ├── LLMUnavailable        rate-limited, timed out, refused, 5xx
             │   └── ProviderThrottled the provider answered 429 (with or without Retry-After)
@@ -240,9 +242,10 @@ class LLMUnavailable(TransientError):
 
 
 class ProviderThrottled(LLMUnavailable):
-    """The provider answered 429 (too many requests). `pipeline.llm` turns it into `RateLimited` for the
-    model stages (a wait, never an attempt); elsewhere (a remote embedder, a rerank) it is an
-    `LLMUnavailable` like any other.
+    """The provider answered 429 (too many requests). `pipeline.llm` and a worker's hosted embedder turn
+    it into `RateLimited` (a wait, never an attempt, `broker.budget`); elsewhere (a rerank, a read
+    helper's embedder) it is an `LLMUnavailable` like any other. A 429 saying the quota is used up is
+    `ProviderQuotaExhausted` instead.
 
     Attributes:
         retry_after_s: the provider's ``Retry-After`` in seconds, or None when it sent none.
@@ -305,6 +308,20 @@ class RateLimitBudgetExceeded(PipelineError):
         super().__init__(message, job_id=job_id)
         self.waited_s = waited_s
         self.budget_s = budget_s
+
+
+class ProviderQuotaExhausted(PipelineError):
+    """The provider answered 429 with OpenAI's error code ``insufficient_quota``: the account's credit or
+    monthly quota is used up (billing), which no wait cures. Not retried: the job fails at once with a
+    dead letter (``memq dlq replay`` runs it again once the account has credit).
+
+    Attributes:
+        code: the provider's error code (``"insufficient_quota"``).
+    """
+
+    def __init__(self, message: str, *, code: str, job_id: str | None = None) -> None:
+        super().__init__(message, job_id=job_id)
+        self.code = code
 
 
 class MessageLost(PipelineError):

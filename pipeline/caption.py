@@ -32,7 +32,7 @@ from memq.images import DataImage, image_key, parse_data_url
 from memq.models import AddJob, ImagePart, Message, TextPart
 from pipeline.llm import LLM, ImageInput
 from pipeline.types import CaptionedMessages, ImageCounts, LLMUsage
-from stores.caption_cache import CaptionCache
+from stores.caption_cache import ALONE, DESCRIBED, REFUSED, CaptionCache
 
 __all__ = ["CAPTION_INSTRUCTIONS", "CaptionsReply", "caption", "image_text", "needs_model"]
 
@@ -150,7 +150,8 @@ def caption(job: AddJob, *, vision: LLM | None = None, cache: CaptionCache | Non
             if image.how != "dropped":
                 pending.append(image)
     if pending and vision is not None:
-        usage = _describe(pending, vision, cache, settings, fetch if settings.fetch else None, lease_s)
+        usage = _describe(pending, vision, _Progress(cache, job.job_id), settings, fetch if settings.fetch else None,
+                          lease_s)
     return _result(job.messages, images, usage)
 
 
@@ -169,7 +170,32 @@ def _key(image: _Image, model: str) -> None:
         image.send = url
 
 
-def _describe(pending: list[_Image], vision: LLM, cache: CaptionCache | None, settings: VisionSettings,
+REFUSED_REASON = "the vision model refused the image (InvalidJob)"
+
+
+@dataclass
+class _Progress:
+    """Where a job's captions go as each call answers (the shared cache) and what it learned about its
+    images (the job's notes, `stores.caption_cache`), so a stage re-queued mid-way (`RateLimited` between
+    the single-image calls of a refused batch) neither repeats the batch nor redoes finished images."""
+
+    cache: CaptionCache | None
+    job_id: str
+
+    def notes(self) -> dict[str, str]:
+        return self.cache.notes(self.job_id) if self.cache is not None else {}
+
+    def described(self, captions: dict[str, str]) -> None:
+        if self.cache is not None and captions:
+            self.cache.put_many(captions)
+            self.cache.note(self.job_id, dict.fromkeys(captions, DESCRIBED))
+
+    def note(self, keys: list[str], what: str) -> None:
+        if self.cache is not None:
+            self.cache.note(self.job_id, dict.fromkeys(keys, what))
+
+
+def _describe(pending: list[_Image], vision: LLM, progress: _Progress, settings: VisionSettings,
               fetch: Fetch | None, lease_s: float) -> LLMUsage:
     """Fill in captions of `pending` from the cache and the model; returns the model's usage.
 
@@ -177,19 +203,29 @@ def _describe(pending: list[_Image], vision: LLM, cache: CaptionCache | None, se
     taken just before its downloads and call and given back right after, so a job never holds an
     image's lease while it waits on other images (another tenant's job sharing one image waits at most
     one batch). A batch the provider refuses (4xx) is retried one image at a time and the images it
-    still refuses are dropped with a warning, so one bad image never fails the add.
+    still refuses are dropped with a warning, so one bad image never fails the add. Each caption is
+    cached as its call answers, and the job notes which images must go alone or were refused, so a run
+    stopped by `RateLimited` goes on from there when re-queued (an image the model described in an
+    earlier run of the job still counts as ``model``).
     """
+    cache = progress.cache
     by_key: dict[str, list[_Image]] = {}
     for image in pending:
         by_key.setdefault(image.key or "", []).append(image)
     found = cache.get_many(list(by_key)) if cache is not None else {}
-    missing = [k for k in by_key if k not in found]
+    notes = progress.notes()
+    for key in by_key:
+        if key not in found and notes.get(key) == REFUSED:
+            _drop(by_key[key], REFUSED_REASON)
+    missing = [k for k in by_key if k not in found and notes.get(k) != REFUSED]
+    together = [k for k in missing if notes.get(k) != ALONE]
+    step = settings.max_images_per_call
+    batches = [[k] for k in missing if notes.get(k) == ALONE] + [together[i:i + step]
+                                                                 for i in range(0, len(together), step)]
     usage = LLMUsage()
     described: dict[str, str] = {}
     theirs: list[str] = []
-    step = settings.max_images_per_call
-    for start in range(0, len(missing), step):
-        batch = missing[start:start + step]
+    for batch in batches:
         if cache is not None:
             mine, busy = cache.lease(batch, ttl_s=lease_s)
             theirs += busy
@@ -197,10 +233,8 @@ def _describe(pending: list[_Image], vision: LLM, cache: CaptionCache | None, se
             mine = {k: "" for k in batch}
         try:
             inputs = [(key, src) for key in mine if (src := _source(by_key[key], fetch)) is not None]
-            got, spent = _ask_or_split(vision, inputs, settings.max_caption_chars, by_key)
+            got, spent = _ask_or_split(vision, inputs, settings.max_caption_chars, by_key, progress)
             usage += spent
-            if cache is not None:
-                cache.put_many(got)
             described.update(got)
         finally:
             if cache is not None and mine:
@@ -216,12 +250,10 @@ def _describe(pending: list[_Image], vision: LLM, cache: CaptionCache | None, se
         for image in group:
             if image.how == "dropped":
                 continue
-            if key in described:
-                image.caption = described[key]
-                image.how = "model" if key not in seen else "cached"
-                seen.add(key)
-            else:
-                image.caption, image.how = found[key], "cached"
+            image.caption = described[key] if key in described else found[key]
+            ours = key in described or notes.get(key) == DESCRIBED
+            image.how = "model" if ours and key not in seen else "cached"
+            seen.add(key)
     return usage
 
 
@@ -244,22 +276,27 @@ def _source(group: list[_Image], fetch: Fetch | None) -> ImageInput | None:
 
 
 def _ask_or_split(vision: LLM, inputs: list[tuple[str, ImageInput]], max_chars: int,
-                  by_key: dict[str, list[_Image]]) -> tuple[dict[str, str], LLMUsage]:
-    """Captions of `inputs` by key: one call, or, when the provider refuses the request (`InvalidJob`:
-    a 4xx such as a dead link it could not download), one call per image, dropping those it refuses."""
+                  by_key: dict[str, list[_Image]], progress: _Progress) -> tuple[dict[str, str], LLMUsage]:
+    """Captions of `inputs` by key (each cached as its call answers): one call, or, when the provider
+    refuses the request (`InvalidJob`: a 4xx such as a dead link it could not download), one call per
+    image, dropping those it refuses (both noted for the job, so a re-queued run does not ask again)."""
     if not inputs:
         return {}, LLMUsage()
     try:
         captions, usage = _ask(vision, [i for _, i in inputs], max_chars)
-        return {key: captions[n] for n, (key, _) in enumerate(inputs)}, usage
+        got = {key: captions[n] for n, (key, _) in enumerate(inputs)}
+        progress.described(got)
+        return got, usage
     except InvalidJob:
         if len(inputs) == 1:
-            _drop(by_key[inputs[0][0]], "the vision model refused the image (InvalidJob)")
+            progress.note([inputs[0][0]], REFUSED)
+            _drop(by_key[inputs[0][0]], REFUSED_REASON)
             return {}, LLMUsage()
-    got: dict[str, str] = {}
+        progress.note([key for key, _ in inputs], ALONE)
+    got = {}
     usage = LLMUsage()
     for one in inputs:
-        part, spent = _ask_or_split(vision, [one], max_chars, by_key)
+        part, spent = _ask_or_split(vision, [one], max_chars, by_key, progress)
         got.update(part)
         usage += spent
     return got, usage

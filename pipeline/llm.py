@@ -5,10 +5,10 @@ that does not fit the response model gets one repair (the ``json-repair`` librar
 `LLMOutputError`; it is never read as "no facts".
 
 Every call of a provider's model goes through the shared rate limiter (`broker.ratelimit`), with or
-without a configured ``rpm``/``tpm``: a provider's 429 is a wait (`RateLimited`), never a failed
-attempt. With ``Retry-After`` the model is blocked for every worker until then; without it the limiter
-learns the provider's rate (`broker.adaptive`: lowered on each 429, raised slowly by each success,
-which every call reports).
+without a configured ``rpm``/``tpm`` (`broker.budget`): a provider's 429 is a wait (`RateLimited`),
+never a failed attempt. With ``Retry-After`` the model is blocked for every worker until then; without
+it the limiter learns the provider's rate (`broker.adaptive`: lowered on each 429, raised slowly by
+each success, which every call reports).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from pydantic import BaseModel, ValidationError
 
 from memq.config import OFFLINE_MODEL, LLMSettings
 from memq import metrics
-from memq.errors import LLMOutputError, LLMUnavailable, ProviderThrottled, RateLimited, StoreUnavailable
-from broker.adaptive import PAUSE_S
+from memq.errors import LLMOutputError, LLMUnavailable, ProviderThrottled, RateLimited
+from broker.budget import ProviderBudget
 from broker.ratelimit import RateLimiter
 from pipeline import offline_model
 from pipeline.types import LLMUsage
@@ -112,7 +112,8 @@ class LLM:
         self.settings = settings
         self.budget = budget or settings.model
         offline = settings.model.startswith(OFFLINE_PROVIDER + "/")
-        self._limiter = None if offline else limiter
+        self._budget = ProviderBudget(None if offline else limiter, self.budget, rpm=settings.rpm, tpm=settings.tpm,
+                                      burst_s=settings.burst_s)
         self._litellm = import_litellm()
         if offline:
             _register_offline_provider(embedder)
@@ -137,16 +138,12 @@ class LLM:
             LLMUnavailable: timed out, refused, 5xx (retryable).
             InvalidJob: the provider refused the request (4xx other than 408/409/429).
             LLMOutputError: the reply does not fit `response_model` after one repair.
+            ProviderQuotaExhausted: the provider answered 429 `insufficient_quota` (billing; never retried).
         """
         s = self.settings
         estimate = ((len(system) + len(user) + sum(len(i.label) for i in images)) // 4
                     + IMAGE_TOKENS_ESTIMATE * len(images) + min(s.max_tokens, 512))
-        if self._limiter is not None:
-            wait_s = self._limiter.acquire(self.budget, rpm=s.rpm, tpm=s.tpm, tokens=estimate, burst_s=s.burst_s)
-            if wait_s > 0:
-                metrics.LIMITER_WAITS.labels(self.budget).inc()
-                metrics.LIMITER_WAIT_SECONDS.labels(self.budget).inc(wait_s)
-                raise RateLimited(f"no budget for {self.budget} yet", retry_after_s=wait_s)
+        self._budget.take(estimate)
         content: str | list[dict[str, Any]] = user
         if images:
             content = [{"type": "text", "text": user}]
@@ -159,7 +156,7 @@ class LLM:
         except ProviderThrottled as exc:
             metrics.LLM_CALLS.labels(s.model, "rate_limited").inc()
             raise RateLimited(f"{self.budget}: the provider answered 429",
-                              retry_after_s=self._throttled(exc, time.monotonic() - sent)) from exc
+                              retry_after_s=self._budget.refused(exc, time.monotonic() - sent)) from exc
         except LLMUnavailable:
             metrics.LLM_CALLS.labels(s.model, "error").inc()
             raise
@@ -173,41 +170,10 @@ class LLM:
         metrics.LLM_CALLS.labels(s.model, "ok").inc()
         metrics.LLM_TOKENS.labels(s.model, "prompt").inc(spent.prompt_tokens)
         metrics.LLM_TOKENS.labels(s.model, "completion").inc(spent.completion_tokens)
-        if self._limiter is not None:
-            try:  # best effort: a reply already paid for is never lost to the limiter's bookkeeping
-                _show_learned(self.budget, self._limiter.succeeded(
-                    self.budget, sent_s_ago=time.monotonic() - sent, rpm=s.rpm))
-                if spent.prompt_tokens:
-                    self._limiter.record_actual(self.budget, tpm=s.tpm, estimated=estimate, burst_s=s.burst_s,
-                                                actual=spent.prompt_tokens + spent.completion_tokens)
-            except StoreUnavailable as exc:
-                logger.warning("%s: the rate limiter missed a success (%s); the reply is kept", self.budget, exc)
+        self._budget.succeeded(time.monotonic() - sent, estimated=estimate,
+                               actual=spent.prompt_tokens + spent.completion_tokens if spent.prompt_tokens else 0)
         logger.debug("model reply (%s): %s", response_model.__name__, text)
         return parse_reply(text, response_model), spent
-
-    def _throttled(self, exc: ProviderThrottled, sent_s_ago: float) -> float:
-        """Tell every worker about a 429 and return the seconds to wait: the provider's ``Retry-After``
-        (the model is blocked until then), else the pause the learned rate's reaction set (`broker.adaptive`)."""
-        if exc.retry_after_s:
-            if self._limiter is not None:
-                try:
-                    self._limiter.block(self.budget, exc.retry_after_s)
-                except StoreUnavailable as exc_redis:
-                    logger.warning("%s answered 429; the rate limiter could not block it (%s)", self.budget, exc_redis)
-            return exc.retry_after_s
-        if self._limiter is None:
-            return PAUSE_S
-        try:
-            throttle = self._limiter.throttled(self.budget, sent_s_ago=max(0.0, sent_s_ago), rpm=self.settings.rpm)
-        except StoreUnavailable as exc:  # the 429 stays a wait, never an attempt, even when Redis blinks
-            logger.warning("%s answered 429; the rate limiter could not learn from it (%s)", self.budget, exc)
-            return PAUSE_S
-        _show_learned(self.budget, throttle.learned_rpm)
-        if throttle.reacted:
-            logger.warning("%s answered 429 without Retry-After: learned rate %s, every worker pauses %.1f s",
-                           self.budget, "none" if throttle.learned_rpm is None else f"{throttle.learned_rpm:.1f}/min",
-                           throttle.pause_s)
-        return throttle.pause_s or PAUSE_S
 
     def _call(self, system: str, user: str | list[dict[str, Any]]) -> Any:
         """One completion attempt; short in-call retries (tenacity) for dropped connections only."""
@@ -230,17 +196,6 @@ class LLM:
                     drop_params=True,
                 )
         raise AssertionError("unreachable: tenacity reraises")
-
-
-def _show_learned(budget: str, rpm: float | None) -> None:
-    """Keep this process's ``memq_llm_learned_rpm`` gauge in step with the shared learned rate."""
-    if rpm is not None:
-        metrics.LLM_LEARNED_RPM.labels(budget).set(rpm)
-        return
-    try:
-        metrics.LLM_LEARNED_RPM.remove(budget)
-    except KeyError:
-        pass
 
 
 def _connection_dropped(exc: BaseException) -> bool:

@@ -7,6 +7,11 @@ cached caption instead of asking the model too.
 
 Only model captions are cached. A caption a caller supplied with the image is that caller's word and
 is never shared with other tenants (one tenant must not be able to label another's images).
+
+A job's own notes (`CaptionCache.notes`) keep what its caption stage learned about its images in
+earlier runs (a batch the model refused, an image it refused alone, an image it described), so a stage
+re-queued in the middle of that work (the rate limiter had no budget) goes on from where it stopped.
+They are the job's only: a refusal is never shared with another job.
 """
 
 from __future__ import annotations
@@ -18,10 +23,18 @@ import redis
 
 from broker.outage import ride_out
 
-__all__ = ["CaptionCache"]
+__all__ = ["ALONE", "DESCRIBED", "REFUSED", "CaptionCache"]
 
 PREFIX = "memq:caption:"
 LEASE_PREFIX = "memq:caption-lease:"
+NOTES_PREFIX = "memq:caption-notes:"
+
+ALONE = "alone"
+"""Note: the image was in a batch the model refused (a 4xx); ask it in a call of its own."""
+REFUSED = "refused"
+"""Note: the model refused the image alone; it is dropped without another call."""
+DESCRIBED = "described"
+"""Note: the model described the image for this job (its caption is in the cache)."""
 
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -60,12 +73,41 @@ class CaptionCache:
         return {k: v.decode() if isinstance(v, bytes) else v for k, v in zip(keys, values) if v is not None}
 
     def put_many(self, captions: dict[str, str]) -> None:
-        """Cache `captions` (key -> caption) for `ttl_s` seconds, in one round trip."""
+        """Cache `captions` (key -> caption) for `ttl_s` seconds, in one round trip.
+
+        Raises:
+            BrokerUnavailable: Redis stayed unreachable.
+        """
         if not captions:
             return
         pipe = self._r.pipeline(transaction=False)
         for key, caption in captions.items():
             pipe.set(PREFIX + key, caption.encode(), ex=self._ttl_s)
+        ride_out(pipe.execute, self._outage_s)
+
+    def notes(self, job_id: str) -> dict[str, str]:
+        """What earlier runs of the job's caption stage noted about its images: image key -> `ALONE`,
+        `REFUSED` or `DESCRIBED` (empty for a first run).
+
+        Raises:
+            BrokerUnavailable: Redis stayed unreachable.
+        """
+        raw: dict[bytes | str, bytes | str] = ride_out(lambda: self._r.hgetall(NOTES_PREFIX + job_id), self._outage_s)
+        return {_text(k): _text(v) for k, v in raw.items()}
+
+    def note(self, job_id: str, notes: dict[str, str]) -> None:
+        """Add `notes` (image key -> `ALONE`, `REFUSED` or `DESCRIBED`) to the job's; they live `ttl_s`
+        seconds after the last one.
+
+        Raises:
+            BrokerUnavailable: Redis stayed unreachable.
+        """
+        if not notes:
+            return
+        pipe = self._r.pipeline(transaction=False)
+        for key, what in notes.items():
+            pipe.hset(NOTES_PREFIX + job_id, key, what)
+        pipe.expire(NOTES_PREFIX + job_id, self._ttl_s)
         ride_out(pipe.execute, self._outage_s)
 
     def lease(self, keys: Sequence[str], *, ttl_s: float) -> tuple[dict[str, str], list[str]]:
@@ -93,3 +135,7 @@ class CaptionCache:
         """Give back leases taken with `lease` (a lease another worker took after ours lapsed is kept)."""
         for key, token in leases.items():
             ride_out(lambda: self._release(keys=[LEASE_PREFIX + key], args=[token]), self._outage_s)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

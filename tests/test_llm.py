@@ -114,3 +114,33 @@ def test_a_redis_outage_during_the_call_loses_no_reply_and_turns_no_429_into_an_
     else:
         error = outcome.get("error")
         assert isinstance(error, RateLimited) and error.retry_after_s == pytest.approx(PAUSE_S), outcome
+
+
+def test_a_retry_after_given_as_an_http_date_blocks_the_model_until_then(
+        llm_server: LLMTestServer, redis_server: RedisServer) -> None:
+    from datetime import datetime, timedelta, timezone
+    from email.utils import format_datetime
+
+    llm, limiter, model = _llm(llm_server, redis_server)
+    # When the provider answers 429 with Retry-After as an HTTP-date 10 s from now (whole seconds)
+    when = datetime.now(timezone.utc) + timedelta(seconds=10)
+    llm_server.script(Reply(status=429, headers={"Retry-After": format_datetime(when, usegmt=True)}))
+    with pytest.raises(RateLimited) as raised:
+        llm.complete_json("system", "user", FactsReply)
+    # Then the wait is the time until that date, not the learned pause, and every worker waits it out
+    assert 5 < raised.value.retry_after_s <= 10
+    assert 5 < limiter.acquire(model, rpm=None, tpm=None, tokens=10) <= 10
+    # And nothing is learned from it: the provider said when
+    assert limiter.learned_rpm(model) is None
+
+
+def test_retry_after_reads_seconds_and_http_dates_and_nothing_else() -> None:
+    from datetime import datetime, timezone
+
+    from stores.provider import retry_after_s
+
+    now = datetime(2026, 11, 22, 12, 0, 0, tzinfo=timezone.utc)
+    assert retry_after_s("7", now=now) == 7.0
+    assert retry_after_s("Sun, 22 Nov 2026 12:00:30 GMT", now=now) == 30.0
+    assert retry_after_s("Sun, 22 Nov 2026 11:59:00 GMT", now=now) == 0.0  # already past: no wait
+    assert retry_after_s("soon", now=now) is None and retry_after_s("inf", now=now) is None

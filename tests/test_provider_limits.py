@@ -6,17 +6,23 @@ time budget ends a rate-limited job, with a dead letter."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
+import json
 from typing import Any
 
 import pytest
 import redis
 
+from broker.adaptive import PROBE_RPM
 from broker.ratelimit import RateLimiter
-from memq.config import Settings
+from cli.redis_server import RedisServer
+from memq.config import RedisSettings, Settings
 from memq.models import JobState
 from producer import Producer
 from tests.helpers import until, wait_done
+from tests.conftest import free_port
 from tests.rigs.llm_server import LLMTestServer, Reply
+from tests.rigs.workers import start_worker, stop_worker, wait_ready, worker_env
 
 FACTS = ("I keep bonsai trees", "I restore old bicycles", "I brew ginger beer", "I collect vinyl records",
          "I grow chili peppers", "I learn Portuguese", "I run on Sunday mornings", "I paint watercolours",
@@ -77,6 +83,25 @@ def test_a_provider_throttling_without_retry_after_and_no_configured_limit_fails
     assert _tasks("waiting") > waits
 
 
+def test_a_429_without_retry_after_before_any_success_still_gives_the_model_a_rate(
+        provider: LLMTestServer, producer: Producer, settings: Settings, user_id: str) -> None:
+    # Given a model with nothing sent in the last minute whose first answer is a 429 without Retry-After
+    # (another client filled the provider's window): there is no achieved rate to cut from
+    provider.script(Reply(status=429))
+    retries = _tasks("retry")
+
+    # When a job is added
+    status = wait_done(producer, producer.add("I restore old bicycles on weekends.", user_id=user_id), timeout_s=60)
+
+    # Then it succeeded without spending an attempt
+    assert status.status is JobState.SUCCEEDED and status.error is None
+    assert _tasks("retry") == retries
+    # And the model is paced from then on at the probe rate (not left unlimited, which lets the backlog
+    # burst after every pause)
+    learned = RateLimiter(redis.Redis.from_url(settings.redis.url)).learned_rpm(settings.llm.model)
+    assert learned is not None and learned <= PROBE_RPM + 1
+
+
 def test_seven_429s_in_a_row_for_one_stage_cost_no_attempt_and_the_job_succeeds(
         provider: LLMTestServer, producer: Producer, user_id: str) -> None:
     # Given a provider that answers the next 7 calls 429 with Retry-After: 1 (a stage fails after 6 attempts)
@@ -122,3 +147,59 @@ def test_a_job_rate_limited_past_its_budget_fails_with_a_dead_letter_and_replays
     assert replay_dead_letters(clients.ledger, [receipt.job_id]) == [receipt.job_id]
     assert wait_done(producer, receipt, timeout_s=60).status is JobState.SUCCEEDED
     client.close()
+
+
+def test_a_429_saying_the_quota_is_used_up_fails_the_job_at_once_with_a_dead_letter_that_says_so(
+        provider: LLMTestServer, producer: Producer, settings: Settings, user_id: str) -> None:
+    from jobs.clients import build_clients
+
+    # Given a provider whose account has no credit left: OpenAI's 429 with the code insufficient_quota
+    quota = {"error": {"message": "You exceeded your current quota, please check your plan and billing details.",
+                       "type": "insufficient_quota", "param": None, "code": "insufficient_quota"}}
+    provider.script(*[Reply(status=429, raw_body=json.dumps(quota).encode())] * 3)
+
+    # When a job is added
+    receipt = producer.add("I brew ginger beer in summer.", user_id=user_id)
+    status = wait_done(producer, receipt, timeout_s=60)
+
+    # Then it failed at once, naming the cause (no wait, no retry: one call reached the provider)
+    assert status.status is JobState.FAILED and status.error_type == "ProviderQuotaExhausted", status
+    assert provider.calls == 1
+    # And its dead letter says the quota is used up, not a rate limit
+    letter = {d.job_id: d for d in build_clients(settings).records.dead_letters()}[receipt.job_id]
+    assert letter.error_type == "ProviderQuotaExhausted"
+    assert "insufficient_quota" in letter.error and "billing" in letter.error
+
+
+@pytest.mark.timeout(240)
+def test_a_hosted_embedders_429s_are_waits_on_a_budget_of_its_own_not_attempts(tmp_path: Path,
+                                                                               settings: Settings) -> None:
+    from pipeline.offline_model import answer
+
+    with RedisServer() as own_redis, LLMTestServer(default=lambda prompt: json.dumps(answer(prompt))) as server:
+        # Given a worker process whose embedder is hosted (litellm, at the test server) and which answers 429
+        # to its next 7 requests: 6 with Retry-After: 1, then 1 without (a stage fails after 6 attempts)
+        server.script_embeddings(*[Reply(status=429, headers={"Retry-After": "1"})] * 6, Reply(status=429))
+        log = tmp_path / "worker.log"
+        env = worker_env(own_redis.url, tmp_path / "data", MEMQ_LLM__MODEL="openai/test-model",
+                         MEMQ_LLM__API_BASE=server.url, MEMQ_LLM__API_KEY="k", MEMQ_EMBEDDER__MODEL="openai/test-embed",
+                         MEMQ_EMBEDDER__API_BASE=server.url, MEMQ_EMBEDDER__API_KEY="k",
+                         MEMQ_METRICS__PORT=str(free_port()))
+        worker = start_worker(env, log)
+        producer = Producer(settings.model_copy(update={"redis": RedisSettings(url=own_redis.url)}))
+        try:
+            wait_ready(worker, log)
+            # When a job is added (its decide stage embeds the facts)
+            status = wait_done(producer, producer.add("I keep bonsai trees on my balcony.", user_id="embed-429"),
+                               timeout_s=120)
+        finally:
+            producer.close()
+            stop_worker(worker)
+        # Then it succeeded after the 7 refusals, and none of them was an attempt
+        assert status.status is JobState.SUCCEEDED and status.error is None, status
+        assert len(server.embedding_requests) >= 8
+        assert " will retry " not in log.read_text(errors="replace")
+        # And the embedder's budget is its own: its 429 without Retry-After taught it a rate, the chat model's none
+        limiter = RateLimiter(redis.Redis.from_url(own_redis.url))
+        assert limiter.learned_rpm("embed:openai/test-embed") is not None
+        assert limiter.learned_rpm("openai/test-model") is None

@@ -21,7 +21,8 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from memq.errors import StoreUnavailable, TransientError
-from broker.adaptive import BURST_CALLS, DECREASE, FLOOR_RPM, LEARNED_TTL_S, PAUSE_MAX_S, PAUSE_S, PROBE_MAX, STEP_RPM
+from broker.adaptive import (BURST_CALLS, DECREASE, FLOOR_RPM, LEARNED_TTL_S, PAUSE_MAX_S, PAUSE_S, PROBE_MAX, PROBE_RPM,
+                             STEP_RPM)
 from broker.ratelimit import IDLE_TTL_S, RateLimiter
 from tests.rigs.llm_server import LLMTestServer
 from cli.redis_server import RedisServer
@@ -534,14 +535,45 @@ def test_a_configured_rpm_is_a_ceiling_the_learned_rate_never_exceeds(limiter: R
     assert all(r is None or r < 30 for r in raised)
 
 
-def test_the_learned_rate_never_goes_below_the_floor_and_a_429_with_nothing_measured_changes_no_rate(
+def test_429s_with_nothing_measured_halve_the_rate_so_each_pause_ends_with_one_call_not_the_backlog(
         limiter: RateLimiter, clock: Clock) -> None:
-    # Given a model whose last success was over a minute ago
+    # Given an unlimited model whose last success was over a minute ago (another client filled the
+    # provider's window: nothing memq sent went through in the last minute)
     _succeed(limiter, clock, 1, 1.0)
     clock.advance(61.0)
-    # When a 429 comes, Then there is nothing to measure: no rate is learned, the model only pauses
-    nothing = limiter.throttled(MODEL, sent_s_ago=0.1, rpm=None)
-    assert nothing.reacted and nothing.learned_rpm is None and nothing.pause_s == pytest.approx(PAUSE_S)
+    # When a 429 comes, Then with nothing to measure the model starts at PROBE_RPM and pauses
+    first = limiter.throttled(MODEL, sent_s_ago=0.1, rpm=None)
+    assert first.reacted and first.learned_rpm == pytest.approx(PROBE_RPM) and first.pause_s == pytest.approx(PAUSE_S)
+    # And after the pause one call goes, not the whole backlog (8 workers asking at once)
+    clock.advance(first.pause_s)
+    grants = [limiter.acquire(MODEL, rpm=None, tpm=None, tokens=0) for _ in range(8)]
+    assert grants[0] == 0.0 and all(g == pytest.approx(60 / PROBE_RPM) for g in grants[1:])
+
+    # When that call and each one after the next pause are refused too
+    rates = []
+    for _ in range(8):
+        clock.advance(PAUSE_MAX_S + 0.1)
+        rates.append(limiter.throttled(MODEL, sent_s_ago=0.05, rpm=None).learned_rpm)
+    # Then each refusal halves the rate, down to the floor of FLOOR_RPM and never under it
+    assert rates == pytest.approx([max(FLOOR_RPM, PROBE_RPM / 2 ** k) for k in range(1, 9)])
+    assert rates[-1] == pytest.approx(FLOOR_RPM)
+
+
+def test_with_a_configured_rpm_a_429_with_nothing_measured_halves_the_ceiling(limiter: RateLimiter,
+                                                                             clock: Clock) -> None:
+    # Given MEMQ_LLM__RPM=40 and no call in the last minute
+    # When a 429 comes, Then the model is paced at half the ceiling, below it
+    assert limiter.throttled(MODEL, sent_s_ago=0.1, rpm=40).learned_rpm == pytest.approx(20.0)
+    clock.advance(PAUSE_S)
+    assert limiter.acquire(MODEL, rpm=40, tpm=None, tokens=0) == 0.0
+    assert limiter.acquire(MODEL, rpm=40, tpm=None, tokens=0) == pytest.approx(60 / 20.0)
+
+
+def test_the_learned_rate_never_goes_below_the_floor(limiter: RateLimiter, clock: Clock) -> None:
+    # Given a learned rate (a 429 with nothing measured)
+    _succeed(limiter, clock, 1, 1.0)
+    clock.advance(61.0)
+    limiter.throttled(MODEL, sent_s_ago=0.1, rpm=None)
 
     # When one call succeeds in a minute and a 429 follows, again and again
     rates = []

@@ -1,7 +1,8 @@
 """A local OpenAI-compatible HTTP server with scripted answers: the LLM seam of memq's tests.
 
 ``/v1/embeddings`` answers too, with deterministic hashed bag-of-words vectors (`embedding_dims`
-floats, unit length), so the litellm embedder path can be tested; `embedding_requests` records them.
+floats, unit length), so the litellm embedder path can be tested; `embedding_requests` records them,
+and `script_embeddings` queues non-200 answers (a 429) for the next of them.
 
 litellm reaches it over HTTP as ``openai/<any-name>`` with ``api_base`` = `LLMTestServer.url`, so every
 call takes the real client path. Replies are scripted per test (FIFO) as `Reply` objects: content,
@@ -129,6 +130,8 @@ class LLMTestServer:
         image_captions: what the server "sees" in an image, by URL (a vision call about an image not
             listed gets ``"a photo numbered <first 8 hex of the URL's sha256>"``).
         vision_requests: the image URLs of every vision call (a chat request with image parts), in order.
+        refused_images: URLs the server cannot read: an unscripted vision call naming one gets 400 (as a
+            provider answers for a link it could not download).
         rerank_requests: every ``/rerank`` body (Cohere's shape); documents are scored by `word_overlap`.
     """
 
@@ -155,6 +158,8 @@ class LLMTestServer:
         self.rerank_requests: list[dict[str, Any]] = []
         self._window: deque[float] = deque()  # monotonic times (s) of accepted chat requests, last window_s
         self._script: deque[Reply] = deque()
+        self._embedding_script: deque[Reply] = deque()
+        self.refused_images: set[str] = set()
         self._lock = threading.Lock()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._httpd.daemon_threads = True
@@ -176,10 +181,18 @@ class LLMTestServer:
         with self._lock:
             self._script.extend(Reply(content=r) if isinstance(r, str) else r for r in replies)
 
+    def script_embeddings(self, *replies: Reply) -> None:
+        """Queue answers for the next ``/v1/embeddings`` calls (their status, headers and raw body; a 200
+        reply answers with the usual vectors)."""
+        with self._lock:
+            self._embedding_script.extend(replies)
+
     def reset(self) -> None:
         """Drop the remaining script, the recorded requests and the rate-limit window and counter."""
         with self._lock:
             self._script.clear()
+            self._embedding_script.clear()
+            self.refused_images.clear()
             self.requests.clear()
             self.request_times.clear()
             self.embedding_requests.clear()
@@ -220,6 +233,9 @@ class LLMTestServer:
             if self._script:
                 return self._script.popleft()
             urls = image_urls(body)
+            if self.refused_images.intersection(urls):
+                self.vision_requests.append(urls)
+                return Reply(status=400)
             if urls:
                 self.vision_requests.append(urls)
                 return Reply(content=json.dumps({"captions": [{"image": n, "caption": self._sees(url)}
@@ -259,6 +275,12 @@ class LLMTestServer:
                 if self.path.endswith("/embeddings"):
                     with server._lock:
                         server.embedding_requests.append(body)
+                        scripted = server._embedding_script.popleft() if server._embedding_script else None
+                    if scripted is not None and scripted.status != 200:
+                        error = {"error": {"message": f"scripted {scripted.status}", "type": "test",
+                                           "code": scripted.status}}
+                        self._send(scripted.status, scripted.raw_body or json.dumps(error).encode(), scripted.headers)
+                        return
                     texts = body.get("input", [])
                     texts = [texts] if isinstance(texts, str) else texts
                     data = [{"object": "embedding", "index": i, "embedding": _hashed_vector(t, server.embedding_dims)}
