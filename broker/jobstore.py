@@ -287,6 +287,21 @@ class JobStore:
                 out.append(_parse_status(job_id, h))
         return out
 
+    def states(self, job_ids: Sequence[str]) -> list[str | None]:
+        """The ``status`` field of many jobs in one round trip (None where a job has no record): what
+        a waiting client polls, before it reads (and scope-checks) the whole record of a finished job.
+
+        Raises:
+            BrokerUnavailable: Redis is unreachable.
+        """
+        def read() -> list[Any]:
+            pipe = self._r.pipeline(transaction=False)
+            for job_id in job_ids:
+                pipe.hget(_key(job_id), "status")
+            return list(pipe.execute())
+
+        return [None if raw is None else _text(raw) for raw in self._call(read)]
+
     def live(self, *, limit: int = 1000) -> list[tuple[str, float]]:
         """Unfinished jobs, oldest first: ``(job_id, enqueued_at epoch seconds)``."""
         rows: list[Any] = self._call(lambda: self._r.zrange(LIVE_KEY, 0, limit - 1, withscores=True))

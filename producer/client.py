@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 from broker.jobstore import JobStore
 from memq.config import Settings, load_settings
 from memq.errors import InvalidRequest, JobNotFound
-from memq.models import AddJob, JobStatus, Receipt, Scope
+from memq.models import AddJob, JobState, JobStatus, Receipt, Scope
 from memq.scope import make_scope
 from producer.validate import build_job
 
@@ -141,7 +141,8 @@ class Producer:
         Args:
             receipts: what `add`/`add_many` returned (each job is read in its receipt's scope).
             timeout_s: give up after this many seconds and return the statuses as they are.
-            poll_s: seconds between polls (each poll is one round trip for all jobs).
+            poll_s: seconds between polls (each reads the status field of the unfinished jobs in one round
+                trip; a job is read whole, and checked against its receipt's scope, first and once done).
             on_progress: called with (done, total) after every poll.
 
         Returns:
@@ -151,17 +152,31 @@ class Producer:
             JobNotFound: a job has no record in its receipt's scope.
             BrokerUnavailable: Redis is unreachable.
         """
-        def fetch() -> list[JobStatus]:
-            statuses = self.statuses(receipts)
-            missing = [r.job_id for r, s in zip(receipts, statuses) if s is None]
+        def full(chosen: Sequence[Receipt]) -> list[JobStatus]:
+            statuses = self.statuses(chosen)
+            missing = [r.job_id for r, s in zip(chosen, statuses) if s is None]
             if missing:
                 raise JobNotFound(missing[0])
-            found = [s for s in statuses if s is not None]
-            if on_progress is not None:
-                on_progress(sum(s.done for s in found), len(receipts))
-            return found
+            return [s for s in statuses if s is not None]
 
-        return _poll(fetch, lambda found: all(s.done for s in found), timeout_s, poll_s)
+        # the whole record (scope-checked) first and once a job is done; in between only its status field
+        found = full(receipts)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            pending = [i for i, s in enumerate(found) if not s.done]
+            if on_progress is not None:
+                on_progress(len(found) - len(pending), len(receipts))
+            if not pending:
+                return found
+            if time.monotonic() > deadline:
+                for i, s in zip(pending, full([receipts[i] for i in pending])):
+                    found[i] = s
+                return found
+            time.sleep(poll_s)
+            states = self._jobs.states([receipts[i].job_id for i in pending])
+            changed = [i for i, state in zip(pending, states) if state is None or state in _DONE]
+            for i, s in zip(changed, full([receipts[i] for i in changed])):
+                found[i] = s
 
     def wait_for(self, receipt: Receipt, condition: Callable[[JobStatus], bool], *, timeout_s: float = 60.0,
                  poll_s: float = 0.1) -> JobStatus:
@@ -179,6 +194,7 @@ class Producer:
 
 
 T = TypeVar("T")
+_DONE = {JobState.SUCCEEDED.value, JobState.FAILED.value}
 
 
 def _poll(fetch: Callable[[], T], finished: Callable[[T], bool], timeout_s: float, poll_s: float) -> T:

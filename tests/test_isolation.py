@@ -157,6 +157,9 @@ def test_id_based_reads_and_deletes_refuse_another_scope_as_if_the_id_were_unkno
     for job_id in (receipt.job_id, unknown):
         with pytest.raises(JobNotFound):
             producer.status(job_id, user_id=other)
+    # (waiting on a receipt forged for another scope too: the first read of a wait is scope-checked)
+    with pytest.raises(JobNotFound):
+        producer.wait([receipt.model_copy(update={"scope": Scope(user_id=other)})], timeout_s=5)
     # And no scope at all is refused
     with pytest.raises(MissingScope):
         memories.get(memory.id)
