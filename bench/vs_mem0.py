@@ -204,6 +204,7 @@ def _summary(system: str, run: dict[str, Any], llm: dict[str, Any]) -> dict[str,
             "calls_per_add": round(calls / adds, 2), "prompt_tokens_per_add": round(prompt / adds),
             "completion_tokens_per_add": round(completion / adds), "events": run["events"],
             "memories": run["memories"], "duplicates": run["duplicates"], "llm": llm,
+            "store_unreadable": run.get("store_unreadable"),
             **{k: run[k] for k in ("cpu_s", "errors", "errors_raised", "errors_logged", "add_s") if k in run}}
 
 

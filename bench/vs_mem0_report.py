@@ -156,13 +156,21 @@ def _calls(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _count(run: dict[str, Any], field: str) -> str:
+    """A run's count of stored memories (or duplicates), or why its store could not be read back."""
+    if run.get(field) is not None:
+        return f"{run[field]:,}"
+    return f"unreadable after the run ({run.get('store_unreadable') or 'unknown error'})"
+
+
 def _stored(result: dict[str, Any]) -> list[str]:
     lines = ["| system | threads | ADD | UPDATE | DELETE | memories stored | duplicate memories |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for r in result["throughput"]:
         e = r["events"]
         lines.append(f"| {'memq' if r['system'] == 'memq' else 'Mem0'} | {r['threads']} | {e.get('ADD', 0)} "
-                     f"| {e.get('UPDATE', 0)} | {e.get('DELETE', 0)} | {r['memories']} | {r['duplicates']} |")
+                     f"| {e.get('UPDATE', 0)} | {e.get('DELETE', 0)} | {_count(r, 'memories')} "
+                     f"| {_count(r, 'duplicates')} |")
     return lines
 
 
@@ -247,8 +255,8 @@ def write_report(result: dict[str, Any], doc: Path) -> None:
         swallowed = f", {sum(b['errors_logged'].values())} errors swallowed" if b["errors_logged"] else ""
         good = f"; {b['succeeded_per_s']:.2f} adds/s that did not fail" if b["failed"] else ""
         out.append(f"- **{n} thread{'s' if n > 1 else ''}**: memq {a['adds_per_s']:.2f} adds/s ({a['failed']} failed, "
-                   f"{a['memories']:,} memories), Mem0 {b['adds_per_s']:.2f} adds/s ({b['failed']} of {b['adds']} failed"
-                   f"{swallowed}{good}; {b['memories']:,} memories): memq/Mem0 = {a['adds_per_s'] / b['adds_per_s']:.2f}.")
+                   f"{_count(a, 'memories')} memories), Mem0 {b['adds_per_s']:.2f} adds/s ({b['failed']} of {b['adds']} failed"
+                   f"{swallowed}{good}; {_count(b, 'memories')} memories): memq/Mem0 = {a['adds_per_s'] / b['adds_per_s']:.2f}.")
     out.append(f"- **Per add** ({first} thread{'s' if first > 1 else ''}): memq {memq[first]['calls_per_add']:.2f} model calls "
                f"and {memq[first]['prompt_tokens_per_add']:,} prompt tokens; Mem0 {mem0[first]['calls_per_add']:.2f} calls "
                f"and {mem0[first]['prompt_tokens_per_add']:,} prompt tokens.")
