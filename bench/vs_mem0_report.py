@@ -201,6 +201,15 @@ def _recall(rec: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _met(counting_all: bool, counting_done: bool) -> str:
+    """The verdict on "ahead at every concurrency": Mem0's failed adds counted as adds, and not."""
+    if counting_all:
+        return "yes"
+    if counting_done:
+        return "yes against Mem0's adds that did not fail; no when its failed adds count as adds"
+    return "no"
+
+
 def _checks(result: dict[str, Any]) -> list[str]:
     memq, mem0 = _runs(result, "memq"), _runs(result, "mem0")
     ahead = [n for n in sorted(memq) if memq[n]["adds_per_s"] > mem0[n]["adds_per_s"]]
@@ -211,12 +220,16 @@ def _checks(result: dict[str, Any]) -> list[str]:
     lines.append(f"| memq ahead of Mem0 at every concurrency tried, no failed adds | adds/s (Mem0's failed adds "
                  f"included): ahead at {ahead or 'none'}, behind at {behind or 'none'} threads; against Mem0's adds "
                  f"that did not fail: ahead at {ahead_ok or 'none'}; memq failed adds: {failed} "
-                 f"| {'yes' if not behind and not failed else 'no'} |")
+                 f"| {_met(not behind and not failed, len(ahead_ok) == len(memq) and not failed)} |")
     graph = result.get("graph") or {}
     if "graph_vs_vector_write" in graph:
         ratio = graph["graph_vs_vector_write"]
-        lines.append(f"| graph writes within 1.5x of vector writes | graph write p50 {graph['graph_write_ms_p50']} ms, "
-                     f"vector write p50 {graph['vector_write_ms_p50']} ms: {ratio}x | {'yes' if ratio <= 1.5 else 'no'} |")
+        alone = graph.get("replay_graph_vs_vector_write")
+        replay = (f"; each job's two writes replayed one at a time: graph p50 {graph['replay_graph_write_ms_p50']} ms, "
+                  f"vector p50 {graph['replay_vector_write_ms_p50']} ms: {alone}x" if alone is not None else "")
+        lines.append(f"| graph writes within 1.5x of vector writes | in the pipeline: graph write p50 "
+                     f"{graph['graph_write_ms_p50']} ms, vector write p50 {graph['vector_write_ms_p50']} ms: {ratio}x"
+                     f"{replay} | {'yes' if max(ratio, alone or 0) <= 1.5 else 'no'} |")
     else:
         lines.append("| graph writes within 1.5x of vector writes | not measured in this run | – |")
     rec = result.get("recall") or {}
@@ -395,6 +408,13 @@ def write_report(result: dict[str, Any], doc: Path) -> None:
                 f"| {graph['vector_write_ms_p50']} | {graph['graph_vs_vector_write']} "
                 f"| {graph['llm_calls_per_add_mean']} / {graph['llm_calls_per_add_max']} | {graph['entities']} "
                 f"| {graph['valid_relations']} |", ""]
+        if "replay_graph_vs_vector_write" in graph:
+            out += [f"In the pipeline the two writes of a job run at once, beside other jobs' stages, and Qdrant Edge "
+                    "holds the GIL during its calls, so the graph write's time there includes waiting for the vector "
+                    "write and for the other stages. Replayed afterwards one at a time, each job's plan into a fresh "
+                    f"scope (graph) and a fresh Edge store (vectors): graph write p50 {graph['replay_graph_write_ms_p50']} "
+                    f"ms, vector write p50 {graph['replay_vector_write_ms_p50']} ms, "
+                    f"{graph['replay_graph_vs_vector_write']}x.", ""]
     elif graph:
         out += [f"The graph run failed: `{graph.get('error', '')[-300:]}`", ""]
     else:
