@@ -28,7 +28,9 @@ def _warm_up(c: object, writes: int = 200) -> None:
     """Run `writes` graph writes in a throwaway scope first, then forget it: the test-harness Neo4j is a fresh
     JVM whose first queries are interpreted and planned (measured with 6 entities and 3 relations per write:
     the first takes ~2 s, writes 1-20 a median of 41 ms, writes 160-200 of 8 ms, later ones 3-5 ms), while a
-    production server is warm and Qdrant Edge has no JIT."""
+    production server is warm and Qdrant Edge has no JIT. Each write has the shape of a job's: names the scope
+    knows and new ones with their embeddings, relations, and every other write a contradicted relation and a
+    deleted memory, so every path of the write query is compiled."""
     import uuid
     from datetime import datetime, timezone
 
@@ -36,16 +38,22 @@ def _warm_up(c: object, writes: int = 200) -> None:
     from stores.graph import EntityWrite, GraphWrite, entity_key
 
     graph, embedder = c.graph, c.embedder  # type: ignore[attr-defined]
-    names = ["Ana", "Ben", "the lake", "a bakery", "Lisbon", "chess club"]
-    vectors = embedder.embed(names)
+    known = ["Ana", "Ben", "Lisbon"]
+    vectors = embedder.embed(known + ["the lake", "a bakery", "chess club"])
     scope = Scope(user_id=f"bench-warm-up-{uuid.uuid4().hex[:8]}")
+    previous: list[Relation] = []
     for i in range(writes):
-        entities = [EntityWrite(key=entity_key(n), name=n, entity_type="thing", embedding=v if i == 0 else None)
-                    for n, v in zip(names, vectors)]
+        names = known + [f"{n} {i}" for n in ("the lake", "a bakery", "chess club")]
+        entities = [EntityWrite(key=entity_key(n), name=n, entity_type="thing",
+                                embedding=v if i == 0 or n not in known else None) for n, v in zip(names, vectors)]
         relations = [Relation(rid=str(uuid.uuid4()), source=entity_key(names[j]), relationship=("KNOWS", "VISITS")[j % 2],
-                              destination=entity_key(names[j + 1]), memory_ids=[str(uuid.uuid4())]) for j in range(3)]
+                              destination=entity_key(names[j + 3]), memory_ids=[str(uuid.uuid4())]) for j in range(3)]
+        odd = i % 2 == 1 and previous
         graph.write(GraphWrite(job_id=str(uuid.uuid4()), scope=scope, when=datetime.now(timezone.utc),
-                               entities=entities, relations=relations), embed=embedder.embed)
+                               entities=entities, relations=relations,
+                               invalidated=[str(previous[0].rid)] if odd else (),
+                               deleted_memory_ids=list(previous[1].memory_ids) if odd else ()), embed=embedder.embed)
+        previous = relations
     graph.delete_scope(scope)
 
 
