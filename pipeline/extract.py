@@ -144,12 +144,16 @@ def _speaker(messages: list[Message], indexes: list[int]) -> tuple[str | None, s
 def occurred_at(text: str, answered: object, when: datetime) -> datetime:
     """The date a fact refers to: the model's `answered` date when it parses (`pipeline.dates.parse_date`),
     else a date phrase in the fact's text resolved against `when` (`pipeline.dates.resolve`), else `when`
-    (the job's timestamp: the session date in a backfill, else its enqueue time). UTC; never raises."""
+    (the job's timestamp: the session date in a backfill, else its enqueue time). A day the model gives
+    that is the session's own day keeps the session's time. UTC; never raises."""
+    session = when.astimezone(timezone.utc)
     found = parse_date(answered)
+    if found is not None and found == datetime.combine(session.date(), datetime.min.time(), timezone.utc):
+        return session
     if found is None:
         resolved = resolve(text, when)
         found = resolved.when if resolved is not None else None
-    return found or when.astimezone(timezone.utc)
+    return found or session
 
 
 def verbatim_facts(messages: list[Message], when: datetime | None = None) -> ExtractedFacts:
