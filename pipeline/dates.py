@@ -13,11 +13,16 @@ only phrases that really are dates:
 
 Bare month or weekday names (``may``, ``on Saturdays``) and durations (``for 3 years now``) are not
 dates. Results are UTC; a date without a time is midnight UTC of that day.
+
+Calls into dateparser hold one lock: its search keeps process-wide state that older releases shared
+between threads unsafely (scrapinghub/dateparser#441, #1369), and a worker runs stages in threads. A
+call takes ~0.3 ms for a text without a date, ~3.5 ms with one.
 """
 
 from __future__ import annotations
 
 import re
+import threading
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta, timezone
 from typing import Any, Literal
@@ -38,6 +43,7 @@ _SHIFT = re.compile(r"\bthe (day|week|weekend|month|year|" + "|".join(_WEEKDAYS)
 _WEEKEND = re.compile(r"\b(last|this|next) weekend\b", re.I)
 _FEW = re.compile(r"\b(a few|a couple of|a couple|several) (day|week|month|year)s? ago\b", re.I)
 _FEW_N = {"a few": 3, "a couple of": 2, "a couple": 2, "several": 3}
+_lock = threading.Lock()
 _SETTINGS: dict[str, Any] = {"TIMEZONE": "UTC", "TO_TIMEZONE": "UTC", "RETURN_AS_TIMEZONE_AWARE": False,
                              "PREFER_DAY_OF_MONTH": "first", "PREFER_DATES_FROM": "past"}
 
@@ -67,8 +73,9 @@ def _naive_utc(base: datetime) -> datetime:
 
 
 def _period(phrase: str, base: datetime) -> tuple[datetime, Period] | None:
-    data = dateparser.date.DateDataParser(languages=["en"], settings={**_SETTINGS, "RELATIVE_BASE": base}) \
-        .get_date_data(phrase)
+    with _lock:
+        data = dateparser.date.DateDataParser(languages=["en"], settings={**_SETTINGS, "RELATIVE_BASE": base}) \
+            .get_date_data(phrase)
     if data.date_obj is None:
         return None
     raw = data.period or "day"
@@ -117,7 +124,8 @@ def resolve(text: str, base: datetime | None) -> Resolved | None:
     text = _FEW.sub(lambda m: f"{_FEW_N[m.group(1).lower()]} {m.group(2)}s ago", text)
     weekend = _WEEKEND.search(text) if base is not None else None
     try:
-        found = search_dates(text, languages=["en"], settings={**_SETTINGS, "RELATIVE_BASE": naive}) or []
+        with _lock:
+            found = search_dates(text, languages=["en"], settings={**_SETTINGS, "RELATIVE_BASE": naive}) or []
     except (ValueError, OverflowError, TypeError):
         found = []
     relative: Resolved | None = None

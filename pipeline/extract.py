@@ -9,9 +9,7 @@ A custom ``prompt`` on the job replaces the instructions; the reply format is al
 from __future__ import annotations
 
 import json
-from datetime import datetime
-
-from datetime import timezone
+from datetime import datetime, timezone
 
 from pydantic import BaseModel, Field, field_validator
 
