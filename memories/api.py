@@ -37,7 +37,8 @@ from memq.scope import make_scope
 from stores.embedder import Embedder, get_embedder
 from stores.history import HistoryRecord, HistoryStore, open_history_store
 from stores.vector_open import open_vector_store
-from stores.vectors import TimeRange, VectorStore
+from stores.occurred import TimeRange
+from stores.vectors import VectorStore
 
 if TYPE_CHECKING:
     from stores.graph import GraphStore

@@ -43,7 +43,8 @@ from memq.errors import StoreError, StoreNeedsMigration, StoreOwned, StoreUnavai
 from memq.models import MemoryItem, Scope
 from memq.filters import Match, Node
 from stores.sparse import RRF_K, SPARSE_NAME, document_terms, fusion_depth, query_terms
-from stores.vectors import (KEYWORD_INDEXES, OCCURRED_TS, MemoryPoint, TimeRange, PagedVectorStore, Probe, Spelling, dense_of, fused_hits,
+from stores.occurred import OCCURRED_TS, TimeRange
+from stores.vectors import (KEYWORD_INDEXES, MemoryPoint, PagedVectorStore, Probe, Spelling, dense_of, fused_hits,
                             probes, python_only, searched, select, to_item, translate)
 
 __all__ = ["EdgeStore", "open_edge", "edge_point", "has_sparse", "add_sparse", "owner_of", "is_local_mode_folder", "VACUUM_MIN_CHURN", "VACUUM_FRACTION"]

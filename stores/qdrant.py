@@ -25,7 +25,8 @@ from memq.errors import StoreError, StoreUnavailable
 from memq.models import MemoryItem, Scope
 from memq.filters import Node
 from stores.sparse import RRF_K, SPARSE_NAME, document_terms, fusion_depth, query_terms
-from stores.vectors import (KEYWORD_INDEXES, OCCURRED_TS, MemoryPoint, TimeRange, PagedVectorStore, Probe, Spelling, dense_of, fused_hits,
+from stores.occurred import OCCURRED_TS, TimeRange
+from stores.vectors import (KEYWORD_INDEXES, MemoryPoint, PagedVectorStore, Probe, Spelling, dense_of, fused_hits,
                             probes, searched, select, to_item, translate)
 
 __all__ = ["QdrantClientStore", "qdrant_filter", "connect_server"]

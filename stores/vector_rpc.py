@@ -35,7 +35,8 @@ import redis
 from memq import errors
 from memq.errors import InvalidRequest, MemqError, NoStoreOwner, StoreError, StoreUnavailable
 from memq.models import MemoryItem, Scope
-from stores.vectors import MemoryPoint, TimeRange, VectorStore
+from stores.occurred import TimeRange
+from stores.vectors import MemoryPoint, VectorStore
 
 __all__ = ["VectorServer", "RemoteVectorStore", "store_key", "owner_alive"]
 

@@ -19,7 +19,7 @@ from pipeline.extract import extract_facts
 from pipeline.llm import LLM
 from pipeline.types import CaptionedMessages
 from stores.edge import EdgeStore, edge_point, open_edge
-from stores.vectors import TimeRange
+from stores.occurred import TimeRange
 from tests.helpers import wait_done
 from tests.rigs.llm_server import LLMTestServer
 

@@ -25,7 +25,8 @@ from memq.filters import evaluate, parse_filters
 from memq.models import Scope
 from stores.edge import open_edge
 from stores.vector_rpc import RemoteVectorStore, VectorServer
-from stores.vectors import MemoryPoint, TimeRange, VectorStore
+from stores.occurred import TimeRange
+from stores.vectors import MemoryPoint, VectorStore
 
 NOW = datetime(2024, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
 DIMS = 4
