@@ -195,12 +195,15 @@ def search(
     run_id: RunOption = None,
     limit: Annotated[int, typer.Option(help="At most this many results.")] = 10,
     filters: FiltersOption = None,
+    after: Annotated[str | None, typer.Option(help="Only memories whose occurred_at is on or after this ISO "
+                                              "date or datetime (UTC).")] = None,
+    before: Annotated[str | None, typer.Option(help="... and before this one (exclusive).")] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Search memories of a scope by meaning (in embedded mode through the worker when one runs)."""
     parsed = _filters(filters)
     found = _read(lambda m: m.search(query, user_id=user_id, agent_id=agent_id, run_id=run_id, limit=limit,
-                                     filters=parsed))
+                                     filters=parsed, after=after, before=before))
     if as_json:
         print(json.dumps(found, indent=1))
         return

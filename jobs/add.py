@@ -122,7 +122,8 @@ def extract(job_id: str, c: Clients) -> Transition:
                 raise StageBusy("another delivery is extracting", retry_after_s=BUSY_WAIT_S, job_id=job_id)
             captioned = _stored(c, job_id, "caption", CaptionedMessages)
             out = extract_stage.extract_facts(c.ledger.job(job_id), captioned, c.llm, graph=c.graph is not None,
-                                              instructions=c.settings.prompts.fact_extraction)
+                                              instructions=c.settings.prompts.fact_extraction,
+                                              temporal=c.settings.pipeline.temporal_grounding)
     return Advance("extract", out, (Next(DECIDE),))
 
 

@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from memq.checks import MAX_RESULTS, check_list_args, check_search_args
+from memq.checks import MAX_RESULTS, check_list_args, check_search_args, check_time_range
 from memq.filters import parse_filters
 from memq.config import Settings, load_settings
 from memq.errors import InvalidRequest, InvalidSearch
@@ -37,6 +37,7 @@ from memq.scope import make_scope
 from stores.embedder import Embedder, get_embedder
 from stores.history import HistoryRecord, HistoryStore, open_history_store
 from stores.vector_open import open_vector_store
+from stores.occurred import TimeRange
 from stores.vectors import VectorStore
 
 if TYPE_CHECKING:
@@ -116,7 +117,7 @@ class Memories:
     def search(self, query: str, *, user_id: str | None = None, agent_id: str | None = None,
                run_id: str | None = None, limit: int = 100, filters: Mapping[str, Any] | None = None,
                threshold: float | None = None, top_k: int | None = None,
-               rerank: bool = True) -> dict[str, list[dict[str, Any]]]:
+               rerank: bool = True, after: object = None, before: object = None) -> dict[str, list[dict[str, Any]]]:
         """Memories of a scope by meaning.
 
         Args:
@@ -135,17 +136,24 @@ class Memories:
             rerank: with a rerank model configured (``MEMQ_RERANK__MODEL``), reorder the best
                 ``max(limit, rerank.candidates)`` hits by the model and keep the best `limit`; each then
                 carries ``rerank_score`` (`memories.rerank`). No effect without a model, as in Mem0.
+            after, before: a time range on ``occurred_at`` (the date each memory's fact refers to):
+                ``after <= occurred_at < before`` (after inclusive, before exclusive); each a `date`
+                (midnight UTC), a `datetime` (naive means UTC) or an ISO-8601 string; either may be
+                None. With a bound given, memories without ``occurred_at`` (written before temporal
+                grounding, or with it off) are left out. Applied in the same Qdrant query as the
+                scope and filters (a ``Range`` on ``occurred_ts``), so `limit` counts only matches.
 
         Returns:
             ``{"results": [{id, memory, hash, metadata, score, created_at, updated_at, user_id, agent_id,
-            run_id, actor_id, role, source_message_ids}], "relations": [{source, relationship,
-            destination}]}``, results best first (best score first when dense only); relations empty
-            when graph memory is off.
+            run_id, actor_id, role, source_message_ids, occurred_at}], "relations": [{source,
+            relationship, destination}]}``, results best first (best score first when dense only);
+            relations empty when graph memory is off; ``occurred_at`` None when unknown.
 
         Raises:
             MissingScope, InvalidScope: no or a bad scope id.
             InvalidSearch: an empty or too long query, a bad limit or threshold.
             InvalidFilter: filters that do not parse: an unknown operator or logical key, a bad operand.
+            InvalidTimeRange: `after` or `before` is not a date, or `after` is not earlier than `before`.
             NoStoreOwner: embedded mode, no worker owns the vector store and `open_embedded` is False.
             StoreUnavailable: Qdrant or Neo4j is unreachable, or the store's owner did not answer in time.
             LLMUnavailable, LLMOutputError: the rerank model failed (the search fails: no silent fallback).
@@ -153,6 +161,8 @@ class Memories:
         limit = limit if top_k is None else top_k
         check_search_args(query, limit=limit, threshold=threshold, limits=self.settings.limits)
         parse_filters(filters)  # refuse bad filters before embedding
+        start, end = check_time_range(after, before)
+        during = TimeRange(start, end) if start is not None or end is not None else None
         filters = _jsonable(filters)
         scope = self._scope(user_id, agent_id, run_id)
         vector = self.embedder.embed([query])[0]
@@ -162,7 +172,7 @@ class Memories:
         wanted = min(max(limit, self.settings.rerank.candidates), MAX_RESULTS) \
             if reranking else limit
         hits = self.vectors.search(vector, scope, limit=wanted, threshold=threshold, filters=filters,
-                                   text=query if self.settings.qdrant.hybrid else None)
+                                   text=query if self.settings.qdrant.hybrid else None, during=during)
         results = [_item(h) for h in hits]
         if reranking and results:
             from memories.rerank import rerank as rerank_hits

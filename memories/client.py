@@ -62,7 +62,7 @@ def mem0_item(item: Mapping[str, Any], *, score: bool = True) -> dict[str, Any]:
     Returns:
         ``{id, memory, hash, metadata (None when empty), score, created_at, updated_at}`` plus each of
         ``user_id, agent_id, run_id, actor_id, role`` that is set, plus ``rerank_score`` when the search
-        was reranked.
+        was reranked, plus memq's ``occurred_at`` when the memory has one (temporal grounding).
     """
     out: dict[str, Any] = {k: item.get(k) for k in ("id", "memory", "hash")}
     out["metadata"] = dict(item["metadata"]) if item.get("metadata") else None
@@ -70,6 +70,8 @@ def mem0_item(item: Mapping[str, Any], *, score: bool = True) -> dict[str, Any]:
     out.update({k: item[k] for k in _PROMOTED if item.get(k) is not None})
     if "rerank_score" in item:
         out["rerank_score"] = item["rerank_score"]
+    if item.get("occurred_at") is not None:
+        out["occurred_at"] = item["occurred_at"]
     return out
 
 
@@ -299,18 +301,22 @@ class Memory:
 
     def search(self, query: str, *, user_id: str | None = None, agent_id: str | None = None,
                run_id: str | None = None, limit: int = 100, filters: Mapping[str, Any] | None = None,
-               threshold: float | None = None, rerank: bool = True, top_k: int | None = None) -> dict[str, Any]:
+               threshold: float | None = None, rerank: bool = True, top_k: int | None = None,
+               after: object = None, before: object = None) -> dict[str, Any]:
         """Memories by meaning (Mem0's ``search``); arguments and errors as `memories.api.Memories.search`.
 
         Args:
             rerank: rerank the hits when a rerank model is configured (``MEMQ_RERANK__MODEL``), as Mem0.
+            after, before: memq's time range on ``occurred_at`` (after inclusive, before exclusive;
+                memories without a date are left out when one is given); raises `InvalidTimeRange`.
 
         Returns:
             ``{"results": [mem0 item with score], "relations": [{source, relationship, destination}]}``
             (relations only with graph memory on).
         """
         found = self._reads.search(query, **self._scope(user_id, agent_id, run_id).as_filter(), limit=limit,
-                                     filters=filters, threshold=threshold, top_k=top_k, rerank=rerank)
+                                     filters=filters, threshold=threshold, top_k=top_k, rerank=rerank,
+                                     after=after, before=before)
         return self._shaped(found, found["relations"])
 
     def get(self, memory_id: str, *, user_id: str | None = None, agent_id: str | None = None,

@@ -7,14 +7,14 @@ queried. A leaf module: it imports only `memq.errors`, `memq.models` and `memq.c
 from __future__ import annotations
 
 import math
-from datetime import datetime, timedelta, timezone
+from datetime import date, datetime, time, timedelta, timezone
 
 from memq.config import LimitsSettings
-from memq.errors import InvalidRequest, InvalidSearch, InvalidTimestamp
+from memq.errors import InvalidRequest, InvalidSearch, InvalidTimeRange, InvalidTimestamp
 
 RESERVED_KEYS = frozenset(
     {"data", "hash", "created_at", "updated_at", "user_id", "agent_id", "run_id", "actor_id", "role",
-     "source_message_ids", "job_id", "memory"}
+     "source_message_ids", "job_id", "memory", "occurred_at", "occurred_ts"}
 )
 """Payload keys memq writes itself: metadata may not shadow them."""
 
@@ -159,6 +159,45 @@ def check_timestamp(value: object) -> datetime | None:
     if offset is not None and offset % timedelta(minutes=1):
         return utc
     return aware
+
+
+def check_time_range(after: object, before: object) -> tuple[datetime | None, datetime | None]:
+    """A search's time range on ``occurred_at``: `after` inclusive, `before` exclusive.
+
+    Args:
+        after, before: None (unbounded); a `date` (midnight UTC of that day); a `datetime` (naive means
+            UTC); or an ISO-8601 string of either. ``after=date(2023, 5, 7), before=date(2023, 5, 8)``
+            is the whole of 7 May 2023 (UTC).
+
+    Returns:
+        ``(after, before)`` as aware UTC datetimes (None where unbounded).
+
+    Raises:
+        InvalidTimeRange: a bound that is not a date or datetime, outside `EARLIEST_TIMESTAMP` ..
+            `LATEST_TIMESTAMP`, or `after` not earlier than `before` (an empty range).
+    """
+    bounds: list[datetime | None] = []
+    for name, value in (("after", after), ("before", before)):
+        if isinstance(value, str) and len(value.strip()) == 10:
+            try:
+                value = date.fromisoformat(value.strip())
+            except ValueError:
+                pass
+        if isinstance(value, date) and not isinstance(value, datetime):
+            value = datetime.combine(value, time(), tzinfo=timezone.utc)
+        if isinstance(value, (int, float)):
+            raise InvalidTimeRange(f"{name} must be a date, a datetime or an ISO-8601 string, not a number",
+                                   field=name)
+        try:
+            moment = check_timestamp(value)
+        except InvalidTimestamp as exc:
+            raise InvalidTimeRange(str(exc).replace("timestamp", name, 1), field=name) from exc
+        bounds.append(moment.astimezone(timezone.utc) if moment is not None else None)
+    start, end = bounds
+    if start is not None and end is not None and start >= end:
+        raise InvalidTimeRange(f"after ({start.isoformat()}) must be earlier than before ({end.isoformat()})",
+                               field="after")
+    return start, end
 
 
 def check_query(query: object, max_chars: int) -> str:

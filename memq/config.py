@@ -166,6 +166,14 @@ class PromptSettings(_Group):
                                       description="Instructions of the decide stage (ADD/UPDATE/DELETE/NONE).")
 
 
+class PipelineSettings(_Group):
+    """What the add pipeline does beyond Mem0's steps."""
+
+    temporal_grounding: bool = Field(default=True, description="Each memory keeps ``occurred_at``, the date its "
+                                     "fact refers to (relative dates resolved against the job's timestamp), so "
+                                     "searches can take a time range; false: no date is asked for or stored.")
+
+
 class RerankSettings(_Group):
     """An optional rerank step after a search's vector hits (off while `model` is unset).
 
@@ -331,6 +339,7 @@ class Settings(BaseSettings):
     embedder: EmbedderSettings = EmbedderSettings()
     vision: VisionSettings = VisionSettings()
     prompts: PromptSettings = PromptSettings()
+    pipeline: PipelineSettings = PipelineSettings()
     rerank: RerankSettings = RerankSettings()
     metrics: MetricsSettings = MetricsSettings()
     flower: FlowerSettings = FlowerSettings()

@@ -15,6 +15,7 @@
     │   ├── InvalidTimestamp          a timestamp of the wrong type or outside the years memq handles
     │   ├── InvalidOption             infer, memory_type, prompt or idempotency_key of a bad type or value
     │   ├── InvalidSearch             a search/get_all query, limit or threshold of a bad type or value
+    │   │   └── InvalidTimeRange      a search's after/before: not a date, or after >= before
     │   ├── InvalidFilter             search/get_all filters: not a dict, a key memq owns, a bad value
     │   └── InvalidEdit               an update/delete/batch request: no change, a bad id, over 1,000 items
     ├── MemoryNotFound (ValueError)   no memory of that id in the caller's scope (Mem0 raises ValueError)
@@ -121,6 +122,11 @@ class InvalidOption(InvalidRequest):
 class InvalidSearch(InvalidRequest):
     """A search or get_all argument is bad: the query (empty, too long, not valid text), `limit` (not an
     int in range) or `threshold` (not a real number in range)."""
+
+
+class InvalidTimeRange(InvalidSearch):
+    """A search's time range is bad: `after` or `before` is not a date or datetime (or an ISO-8601 string
+    of one), lies outside the years memq handles, or `after` is not earlier than `before`."""
 
 
 class InvalidFilter(InvalidRequest):

@@ -315,6 +315,8 @@ class MemoryItem(BaseModel):
     actor_id: str | None = None
     role: str | None = None
     source_message_ids: list[str] = Field(default_factory=list)
+    occurred_at: datetime | None = Field(default=None, description="When the fact happened (UTC; midnight for "
+                                         "a date); None for a memory written without temporal grounding.")
 
 
 class HistoryItem(BaseModel):

@@ -46,7 +46,8 @@ def write_vectors(job: AddJob, plan: Plan, vectors: VectorStore) -> WriteResult:
     points = [
         MemoryPoint(id=a.memory_id, vector=a.vector, memory=a.memory, scope=job.scope, created_at=a.created_at,
                     updated_at=when if a.event is MemoryEvent.UPDATE else None, metadata=a.metadata,
-                    actor_id=a.actor_id, role=a.role, source_message_ids=a.source_message_ids, job_id=job.job_id)
+                    actor_id=a.actor_id, role=a.role, source_message_ids=a.source_message_ids, job_id=job.job_id,
+                    occurred_at=a.occurred_at)
         for a in plan.actions if a.event in (MemoryEvent.ADD, MemoryEvent.UPDATE) and a.memory_id not in foreign
     ]
     deleted = [a.memory_id for a in plan.actions if a.event is MemoryEvent.DELETE and a.memory_id not in foreign]

@@ -138,20 +138,23 @@ class _Planner:
         fact = self.source_of(vector)
         return Action(event=MemoryEvent.ADD, memory_id=memory_id(self.job.job_id, position), memory=text,
                       vector=vector, created_at=self.when, metadata=self.metadata, source_message_ids=fact.source_message_ids,
-                      actor_id=fact.actor_id, role=fact.role)
+                      actor_id=fact.actor_id, role=fact.role, occurred_at=fact.occurred_at)
 
     def update(self, old: MemoryItem, text: str, vector: list[float]) -> Action:
+        """An UPDATE: the new text takes the date of the fact it came from (the memory's own when the
+        fact has none)."""
         fact = self.source_of(vector)
         sources = list(dict.fromkeys([*old.source_message_ids, *fact.source_message_ids]))
         return Action(event=MemoryEvent.UPDATE, memory_id=old.id, memory=text, previous_memory=old.memory,
                       vector=vector, created_at=old.created_at or self.when,
                       metadata={**old.metadata, **self.metadata}, source_message_ids=sources,
-                      actor_id=fact.actor_id, role=fact.role)
+                      actor_id=fact.actor_id, role=fact.role, occurred_at=fact.occurred_at or old.occurred_at)
 
     def keep(self, old: MemoryItem, event: MemoryEvent) -> Action:
         return Action(event=event, memory_id=old.id, memory=old.memory, previous_memory=old.memory,
                       created_at=old.created_at or self.when, metadata=old.metadata,
-                      source_message_ids=old.source_message_ids, actor_id=old.actor_id, role=old.role)
+                      source_message_ids=old.source_message_ids, actor_id=old.actor_id, role=old.role,
+                      occurred_at=old.occurred_at)
 
 
 def decide(job: AddJob, extracted: ExtractedFacts, neighbourhood: Neighbourhood, llm: LLM,

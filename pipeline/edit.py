@@ -61,7 +61,7 @@ def plan_edit(job: AddJob, vectors: VectorStore, embedder: Embedder) -> Plan:
     actions = [Action(event=MemoryEvent.UPDATE, memory_id=old.id, memory=text, previous_memory=old.memory,
                       vector=vector, created_at=old.created_at or job.enqueued_at,
                       metadata={**old.metadata, **(e.metadata or {})}, source_message_ids=old.source_message_ids,
-                      actor_id=old.actor_id, role=old.role)
+                      actor_id=old.actor_id, role=old.role, occurred_at=old.occurred_at)
                for (old, e), text, vector in zip(updates, texts, vectors_of)]
     rewritten = [old.id for (old, _), text in zip(updates, texts) if text != old.memory]
     return Plan(actions=actions, missing=missing, graph=GraphPlan(forgotten=rewritten))
@@ -75,4 +75,5 @@ def _mine(job: AddJob, m: MemoryItem) -> bool:
 def _delete(m: MemoryItem, job: AddJob) -> Action:
     return Action(event=MemoryEvent.DELETE, memory_id=m.id, memory=m.memory, previous_memory=m.memory,
                   created_at=m.created_at or job.enqueued_at, metadata=m.metadata,
-                  source_message_ids=m.source_message_ids, actor_id=m.actor_id, role=m.role)
+                  source_message_ids=m.source_message_ids, actor_id=m.actor_id, role=m.role,
+                  occurred_at=m.occurred_at)

@@ -9,9 +9,11 @@ What it does (and does not):
 - ``extract_facts``: splits each user message into sentences, keeps those that say something about
   someone (first-person statements, named things, numbers; not questions, greetings or reactions),
   rewrites "I/my/me" to the speaker's name, resolves "yesterday", "last week", "last month", "last year"
-  against the conversation date, and keeps image descriptions (``[image: <caption>]``, written by the
+  against the conversation date (in the text, as "(7 May 2023)"), and keeps image descriptions (``[image: <caption>]``, written by the
   caption stage, or ``[shares <caption>]``) as facts ("<speaker> shared <caption>"). It does not
-  understand the text: no coreference beyond the speaker, no summarizing, no inference.
+  understand the text: no coreference beyond the speaker, no summarizing, no inference. Asked for
+  dates (``"dates": true``), it gives each fact the date of its sentence's date phrase resolved
+  against the conversation date by `pipeline.dates.resolve` (``dateparser``), else the conversation date.
 - ``decide_memory_events``: embeds facts and the shown memories with the configured sentence embedder;
   a fact nearly identical to a memory (cosine >= `NONE_SIMILARITY`) is NONE; a close one (>=
   `UPDATE_SIMILARITY`) UPDATEs it, or DELETEs it when exactly one of the two is negated; anything else
@@ -36,6 +38,7 @@ from datetime import date, timedelta
 from typing import Any
 
 from memq.config import EmbedderSettings
+from pipeline.dates import day_of, resolve
 from stores.embedder import Embedder, get_embedder
 from stores.provider import import_litellm
 
@@ -117,15 +120,25 @@ def _about(sentence: str, speaker: str) -> str:
     return f"{speaker} mentioned that {sentence[0].lower()}{sentence[1:]}"
 
 
-def extract(messages: list[dict[str, Any]], conversation_date: str | None) -> list[dict[str, Any]]:
+def _date_of(sentence: str, today: date | None) -> str | None:
+    if today is None:
+        return None
+    found = resolve(sentence, day_of(today))
+    return (found.when.date() if found is not None else today).isoformat()
+
+
+def extract(messages: list[dict[str, Any]], conversation_date: str | None,
+            dates: bool = False) -> list[dict[str, Any]]:
     """Heuristic facts from messages (see the module docstring).
 
     Args:
         messages: ``[{"index", "role", "name"?, "text"}]`` as the extract prompt lists them.
         conversation_date: ISO date (``2023-05-08``) or None.
+        dates: give each fact a ``date`` (ISO day, or None without a conversation date).
 
     Returns:
-        ``[{"text": fact, "sources": [index]}]`` in message order, without duplicates.
+        ``[{"text": fact, "sources": [index]}]`` (with ``"date"`` when `dates`) in message order,
+        without duplicates.
     """
     today = date.fromisoformat(conversation_date) if conversation_date else None
     facts: list[dict[str, Any]] = []
@@ -140,11 +153,12 @@ def extract(messages: list[dict[str, Any]], conversation_date: str | None) -> li
         sentences = [s.strip() for s in _SENTENCE_END.split(text) if s.strip()]
         candidates = [_about(s.rstrip(".!"), speaker) for s in sentences if _informative(s)]
         candidates += [f"{speaker} shared {c}" for c in captions if len(c.split()) >= 2]
-        for fact in candidates:
-            fact = _relative_dates(fact.strip(), today)
+        for raw in candidates:
+            fact = _relative_dates(raw.strip(), today)
             if fact.lower() not in seen:
                 seen.add(fact.lower())
-                facts.append({"text": fact, "sources": [m["index"]]})
+                facts.append({"text": fact, "sources": [m["index"]],
+                              **({"date": _date_of(raw, today)} if dates else {})})
     return facts
 
 
@@ -265,7 +279,7 @@ def answer(prompt: str) -> dict[str, Any]:
     task = data.get("task")
     if task == "extract_facts":
         messages = data.get("messages", [])
-        facts = extract(messages, data.get("conversation_date"))
+        facts = extract(messages, data.get("conversation_date"), bool(data.get("dates")))
         if not data.get("graph"):
             return {"facts": facts}
         speakers = {m["index"]: m.get("name") or "User" for m in messages}

@@ -77,12 +77,14 @@ class Fact(_Stage):
         source_message_ids: ids of the messages it came from (caller's ids or positions).
         actor_id: the speaker (message ``name``) when all sources share one.
         role: the role of the source messages when all share one.
+        occurred_at: the date the fact refers to (UTC; `pipeline.dates`), None without temporal grounding.
     """
 
     text: str = Field(min_length=1)
     source_message_ids: list[str] = Field(default_factory=list)
     actor_id: str | None = None
     role: str | None = None
+    occurred_at: datetime | None = None
 
 
 class Entity(_Stage):
@@ -113,6 +115,7 @@ class Action(_Stage):
         created_at: creation time to write (kept from the existing memory on UPDATE).
         metadata: payload metadata to write.
         source_message_ids, actor_id, role: provenance.
+        occurred_at: the date the memory refers to (its fact's on ADD and UPDATE, else kept), or None.
     """
 
     event: MemoryEvent
@@ -125,6 +128,7 @@ class Action(_Stage):
     source_message_ids: list[str] = Field(default_factory=list)
     actor_id: str | None = None
     role: str | None = None
+    occurred_at: datetime | None = None
 
 
 class GraphPlan(_Stage):

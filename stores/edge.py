@@ -43,6 +43,7 @@ from memq.errors import StoreError, StoreNeedsMigration, StoreOwned, StoreUnavai
 from memq.models import MemoryItem, Scope
 from memq.filters import Match, Node
 from stores.sparse import RRF_K, SPARSE_NAME, document_terms, fusion_depth, query_terms
+from stores.occurred import OCCURRED_TS, TimeRange
 from stores.vectors import (KEYWORD_INDEXES, MemoryPoint, PagedVectorStore, Probe, Spelling, dense_of, fused_hits,
                             probes, python_only, searched, select, to_item, translate)
 
@@ -197,7 +198,8 @@ class EdgeStore(PagedVectorStore):
 
     def search_batch(self, vectors: Sequence[Sequence[float]], scope: Scope, *, limit: int,
                      threshold: float | None = None, filters: Mapping[str, Any] | None = None,
-                     exact: bool = False, texts: Sequence[str] | None = None) -> list[list[MemoryItem]]:
+                     exact: bool = False, texts: Sequence[str] | None = None,
+                     during: TimeRange | None = None) -> list[list[MemoryItem]]:
         """`search` for several vectors in one planned batch; one list of hits per vector. With `texts`,
         each search fuses its dense and BM25 rankings (`stores.sparse`; `VectorStore.search`).
 
@@ -207,7 +209,7 @@ class EdgeStore(PagedVectorStore):
         """
         if not vectors:
             return []
-        selection = select(scope, filters, exact=exact, unsupported=self.unsupported)
+        selection = select(scope, filters, exact=exact, unsupported=self.unsupported, during=during)
         with _mapped("filter"):
             flt = edge_filter(selection.pushed)
 
@@ -423,6 +425,7 @@ def open_edge(root: Path, collection: str, dims: int) -> EdgeStore:
         for key in KEYWORD_INDEXES:
             shard.update(qe.UpdateOperation.create_field_index(key, qe.PayloadSchemaType.Keyword))
         shard.update(qe.UpdateOperation.create_field_index("created_at", qe.PayloadSchemaType.Datetime))
+        shard.update(qe.UpdateOperation.create_field_index(OCCURRED_TS, qe.PayloadSchemaType.Float))
         if upgrade:
             add_sparse(shard, folder)
     except Exception:

@@ -25,6 +25,7 @@ from memq.errors import StoreError, StoreUnavailable
 from memq.models import MemoryItem, Scope
 from memq.filters import Node
 from stores.sparse import RRF_K, SPARSE_NAME, document_terms, fusion_depth, query_terms
+from stores.occurred import OCCURRED_TS, TimeRange
 from stores.vectors import (KEYWORD_INDEXES, MemoryPoint, PagedVectorStore, Probe, Spelling, dense_of, fused_hits,
                             probes, searched, select, to_item, translate)
 
@@ -111,6 +112,9 @@ class QdrantClientStore(PagedVectorStore):
                         self._client.create_payload_index(self.collection, key, schema)
                     self._client.create_payload_index(self.collection, "created_at", qm.PayloadSchemaType.DATETIME)
             info = self._client.get_collection(self.collection)
+            if self.indexed and OCCURRED_TS not in (info.payload_schema or {}):
+                # a collection created before temporal grounding gets the index of its time ranges
+                self._client.create_payload_index(self.collection, OCCURRED_TS, qm.PayloadSchemaType.FLOAT)
             params = info.config.params.vectors
             size = params.size if isinstance(params, qm.VectorParams) else None
             if size != self.dims:
@@ -157,7 +161,8 @@ class QdrantClientStore(PagedVectorStore):
 
     def search_batch(self, vectors: Sequence[Sequence[float]], scope: Scope, *, limit: int,
                      threshold: float | None = None, filters: Mapping[str, Any] | None = None,
-                     exact: bool = False, texts: Sequence[str] | None = None) -> list[list[MemoryItem]]:
+                     exact: bool = False, texts: Sequence[str] | None = None,
+                     during: TimeRange | None = None) -> list[list[MemoryItem]]:
         """`search` for several vectors in one request; one list of hits per vector. With `texts` (and
         a collection with the sparse vector), each search fuses its dense and BM25 rankings.
 
@@ -168,7 +173,7 @@ class QdrantClientStore(PagedVectorStore):
         if not vectors:
             return []
         self.ensure_collection()
-        selection = select(scope, filters, exact=exact, unsupported=self.unsupported)
+        selection = select(scope, filters, exact=exact, unsupported=self.unsupported, during=during)
         flt = qdrant_filter(selection.pushed)
 
         def run(batch: Sequence[Probe], n: int) -> list[list[MemoryItem]]:

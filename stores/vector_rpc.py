@@ -35,6 +35,7 @@ import redis
 from memq import errors
 from memq.errors import InvalidRequest, MemqError, NoStoreOwner, StoreError, StoreUnavailable
 from memq.models import MemoryItem, Scope
+from stores.occurred import TimeRange
 from stores.vectors import MemoryPoint, VectorStore
 
 __all__ = ["VectorServer", "RemoteVectorStore", "store_key", "owner_alive"]
@@ -72,7 +73,8 @@ def _point(raw: Mapping[str, Any]) -> MemoryPoint:
         created_at=datetime.fromisoformat(raw["created_at"]),
         updated_at=datetime.fromisoformat(raw["updated_at"]) if raw["updated_at"] else None,
         metadata=raw["metadata"], actor_id=raw["actor_id"], role=raw["role"],
-        source_message_ids=raw["source_message_ids"], job_id=raw["job_id"])
+        source_message_ids=raw["source_message_ids"], job_id=raw["job_id"],
+        occurred_at=datetime.fromisoformat(raw["occurred_at"]) if raw.get("occurred_at") else None)
 
 
 def _point_json(p: MemoryPoint) -> dict[str, Any]:
@@ -80,7 +82,7 @@ def _point_json(p: MemoryPoint) -> dict[str, Any]:
             "scope": p.scope.model_dump(), "created_at": p.created_at.isoformat(),
             "updated_at": p.updated_at.isoformat() if p.updated_at else None, "metadata": dict(p.metadata),
             "actor_id": p.actor_id, "role": p.role, "source_message_ids": list(p.source_message_ids),
-            "job_id": p.job_id}
+            "job_id": p.job_id, "occurred_at": p.occurred_at.isoformat() if p.occurred_at else None}
 
 
 def _items(items: Sequence[MemoryItem]) -> list[dict[str, Any]]:
@@ -106,7 +108,8 @@ class VectorServer:
             "ping": lambda a: "pong",
             "search_batch": lambda a: [_items(hits) for hits in store.search_batch(
                 a["vectors"], Scope(**a["scope"]), limit=a["limit"], threshold=a["threshold"],
-                filters=a["filters"], exact=a["exact"], texts=a.get("texts"))],
+                filters=a["filters"], exact=a["exact"], texts=a.get("texts"),
+                during=TimeRange.from_json(a.get("during")))],
             "retrieve": lambda a: _items(store.retrieve(a["ids"])),
             "list": lambda a: _items(store.list(Scope(**a["scope"]), limit=a["limit"], filters=a["filters"],
                                                 offset=a.get("offset", 0), exact=a.get("exact", False))),
@@ -253,14 +256,17 @@ class RemoteVectorStore(VectorStore):
 
     def search_batch(self, vectors: Sequence[Sequence[float]], scope: Scope, *, limit: int,
                      threshold: float | None = None, filters: Mapping[str, Any] | None = None,
-                     exact: bool = False, texts: Sequence[str] | None = None) -> list[list[MemoryItem]]:
-        """`search` for several vectors (with `texts`: hybrid), answered by the owner in one batch."""
+                     exact: bool = False, texts: Sequence[str] | None = None,
+                     during: TimeRange | None = None) -> list[list[MemoryItem]]:
+        """`search` for several vectors (with `texts`: hybrid; with `during`: a time range), answered by
+        the owner in one batch."""
         if not vectors:
             return []
         answer = self._call("search_batch", vectors=[[float(x) for x in v] for v in vectors],
                             scope=scope.model_dump(), limit=limit, threshold=threshold,
                             filters=dict(filters) if filters else None, exact=exact,
-                            texts=list(texts) if texts is not None else None)
+                            texts=list(texts) if texts is not None else None,
+                            during=during.as_json() if during is not None else None)
         return [[MemoryItem.model_validate(i) for i in hits] for hits in answer]
 
     def list(self, scope: Scope, *, limit: int = 100, filters: Mapping[str, Any] | None = None,

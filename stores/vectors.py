@@ -9,6 +9,11 @@ Payload of a point (Mem0's keys): ``data`` (the memory text), ``hash`` (md5 of t
 ``updated_at`` (ISO-8601 UTC), the scope ids that are set (``user_id``/``agent_id``/``run_id``),
 ``actor_id``, ``role``, ``source_message_ids``, ``job_id`` and the caller's metadata keys at the top level
 (as Mem0 stores them). A collection written by Mem0 reads as memq memories.
+
+Temporal grounding adds ``occurred_at`` (ISO-8601 UTC: the date the fact refers to) and ``occurred_ts``
+(the same moment in epoch seconds, a float with a payload index on every backend) so that a search's
+time range (`TimeRange`) is one ``Range`` condition in the same query. Points written before it (or
+with grounding off) have neither field: they read with ``occurred_at`` None and no time range selects them.
 """
 
 from __future__ import annotations
@@ -26,14 +31,13 @@ from pydantic import JsonValue
 from memq.errors import StoreError
 from memq.filters import Logic, Match, Node, evaluate, has_op, parse_filters, relax
 from memq.models import MemoryItem, Scope
+from stores.occurred import OCCURRED_TS, TimeRange, stored_moment
 
 SCOPE_KEYS = ("user_id", "agent_id", "run_id")
 CORE_KEYS = frozenset({"data", "hash", "created_at", "updated_at", *SCOPE_KEYS, "actor_id", "role",
-                       "source_message_ids", "job_id"})
+                       "source_message_ids", "job_id", "occurred_at", "occurred_ts"})
 KEYWORD_INDEXES = (*SCOPE_KEYS, "actor_id")
 """Payload fields with a keyword index (every backend); ``created_at`` has a datetime index."""
-
-
 def memory_hash(text: str) -> str:
     """md5 hex digest of a memory's text (Mem0's ``hash``)."""
     return hashlib.md5(text.encode()).hexdigest()
@@ -53,6 +57,7 @@ class MemoryPoint:
         actor_id, role: the speaker of the source messages, when known.
         source_message_ids: provenance (caller's message ids or positions).
         job_id: the job that last wrote the point.
+        occurred_at: the date the memory refers to (UTC), or None (no ``occurred_*`` payload fields).
     """
 
     id: str
@@ -66,6 +71,7 @@ class MemoryPoint:
     role: str | None
     source_message_ids: Sequence[str]
     job_id: str
+    occurred_at: datetime | None = None
 
     def payload(self) -> dict[str, Any]:
         """The point's payload (Mem0 keys)."""
@@ -81,6 +87,9 @@ class MemoryPoint:
             "source_message_ids": list(self.source_message_ids),
             "job_id": self.job_id,
         })
+        if self.occurred_at is not None:
+            payload["occurred_at"] = self.occurred_at.isoformat()
+            payload[OCCURRED_TS] = self.occurred_at.timestamp()
         return payload
 
 
@@ -101,6 +110,7 @@ def to_item(point_id: object, payload: Mapping[str, Any] | None, score: float | 
         actor_id=p.get("actor_id"),
         role=p.get("role"),
         source_message_ids=p.get("source_message_ids") or [],
+        occurred_at=stored_moment(p.get("occurred_at")),
     )
 
 
@@ -124,7 +134,7 @@ def python_only(match: Match) -> bool:
 
 
 def select(scope: Scope | None, filters: Mapping[str, Any] | None = None, *, exact: bool = False,
-           unsupported: Callable[[Match], bool] = python_only) -> Selection:
+           unsupported: Callable[[Match], bool] = python_only, during: TimeRange | None = None) -> Selection:
     """The selection of a scope's memories that also match Mem0-style `filters` (`memq.filters`).
 
     Args:
@@ -134,6 +144,8 @@ def select(scope: Scope | None, filters: Mapping[str, Any] | None = None, *, exa
             `scope` match (what a job decides over and writes to).
         unsupported: the conditions the backend cannot apply; they are evaluated in Python on what it
             returns (`post_filtered`).
+        during: only memories whose ``occurred_at`` lies in this range (a numeric range on
+            `OCCURRED_TS`, pushed to the backend with the rest).
 
     Raises:
         InvalidFilter: filters that do not parse (`memq.filters.parse_filters`).
@@ -148,6 +160,9 @@ def select(scope: Scope | None, filters: Mapping[str, Any] | None = None, *, exa
     pushable = relax(parsed, unsupported) if post is not None and parsed is not None else parsed
     if pushable is not None:
         parts.append(pushable)
+    window = during.node() if during is not None else None
+    if window is not None:
+        parts.append(window)
     return Selection(Logic("and", tuple(parts)) if parts else None, post)
 
 
@@ -203,7 +218,9 @@ def payload_of(item: MemoryItem) -> dict[str, Any]:
         "created_at": item.created_at.isoformat() if item.created_at else None,
         "updated_at": item.updated_at.isoformat() if item.updated_at else None,
         "user_id": item.user_id, "agent_id": item.agent_id, "run_id": item.run_id,
-        "actor_id": item.actor_id, "role": item.role, "source_message_ids": list(item.source_message_ids)})
+        "actor_id": item.actor_id, "role": item.role, "source_message_ids": list(item.source_message_ids),
+        "occurred_at": item.occurred_at.isoformat() if item.occurred_at else None,
+        OCCURRED_TS: item.occurred_at.timestamp() if item.occurred_at else None})
     return payload
 
 
@@ -323,7 +340,8 @@ class VectorStore(ABC):
         """Memories by id (missing ids are skipped)."""
 
     def search(self, vector: Sequence[float], scope: Scope, *, limit: int, threshold: float | None = None,
-               filters: Mapping[str, Any] | None = None, text: str | None = None) -> list[MemoryItem]:
+               filters: Mapping[str, Any] | None = None, text: str | None = None,
+               during: TimeRange | None = None) -> list[MemoryItem]:
         """The `limit` memories of `scope` nearest to `vector`, best first, each with its cosine `score`.
 
         Args:
@@ -331,22 +349,25 @@ class VectorStore(ABC):
                 retrieval, `stores.sparse`); results then come in the fused order, each still scored
                 by its cosine similarity to `vector`, and `threshold` still bounds that similarity.
                 None (or a store without sparse vectors): dense only.
+            during: only memories whose ``occurred_at`` lies in the range (`TimeRange`), in the same query.
 
         Raises:
             InvalidFilter: filters that do not parse (`memq.filters`).
         """
         return self.search_batch([vector], scope, limit=limit, threshold=threshold, filters=filters,
-                                 texts=[text] if text is not None else None)[0]
+                                 texts=[text] if text is not None else None, during=during)[0]
 
     @abstractmethod
     def search_batch(self, vectors: Sequence[Sequence[float]], scope: Scope, *, limit: int,
                      threshold: float | None = None, filters: Mapping[str, Any] | None = None,
-                     exact: bool = False, texts: Sequence[str] | None = None) -> list[list[MemoryItem]]:
+                     exact: bool = False, texts: Sequence[str] | None = None,
+                     during: TimeRange | None = None) -> list[list[MemoryItem]]:
         """`search` for several vectors at once; one list of hits per vector.
 
         Args:
             exact: only memories whose scope equals `scope` (see `select`).
             texts: one query text per vector for hybrid retrieval (see `search`), or None.
+            during: only memories whose ``occurred_at`` lies in the range (see `select`).
         """
 
     @abstractmethod

@@ -50,7 +50,7 @@ EVENTS = {"ADD": set(MEM0["add_infer"]["results"][0]), "UPDATE": set(MEM0["add_i
 
 
 def _item_shape(item: dict[str, Any], *, score: bool = True) -> None:
-    assert _keys(item) - {"rerank_score"} == (ITEM if score else LISTED), sorted(item)
+    assert _keys(item) - {"rerank_score", "occurred_at"} == (ITEM if score else LISTED), sorted(item)
     assert isinstance(item["id"], str) and isinstance(item["memory"], str) and isinstance(item["hash"], str)
     assert item["metadata"] is None or isinstance(item["metadata"], dict)
 

@@ -25,6 +25,7 @@ from memq.filters import evaluate, parse_filters
 from memq.models import Scope
 from stores.edge import open_edge
 from stores.vector_rpc import RemoteVectorStore, VectorServer
+from stores.occurred import TimeRange
 from stores.vectors import MemoryPoint, VectorStore
 
 NOW = datetime(2024, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
@@ -279,3 +280,45 @@ def test_a_hybrid_search_fuses_keyword_matches_the_dense_ranking_misses_within_t
     assert [[m.id for m in hits] for hits in both] == [[sax.id], [tea.id]]
     with pytest.raises(StoreError):
         store.search_batch([E0, E0], ann, limit=1, texts=["saxophone"])
+
+
+def _dated(i: int, scope: Scope, day: int | None) -> MemoryPoint:
+    occurred = datetime(2023, 5, day, tzinfo=timezone.utc) if day is not None else None
+    return replace(_point(i, scope, vector=[1.0, 0.0, 0.0, 0.0]), occurred_at=occurred)
+
+
+def test_a_time_range_selects_by_occurred_at_in_scope_and_leaves_undated_memories_out(store: VectorStore) -> None:
+    store.ensure_collection()
+    ann, bob = Scope(user_id="ann"), Scope(user_id="bob")
+    # Given ann's memories dated 1..5 May, one of hers without a date (written before grounding), and bob's on 3 May
+    store.upsert([_dated(day, ann, day) for day in range(1, 6)] + [_dated(10, ann, None), _dated(20, bob, 3)])
+    query = [1.0, 0.0, 0.0, 0.0]
+
+    def days(**window: datetime | None) -> list[int | None]:
+        hits = store.search(query, ann, limit=10, during=TimeRange(**window))
+        return sorted(h.occurred_at.day if h.occurred_at else None for h in hits)  # type: ignore[type-var]
+
+    # When ann searches with a range, after inclusive and before exclusive
+    may = lambda d: datetime(2023, 5, d, tzinfo=timezone.utc)  # noqa: E731
+    assert days(after=may(2), before=may(4)) == [2, 3]
+    assert days(after=may(4)) == [4, 5]
+    assert days(before=may(2)) == [1]
+    # Then bob's memory on 3 May never shows, nor the undated one; limit counts matches only (one query)
+    assert len(store.search(query, ann, limit=1, during=TimeRange(after=may(3)))) == 1
+    # And without a range every memory of the scope comes back, the undated one with occurred_at None
+    everything = store.search(query, ann, limit=10)
+    assert len(everything) == 6 and [h.occurred_at for h in everything if h.id == _dated(10, ann, None).id] == [None]
+    # And occurred_at round-trips on retrieve, in UTC, and is no metadata key
+    got = store.retrieve([_dated(2, ann, 2).id])[0]
+    assert got.occurred_at == may(2) and "occurred_at" not in got.metadata and "occurred_ts" not in got.metadata
+    # And a range combines with filters in the same query
+    assert [h.metadata["n"] for h in store.search(query, ann, limit=10, filters={"n": {"gte": 3}},
+                                                  during=TimeRange(before=may(5)))] in ([3, 4], [4, 3])
+
+
+def test_a_time_range_with_after_not_before_before_is_refused() -> None:
+    may = datetime(2023, 5, 1, tzinfo=timezone.utc)
+    with pytest.raises(StoreError):
+        TimeRange(after=may, before=may)
+    with pytest.raises(StoreError):
+        TimeRange(after=datetime(2023, 5, 1))  # naive
