@@ -163,6 +163,11 @@ def _count(run: dict[str, Any], field: str) -> str:
     return f"unreadable after the run ({run.get('store_unreadable') or 'unknown error'})"
 
 
+def _memories(run: dict[str, Any]) -> str:
+    """``2,544 memories``, or that the run's store could not be read back."""
+    return f"{run['memories']:,} memories" if run.get("memories") is not None else f"memories: {_count(run, 'memories')}"
+
+
 def _stored(result: dict[str, Any]) -> list[str]:
     lines = ["| system | threads | ADD | UPDATE | DELETE | memories stored | duplicate memories |",
              "|---|---:|---:|---:|---:|---:|---:|"]
@@ -268,8 +273,8 @@ def write_report(result: dict[str, Any], doc: Path) -> None:
         swallowed = f", {sum(b['errors_logged'].values())} errors swallowed" if b["errors_logged"] else ""
         good = f"; {b['succeeded_per_s']:.2f} adds/s that did not fail" if b["failed"] else ""
         out.append(f"- **{n} thread{'s' if n > 1 else ''}**: memq {a['adds_per_s']:.2f} adds/s ({a['failed']} failed, "
-                   f"{_count(a, 'memories')} memories), Mem0 {b['adds_per_s']:.2f} adds/s ({b['failed']} of {b['adds']} failed"
-                   f"{swallowed}{good}; {_count(b, 'memories')} memories): memq/Mem0 = {a['adds_per_s'] / b['adds_per_s']:.2f}.")
+                   f"{_memories(a)}), Mem0 {b['adds_per_s']:.2f} adds/s ({b['failed']} of {b['adds']} failed"
+                   f"{swallowed}{good}; {_memories(b)}): memq/Mem0 = {a['adds_per_s'] / b['adds_per_s']:.2f}.")
     out.append(f"- **Per add** ({first} thread{'s' if first > 1 else ''}): memq {memq[first]['calls_per_add']:.2f} model calls "
                f"and {memq[first]['prompt_tokens_per_add']:,} prompt tokens; Mem0 {mem0[first]['calls_per_add']:.2f} calls "
                f"and {mem0[first]['prompt_tokens_per_add']:,} prompt tokens.")
