@@ -105,8 +105,7 @@ class CaptionCache:
         if not notes:
             return
         pipe = self._r.pipeline(transaction=False)
-        for key, what in notes.items():
-            pipe.hset(NOTES_PREFIX + job_id, key, what)
+        pipe.hset(NOTES_PREFIX + job_id, items=[part for pair in notes.items() for part in pair])
         pipe.expire(NOTES_PREFIX + job_id, self._ttl_s)
         ride_out(pipe.execute, self._outage_s)
 
