@@ -118,10 +118,20 @@ def _scope_params(scope: Scope) -> dict[str, Any]:
     return {"scope_key": scope.key(), "user_id": scope.user_id, "agent_id": scope.agent_id, "run_id": scope.run_id}
 
 
-_SCOPE_MATCH: LiteralString = (
-    "($user_id IS NULL OR e.user_id = $user_id) AND ($agent_id IS NULL OR e.agent_id = $agent_id) "
-    "AND ($run_id IS NULL OR e.run_id = $run_id)"
-)
+def _scope_match(scope: Scope) -> LiteralString:
+    """The entity filter of every scope `scope` covers (Mem0's filter by the ids given): one equality per
+    id that is set, so Neo4j seeks the id's index (``$x IS NULL OR e.x = $x`` made it scan every entity
+    of every tenant). The fragments are constants; the ids stay parameters."""
+    parts: list[LiteralString] = []
+    if scope.user_id is not None:
+        parts.append("e.user_id = $user_id")
+    if scope.agent_id is not None:
+        parts.append("e.agent_id = $agent_id")
+    if scope.run_id is not None:
+        parts.append("e.run_id = $run_id")
+    if not parts:
+        raise ValueError("a scope needs at least one id")
+    return " AND ".join(parts)
 
 
 _WRITE: LiteralString = (
@@ -211,6 +221,8 @@ class GraphStore:
                       "FOR (e:__Entity__) REQUIRE (e.scope_key, e.key) IS UNIQUE")
             self._run("CREATE INDEX memq_entity_user IF NOT EXISTS FOR (e:__Entity__) ON (e.user_id)")
             self._run("CREATE INDEX memq_entity_scope IF NOT EXISTS FOR (e:__Entity__) ON (e.scope_key)")
+            self._run("CREATE INDEX memq_entity_agent IF NOT EXISTS FOR (e:__Entity__) ON (e.agent_id)")
+            self._run("CREATE INDEX memq_entity_run IF NOT EXISTS FOR (e:__Entity__) ON (e.run_id)")
             self._ready = True
 
     def write(self, change: GraphWrite, embed: Callable[[list[str]], list[list[float]]] | None = None) -> None:
@@ -306,7 +318,7 @@ class GraphStore:
         self.ensure_schema()
         with _mapped("search"):
             rows = self._run(
-                "MATCH (e:__Entity__) WHERE " + _SCOPE_MATCH + " "
+                "MATCH (e:__Entity__) WHERE " + _scope_match(scope) + " "
                 "WITH e, vector.similarity.cosine(e.embedding, $vector) AS sim "
                 "WITH e, sim, (size(e.key) >= 3 AND $query CONTAINS e.key) AS named "
                 "WHERE sim >= $threshold OR named "
@@ -342,7 +354,7 @@ class GraphStore:
         self.ensure_schema()
         with _mapped("read"):
             rows = self._run(
-                "MATCH (e:__Entity__) WHERE " + _SCOPE_MATCH + " "
+                "MATCH (e:__Entity__) WHERE " + _scope_match(scope) + " "
                 "MATCH (e)-[x {valid: true}]->(d:__Entity__) "
                 "RETURN e.name AS source, type(x) AS relationship, d.name AS target "
                 "ORDER BY x.created_at, x.rid SKIP $offset LIMIT $limit",
@@ -367,7 +379,7 @@ class GraphStore:
     def delete_scope(self, scope: Scope) -> int:
         """Delete every entity (and so every relation) matching the scope's ids. Returns entities deleted."""
         with _mapped("delete"):
-            rows = self._run("MATCH (e:__Entity__) WHERE " + _SCOPE_MATCH + " DETACH DELETE e RETURN count(*) AS n",
+            rows = self._run("MATCH (e:__Entity__) WHERE " + _scope_match(scope) + " DETACH DELETE e RETURN count(*) AS n",
                              **_scope_params(scope))
         return int(rows[0]["n"]) if rows else 0
 
