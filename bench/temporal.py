@@ -12,7 +12,10 @@ through `memories.Memories.search` (hybrid, top 10). Reported per setting:
   either in a result's text (a date phrase resolved by the same resolver; the offline model writes
   ``"(7 May 2023)"`` after a relative date) or as its ``occurred_at``. A date matches at the gold's
   precision: the same day, within 7 days for a week, the same month, the same year;
-* **evidence recall@k** of the temporal questions and of all 1-4 questions (as `bench/recall.py`).
+* **evidence recall@k** of the temporal questions and of all 1-4 questions (as `bench/recall.py`);
+* a **control**: found@k with grounding off when each result's ``created_at`` (the session's date in a
+  backfill) stands for its date, which tells the resolved dates' share of the gain from the session
+  date's.
 
     .venv/bin/python bench/temporal.py [--conversations conv-26,conv-30] [--json bench/results/temporal.json]
 """
@@ -53,9 +56,11 @@ def same_date(gold: Resolved, when: datetime, period: str = "day") -> bool:
     return when.year == gold.when.year
 
 
-def holds_date(result: dict[str, Any], gold: Resolved) -> bool:
-    """A result holds the gold date in its ``occurred_at`` or in a date its text names."""
-    occurred = result.get("occurred_at")
+def holds_date(result: dict[str, Any], gold: Resolved, *, session: bool = False) -> bool:
+    """A result holds the gold date in its ``occurred_at`` (with `session`: its ``created_at``, the session's
+    date in a backfill, as the control of grounding that only stamps the session date) or in a date its
+    text names."""
+    occurred = result.get("created_at" if session else "occurred_at")
     if occurred and same_date(gold, datetime.fromisoformat(occurred)):
         return True
     named = resolve(result["memory"], None)
@@ -73,6 +78,7 @@ def run(data: Path, conversations: list[str], grounding: bool) -> dict[str, Any]
 
     samples = [s for s in json.loads(data.read_text()) if s["sample_id"] in conversations]
     date_found = {k: 0 for k in KS}
+    session_found = {k: 0 for k in KS}
     evidence = {k: {"temporal": 0, "all": 0} for k in KS}
     asked = {"temporal": 0, "all": 0, "temporal_with_date": 0}
     with tempfile.TemporaryDirectory() as folder, RedisServer(data_dir=Path(folder) / "redis") as redis_server:
@@ -111,10 +117,13 @@ def run(data: Path, conversations: list[str], grounding: bool) -> dict[str, Any]
                     asked["temporal_with_date"] += 1
                     for k in KS:
                         date_found[k] += any(holds_date(r, gold) for r in found[:k])
+                        session_found[k] += any(holds_date(r, gold, session=True) for r in found[:k])
         finally:
             stop_demo_worker(worker)
     return {"grounding": grounding, "backfill": backfill, "questions": asked,
             "answer_date_found": {f"@{k}": round(date_found[k] / max(1, asked["temporal_with_date"]), 3) for k in KS},
+            "answer_date_found_with_session_date": {
+                f"@{k}": round(session_found[k] / max(1, asked["temporal_with_date"]), 3) for k in KS},
             "evidence_recall_temporal": {f"@{k}": round(evidence[k]["temporal"] / max(1, asked["temporal"]), 3)
                                          for k in KS},
             "evidence_recall_all": {f"@{k}": round(evidence[k]["all"] / max(1, asked["all"]), 3) for k in KS}}
@@ -136,6 +145,9 @@ def main() -> None:
         d, e, a = r["answer_date_found"], r["evidence_recall_temporal"], r["evidence_recall_all"]
         print(f"| {'on' if r['grounding'] else 'off'} | {d['@1']:.3f} | {d['@5']:.3f} | {d['@10']:.3f} | "
               f"{e['@5']:.3f} | {e['@10']:.3f} | {a['@10']:.3f} | {r['backfill']['memories']} |")
+    off = results[0]["answer_date_found_with_session_date"]
+    print(f"control, grounding off with each result's session date (created_at) as its date: found@1 {off['@1']:.3f}, "
+          f"@5 {off['@5']:.3f}, @10 {off['@10']:.3f}")
     out = {"conversations": conversations, "runs": results}
     print(json.dumps(out))
     if args.json:
