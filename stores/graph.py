@@ -134,6 +134,22 @@ def _scope_match(scope: Scope) -> LiteralString:
     return " AND ".join(parts)
 
 
+_FORGET: LiteralString = (
+    # memories $ids deleted: their support goes; relations left without support and bare entities too
+    "CALL () { "
+    "  WITH $ids AS ids WHERE size(ids) > 0 "
+    "  MATCH (e:__Entity__ {scope_key: $scope_key}) "
+    "  MATCH (e)-[x]->() WHERE any(m IN x.memory_ids WHERE m IN ids) "
+    "  SET x.memory_ids = [m IN x.memory_ids WHERE NOT m IN ids] "
+    "  WITH x WHERE size(x.memory_ids) = 0 DELETE x "
+    "} "
+    "CALL () { "
+    "  WITH $ids AS ids WHERE size(ids) > 0 "
+    "  MATCH (e:__Entity__ {scope_key: $scope_key}) WHERE NOT (e)--() DELETE e "
+    "} "
+)
+"""Forgetting deleted memories (``$ids``) in a scope: part of every write, and `GraphStore.forget_memories`."""
+
 _WRITE: LiteralString = (
     # entities: merged by key; a retried job counts once (its id is among the latest)
     "CALL () { "
@@ -170,18 +186,7 @@ _WRITE: LiteralString = (
     "  MATCH (e)-[x]->() WHERE x.rid = rid AND x.valid "
     "  SET x.valid = false, x.invalid_at = $when, x.invalidated_by = $job_id "
     "} "
-    # deleted memories: their support goes; relations left without support and bare entities too
-    "CALL () { "
-    "  WITH $ids AS ids WHERE size(ids) > 0 "
-    "  MATCH (e:__Entity__ {scope_key: $scope_key}) "
-    "  MATCH (e)-[x]->() WHERE any(m IN x.memory_ids WHERE m IN ids) "
-    "  SET x.memory_ids = [m IN x.memory_ids WHERE NOT m IN ids] "
-    "  WITH x WHERE size(x.memory_ids) = 0 DELETE x "
-    "} "
-    "CALL () { "
-    "  WITH $ids AS ids WHERE size(ids) > 0 "
-    "  MATCH (e:__Entity__ {scope_key: $scope_key}) WHERE NOT (e)--() DELETE e "
-    "} "
+    + _FORGET +
     # names still without an embedding (the caller embeds them)
     "UNWIND $entities AS e "
     "MATCH (n:__Entity__ {scope_key: $scope_key, key: e.key}) WHERE n.embedding IS NULL "
@@ -374,7 +379,7 @@ class GraphStore:
         if not memory_ids:
             return
         with _mapped("delete"), self._driver.session(database=self._database) as session:
-            session.execute_write(_forget_memories, list(memory_ids), _scope_params(scope))
+            session.run(_FORGET + "RETURN 1 AS done", ids=list(memory_ids), scope_key=scope.key()).consume()
 
     def delete_scope(self, scope: Scope) -> int:
         """Delete every entity (and so every relation) matching the scope's ids. Returns entities deleted."""
@@ -415,18 +420,6 @@ class GraphStore:
     def close(self) -> None:
         """Close the driver."""
         self._driver.close()
-
-
-def _forget_memories(tx: neo4j.ManagedTransaction, memory_ids: list[str], params: dict[str, Any]) -> None:
-    tx.run(
-        "MATCH (e:__Entity__ {scope_key: $scope_key}) "
-        "MATCH (e)-[x]->() WHERE any(m IN x.memory_ids WHERE m IN $ids) "
-        "SET x.memory_ids = [m IN x.memory_ids WHERE NOT m IN $ids] "
-        "WITH x WHERE size(x.memory_ids) = 0 DELETE x",
-        ids=memory_ids, scope_key=params["scope_key"],
-    ).consume()
-    tx.run("MATCH (e:__Entity__ {scope_key: $scope_key}) WHERE NOT (e)--() DELETE e",
-           scope_key=params["scope_key"]).consume()
 
 
 _stores: dict[str, GraphStore] = {}

@@ -277,3 +277,29 @@ def test_one_write_can_merge_invalidate_and_forget_together(graph: Any, user_id:
     theirs = {(r.source.lower(), r.relationship, r.destination.lower(), r.valid)
               for r in graph.all_relations(other, include_invalid=True)}
     assert theirs == {("ana", "LIVES_IN", "lisbon", True), ("ana", "PLAYS", "chess", True)}
+
+
+@pytest.mark.timeout(240)
+def test_forget_memories_drops_what_they_alone_supported_in_their_scope_only(graph: Any, user_id: str) -> None:
+    import uuid
+    from datetime import datetime, timezone
+
+    from memq.models import Relation
+    from stores.graph import EntityWrite, GraphWrite
+
+    scope, other = Scope(user_id=user_id), Scope(user_id=user_id + "-other")
+    gone, kept = str(uuid.uuid4()), str(uuid.uuid4())
+    entities = [EntityWrite(k, k.title(), "thing", [0.5] * 384) for k in ("ana", "lisbon", "chess")]
+    relations = [Relation(rid=str(uuid.uuid4()), source="ana", relationship="LIVES_IN", destination="lisbon",
+                          memory_ids=[kept, gone]),
+                 Relation(rid=str(uuid.uuid4()), source="ana", relationship="PLAYS", destination="chess",
+                          memory_ids=[gone])]
+    for target in (scope, other):
+        graph.write(GraphWrite(job_id=str(uuid.uuid4()), scope=target, when=datetime.now(timezone.utc),
+                               entities=entities, relations=relations))
+    # When one memory is forgotten in one scope
+    graph.forget_memories(scope, [gone])
+    # Then what it alone supported is gone there (the relation, then its bare entity), the rest and the other scope stay
+    assert {(r.relationship, r.destination.lower()) for r in graph.all_relations(scope)} == {("LIVES_IN", "lisbon")}
+    assert {e["key"] for e in graph.entities(scope)} == {"ana", "lisbon"}
+    assert len(graph.all_relations(other)) == 2 and len(graph.entities(other)) == 3
