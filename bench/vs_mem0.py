@@ -223,6 +223,9 @@ def main() -> None:
     parser.add_argument("--skip-graph", action="store_true")
     parser.add_argument("--torch-threads", type=int, default=1,
                         help="torch intra-op threads of every process that embeds (OMP_NUM_THREADS, both systems)")
+    parser.add_argument("--embed-precision", choices=("auto", "float32", "bfloat16"), default="auto",
+                        help="the embedder's arithmetic for both systems (auto: memq's default, bfloat16 on a CPU "
+                             "with native bfloat16)")
     parser.add_argument("--mem0-venv", type=Path, default=BENCH / ".mem0-venv")
     parser.add_argument("--json", type=Path, default=BENCH / "results" / "vs_mem0.json")
     parser.add_argument("--doc", type=Path, default=REPO_ROOT / "docs" / "BENCHMARKS.md")
@@ -241,6 +244,11 @@ def main() -> None:
     venv = ensure_mem0_venv(args.mem0_venv.resolve())
     mem0_python = Path(venv["python"])
 
+    from stores.embedder import native_bfloat16
+
+    precision = args.embed_precision if args.embed_precision != "auto" else (
+        "bfloat16" if native_bfloat16() else "float32")
+    os.environ["MEMQ_EMBEDDER__PRECISION"] = precision  # memq's worker, its search side and the simulator
     from vs_mem0_memq import run_adds as memq_adds, run_search as memq_search, self_cpu_s
     from vs_mem0_sim import Simulator, load_sessions
 
@@ -282,7 +290,7 @@ def main() -> None:
                 any(set(q["gold"]) & c for c in cited[:LIMIT]) for q, cited in zip(ask, provenance)) / len(ask), 3)
         print(f"mem0, {n} threads ...", file=sys.stderr, flush=True)
         sim.take()
-        mem0 = run_mem0(mem0_python, {"phase": "adds", "llm_url": sim.url, "threads": n, "adds": mem0_adds,
+        mem0 = run_mem0(mem0_python, {"phase": "adds", "llm_url": sim.url, "threads": n, "adds": mem0_adds, "precision": precision,
                                       "warmup": mem0_warm, "questions": [{"user_id": q["user_id"],
                                                                           "question": q["question"]} for q in ask],
                                       "limit": LIMIT}, log)
@@ -298,7 +306,7 @@ def main() -> None:
         "setup": {"adds": len(sessions), "sessions_per_conversation": args.sessions,
                   "conversations": sorted({s.conversation for s in sessions}), "latency_s": args.latency,
                   "concurrency": concurrency, "warmup_adds": len(warmup), "limit": LIMIT,
-                  "torch_threads": args.torch_threads,
+                  "torch_threads": args.torch_threads, "embed_precision": precision,
                   "facts_told": sum(len(s.facts) for s in sessions), "fact_check": dict(sim.fact_check),
                   "simulator_embeddings_computed": sim.embedder.computed},
         "throughput": runs, "recall": recall,
@@ -315,7 +323,7 @@ def main() -> None:
         print(f"search, memq {sizes} ...", file=sys.stderr, flush=True)
         memq_rows = memq_search(sizes, texts, users, queries, 5, LIMIT)
         print(f"search, mem0 {sizes} ...", file=sys.stderr, flush=True)
-        mem0_rows = run_mem0(mem0_python, {"phase": "search", "llm_url": sim.url, "sizes": sizes, "texts": texts,
+        mem0_rows = run_mem0(mem0_python, {"phase": "search", "llm_url": sim.url, "sizes": sizes, "texts": texts, "precision": precision,
                                            "users": users, "queries": queries, "warmup": 5, "limit": LIMIT}, log)
         result["search"] = {"users": len(users), "queries": len(queries), "memq": memq_rows["rows"],
                             "mem0": mem0_rows["rows"]}

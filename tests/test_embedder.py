@@ -7,9 +7,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
 from memq.config import EmbedderSettings
-from stores.embedder import SentenceTransformerEmbedder, get_embedder
+from stores.embedder import SentenceTransformerEmbedder, get_embedder, native_bfloat16
 
 SENTENCES = [f"Caroline went to support group number {i} in May." for i in range(40)]
 
@@ -120,3 +121,35 @@ def test_passes_run_side_by_side_up_to_the_limit_and_keep_each_answer() -> None:
         assert len(answers) == 3
         for vectors in answers:
             assert np.allclose(np.array(vectors), np.array(alone[i]), atol=1e-5)
+
+
+VARIED = ["Melanie paints.", "Caroline went to an LGBTQ support group on 7 May 2023 and found it powerful.",
+          "Jon lost his job as a banker and decided to open a dance studio of his own in the city centre.",
+          "Gina's clothing store opened online in June.", "Nate won his first video game tournament."]
+
+
+def test_precision_auto_follows_the_cpu_and_a_bad_value_is_refused() -> None:
+    # Given the default settings, the precision resolves by what the CPU multiplies natively
+    assert _embedder().precision == ("bfloat16" if native_bfloat16() else "float32")
+    # And an unknown precision is refused by the settings and by the embedder itself
+    with pytest.raises(ValidationError):
+        EmbedderSettings(precision="half")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="precision"):
+        SentenceTransformerEmbedder(precision="half")
+
+
+def test_bfloat16_vectors_stay_close_to_float32_ones_and_to_their_own_alone() -> None:
+    exact = get_embedder(EmbedderSettings(precision="float32"))
+    fast = get_embedder(EmbedderSettings(precision="bfloat16"))
+    assert isinstance(exact, SentenceTransformerEmbedder) and isinstance(fast, SentenceTransformerEmbedder)
+    assert (exact.precision, fast.precision) == ("float32", "bfloat16")
+    # Given sentences of different lengths (so a shared pass pads them), embedded both ways
+    precise, quick = np.array(exact.embed(VARIED)), np.array(fast.embed(VARIED))
+    # Then each bfloat16 vector is a unit vector within cosine 0.9995 of its float32 one
+    assert np.allclose(np.linalg.norm(quick, axis=1), 1.0, atol=1e-4)
+    assert (precise * quick).sum(axis=1).min() > 0.9995
+    # And a sentence embedded alone in bfloat16 matches its vector from the padded batch
+    for i, text in enumerate(VARIED):
+        assert float(np.dot(fast.embed([text])[0], quick[i])) > 0.9995
+    # And texts stay told apart: each vector is nearest its own float32 vector
+    assert list(np.argmax(quick @ precise.T, axis=1)) == list(range(len(VARIED)))
