@@ -226,6 +226,8 @@ def main() -> None:
     parser.add_argument("--embed-precision", choices=("auto", "float32", "bfloat16"), default="auto",
                         help="the embedder's arithmetic for both systems (auto: memq's default, bfloat16 on a CPU "
                              "with native bfloat16)")
+    parser.add_argument("--embed-processes", action=argparse.BooleanOptionalAction, default=True,
+                        help="memq's worker embeds in child processes (MEMQ_EMBEDDER__PROCESSES)")
     parser.add_argument("--mem0-venv", type=Path, default=BENCH / ".mem0-venv")
     parser.add_argument("--json", type=Path, default=BENCH / "results" / "vs_mem0.json")
     parser.add_argument("--doc", type=Path, default=REPO_ROOT / "docs" / "BENCHMARKS.md")
@@ -277,7 +279,7 @@ def main() -> None:
         ask = questions if n == concurrency[0] else []
         print(f"memq, {n} threads ...", file=sys.stderr, flush=True)
         bench_cpu0 = self_cpu_s()
-        run = memq_adds(requests, warm_requests, n, sim.url, ask, LIMIT, sim.take)
+        run = memq_adds(requests, warm_requests, n, sim.url, ask, LIMIT, sim.take, args.embed_processes)
         run["cpu_s"]["bench_process"] = self_cpu_s() - bench_cpu0  # the simulator and the producer, for reference
         runs.append(_summary("memq", run, run["llm"]))
         if ask:
@@ -307,6 +309,7 @@ def main() -> None:
                   "conversations": sorted({s.conversation for s in sessions}), "latency_s": args.latency,
                   "concurrency": concurrency, "warmup_adds": len(warmup), "limit": LIMIT,
                   "torch_threads": args.torch_threads, "embed_precision": precision,
+                  "embed_processes": args.embed_processes,
                   "facts_told": sum(len(s.facts) for s in sessions), "fact_check": dict(sim.fact_check),
                   "simulator_embeddings_computed": sim.embedder.computed},
         "throughput": runs, "recall": recall,

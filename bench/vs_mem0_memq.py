@@ -32,9 +32,28 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def proc_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of process `pid` so far (all its threads), from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU seconds so far of process `pid` (all its threads) and of every live process
+    below it (the worker's embedding processes, `stores.embed_process`), from /proc."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+    tree, grew = {pid}, True
+    while grew:
+        below = {p for p, parent in parents.items() if parent in tree} - tree
+        tree |= below
+        grew = bool(below)
+    total = 0
+    for p in tree:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def _redis_cpu_s(url: str) -> float:
@@ -59,7 +78,8 @@ def _stop(proc: subprocess.Popen[bytes], timeout_s: float = 60.0) -> None:
 
 
 def run_adds(requests: list[dict[str, Any]], warmup: list[dict[str, Any]], threads: int, llm_url: str,
-             questions: list[dict[str, Any]], limit: int, take_calls: Any) -> dict[str, Any]:
+             questions: list[dict[str, Any]], limit: int, take_calls: Any, embed_processes: bool = True
+             ) -> dict[str, Any]:
     """Run `requests` through a fresh worker of `threads` threads, timed from enqueue to the last job's end.
 
     Args:
@@ -70,6 +90,8 @@ def run_adds(requests: list[dict[str, Any]], warmup: list[dict[str, Any]], threa
         questions: ``[{"user_id", "question"}]`` to search after the run (empty: none).
         limit: results per search.
         take_calls: called before and after the timed run (`Simulator.take`): its result after is the run's.
+        embed_processes: the worker embeds in child processes (``MEMQ_EMBEDDER__PROCESSES``); its CPU
+            figure includes theirs.
 
     Returns:
         ``{"threads", "adds", "elapsed_s", "failed", "errors", "events", "cpu_s": {"worker", "redis"},
@@ -86,7 +108,8 @@ def run_adds(requests: list[dict[str, Any]], warmup: list[dict[str, Any]], threa
         os.environ.update({
             "MEMQ_REDIS__URL": redis_server.url, "MEMQ_DATA_DIR": data_dir, "MEMQ_LLM__MODEL": "openai/bench-model",
             "MEMQ_LLM__API_BASE": llm_url, "MEMQ_LLM__API_KEY": "bench", "MEMQ_LLM__TIMEOUT_S": "30",
-            "MEMQ_METRICS__PORT": "0", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+            "MEMQ_METRICS__PORT": "0", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+            "MEMQ_EMBEDDER__PROCESSES": "true" if embed_processes else "false"})
         for name in ("MEMQ_NEO4J__URI", "MEMQ_NEO4J__PASSWORD", "MEMQ_QDRANT__URL", "MEMQ_LLM__RPM", "MEMQ_LLM__TPM"):
             os.environ.pop(name, None)
         settings = Settings()  # from the environment just set (load_settings() keeps the first run's)

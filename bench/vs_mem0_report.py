@@ -332,7 +332,10 @@ def write_report(result: dict[str, Any], doc: Path) -> None:
         f"a job's texts; Mem0 embeds one text per call), torch with {setup['torch_threads']} intra-op thread(s) in "
         "every process (`OMP_NUM_THREADS`, set the same for both; while preparing this bench, with the 2 cores busy "
         "with other work, torch's default of 2 threads took 348 ms to embed one sentence and 1 thread 58 ms). "
-        + _precision_line(setup.get("embed_precision", "float32")),
+        + _precision_line(setup.get("embed_precision", "float32"))
+        + (" memq's worker runs its forward passes in child processes (`MEMQ_EMBEDDER__PROCESSES=true`, "
+           "`stores/embed_process.py`: one per pass slot, so a pass never waits for the worker's GIL); its CPU "
+           "figures below include them." if setup.get("embed_processes") else ""),
         "- **Stores**: memq: Qdrant Edge in the worker process, Redis (broker and job records), SQLite history. "
         "Mem0: qdrant-client local mode (what Mem0 uses without a Qdrant server), SQLite history. Graph off for both "
         "in the add runs.",

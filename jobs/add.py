@@ -37,7 +37,7 @@ from jobs.transitions import Advance, Deferred, Finished, Joined, Retry, Skip, T
 from memq.errors import NotNow, RateLimitBudgetExceeded, RateLimited, StageBusy, StoreUnavailable
 from memq.models import AddJob, JobState, Relation
 from pipeline import apply, caption as caption_stage, decide as decide_stage, extract as extract_stage
-from pipeline import edit as edit_stage, finalize as finalize_stage, graph_plan, retrieve
+from pipeline import edit as edit_stage, finalize as finalize_stage, graph_plan, packed, retrieve
 from pipeline.types import CaptionedMessages, ExtractedFacts, LLMUsage, Plan, WriteResult
 from stores.graph import entity_key
 from stores.history import HistoryRecord
@@ -124,7 +124,44 @@ def extract(job_id: str, c: Clients) -> Transition:
             out = extract_stage.extract_facts(c.ledger.job(job_id), captioned, c.llm, graph=c.graph is not None,
                                               instructions=c.settings.prompts.fact_extraction,
                                               temporal=c.settings.pipeline.temporal_grounding)
+            out = _embedded(c, job_id, out)
     return Advance("extract", out, (Next(DECIDE),))
+
+
+def _embedded(c: Clients, job_id: str, out: ExtractedFacts) -> ExtractedFacts:
+    """`out` with its facts' (and graph names') vectors packed in, embedded now, outside the scope's turn.
+
+    A scope's decides run one at a time while its extracts run side by side, so an embedding here is
+    off the scope's critical path: over 100 LoCoMo sessions at 16 threads (`bench/vs_mem0.py`), the
+    decide stage spent about as long embedding its ~26 facts as in its model call. If the embedder
+    fails (a hosted one throttled or down), the output goes on without vectors and the decide stage
+    embeds them as before: the extraction's model call is never repeated for an embedding.
+    """
+    texts = [f.text for f in out.facts] + (list(graph_plan.graph_names(out).values()) if c.graph is not None else [])
+    if not texts:
+        return out
+    try:
+        vectors = c.embedder.embed(texts)
+    except Exception as exc:  # noqa: BLE001  (decide embeds them again and raises what it must)
+        logger.warning("job %s: embedding its facts at extraction failed (%s); decide will embed them",
+                       job_id, type(exc).__name__)
+        return out
+    return out.model_copy(update={"vectors": packed.pack(vectors)})
+
+
+def _vectors_of(c: Clients, facts: ExtractedFacts) -> tuple[list[list[float]] | None, dict[str, list[float]]]:
+    """The facts' vectors and the graph names' (by entity key) that the extract stage packed, or
+    ``(None, {})`` when it did not (an output written before memq packed them, or an embedder failure)."""
+    if not facts.vectors:
+        return None, {}
+    keys = list(graph_plan.graph_names(facts)) if c.graph is not None else []
+    try:
+        rows = packed.unpack(facts.vectors, len(facts.facts) + len(keys))
+    except ValueError:
+        return None, {}
+    if rows and len(rows[0]) != c.embedder.dims:  # another embedder's vectors (the setting changed)
+        return None, {}
+    return rows[:len(facts.facts)], dict(zip(keys, rows[len(facts.facts):]))
 
 
 def decide(job_id: str, c: Clients) -> Transition:
@@ -159,14 +196,18 @@ def _decided(c: Clients, job: AddJob) -> Plan:
     """An add's plan: its facts against their nearest memories of exactly its scope, by the model."""
     facts = _stored(c, job.job_id, "extract", ExtractedFacts)
     relations, new_names = _graph_context(c, job, facts)
+    fact_vectors, name_vectors = _vectors_of(c, facts)
+    missing = {k: n for k, n in new_names.items() if k not in name_vectors}
     near = retrieve.find_neighbours(facts.facts, job.scope, c.embedder, c.vectors,
-                                    top_k=c.settings.jobs.neighbours_top_k, names=list(new_names.values()))
+                                    top_k=c.settings.jobs.neighbours_top_k, names=list(missing.values()),
+                                    fact_vectors=fact_vectors)
     plan = decide_stage.decide(job, facts, near, c.llm, c.embedder, relations=relations,
                                instructions=c.settings.prompts.update_memory)
-    if plan.graph is None or not near.name_vectors:
+    name_vectors.update(zip(missing, near.name_vectors))
+    if plan.graph is None or not new_names:
         return plan
     planned = {entity_key(e.name) for e in plan.graph.entities}
-    embeddings = {k: v for k, v in zip(new_names, near.name_vectors) if k in planned}
+    embeddings = {k: name_vectors[k] for k in new_names if k in planned and k in name_vectors}
     return plan.model_copy(update={"graph": plan.graph.model_copy(update={"embeddings": embeddings})})
 
 

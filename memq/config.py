@@ -235,6 +235,9 @@ class EmbedderSettings(_Group):
         "(float32 weights, accumulation and normalisation; 2.65x less CPU here, every vector within cosine "
         "0.9999 of its float32 one: bench/embed_precision.py); auto: bfloat16 on a CPU with native bfloat16 "
         "(AVX512-BF16 or AMX), else float32."))
+    processes: bool = Field(default=False, description=(
+        "Run the offline model's forward passes in child processes (`passes` of them, started on first use), "
+        "so a pass never waits for the calling process's GIL (stores.embed_process)."))
 
 
 class LimitsSettings(_Group):

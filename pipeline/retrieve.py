@@ -29,12 +29,15 @@ class Neighbourhood:
 
 
 def find_neighbours(facts: list[Fact], scope: Scope, embedder: Embedder, vectors: VectorStore,
-                    *, top_k: int, names: Sequence[str] = ()) -> Neighbourhood:
+                    *, top_k: int, names: Sequence[str] = (),
+                    fact_vectors: Sequence[Sequence[float]] | None = None) -> Neighbourhood:
     """Embed `facts` (and `names`) in one request and query `top_k` neighbours per fact in `scope`, in one batch.
 
     Args:
         facts: the job's facts (may be empty).
         names: more texts to embed in the same request (entity names for the graph write).
+        fact_vectors: the facts' vectors when already embedded (the extract stage's), one per fact:
+            then only `names` are embedded.
         scope: only memories whose scope equals this one exactly (absent ids included) are considered.
         embedder: the embedder (one call).
         vectors: the vector store (one batched query).
@@ -47,15 +50,19 @@ def find_neighbours(facts: list[Fact], scope: Scope, embedder: Embedder, vectors
         LLMUnavailable: a remote embedder is unavailable.
         StoreUnavailable: Qdrant is unreachable.
     """
-    texts = [f.text for f in facts] + list(names)
-    embedded = embedder.embed(texts) if texts else []
-    fact_vectors, name_vectors = embedded[:len(facts)], embedded[len(facts):]
+    if fact_vectors is not None and len(fact_vectors) == len(facts):
+        known = [list(v) for v in fact_vectors]
+        name_vectors = embedder.embed(list(names)) if names else []
+    else:
+        texts = [f.text for f in facts] + list(names)
+        embedded = embedder.embed(texts) if texts else []
+        known, name_vectors = embedded[:len(facts)], embedded[len(facts):]
     if not facts:
         return Neighbourhood(fact_vectors=[], memories=[], name_vectors=name_vectors)
     best: dict[str, MemoryItem] = {}
-    for hits in vectors.search_batch(fact_vectors, scope, limit=top_k, exact=True):
+    for hits in vectors.search_batch(known, scope, limit=top_k, exact=True):
         for hit in hits:
             if hit.id not in best or (hit.score or 0.0) > (best[hit.id].score or 0.0):
                 best[hit.id] = hit
     memories = sorted(best.values(), key=lambda m: (-(m.score or 0.0), m.id))
-    return Neighbourhood(fact_vectors=fact_vectors, memories=memories, name_vectors=name_vectors)
+    return Neighbourhood(fact_vectors=known, memories=memories, name_vectors=name_vectors)

@@ -101,6 +101,10 @@ class ExtractedFacts(_Stage):
     entities: list[Entity] = Field(default_factory=list)
     relations: list[Relation] = Field(default_factory=list)
     usage: LLMUsage = LLMUsage()
+    vectors: str = Field(default="", description=(
+        "The facts' vectors, then the graph names' (`pipeline.graph_plan.graph_names` order), packed "
+        "(`pipeline.packed`), embedded by the extract stage outside the scope's turn; \"\": not embedded "
+        "(the decide stage embeds them)."))
 
 
 class Action(_Stage):

