@@ -55,8 +55,12 @@ BUSY_WAIT_S = 2.0
 """Seconds a duplicate delivery waits while another delivery computes the same stage."""
 
 SCOPE_WAIT_BASE_S = 1.0
-"""First backstop wait (seconds) of a decide waiting for its scope's turn; it doubles with every wait
-up to ``jobs.scope_wait_max_s``. The decide is normally woken earlier, when the job before it ends."""
+"""Backstop wait (seconds) of a decide waiting for its scope's turn, per job ahead of it in the scope;
+it doubles with every wait, up to ``jobs.scope_wait_max_s``. The decide is normally woken earlier,
+when the job before it ends: the backstop only covers a lost wake-up. Scaling it by the jobs ahead
+(a job's turn comes no sooner than one decide per job ahead) cut the backstop copies that fired
+only to wait again: at 16 threads over 100 LoCoMo adds (10 scopes) they were ~3 per job, each a
+task run, a Redis script and a held ETA message (`bench/vs_mem0.py`, 2026-11-22)."""
 
 
 def start(job_id: str, c: Clients) -> Transition:
@@ -180,7 +184,8 @@ def decide(job_id: str, c: Clients) -> Transition:
     if meta.finished or meta.stale:
         return Skip("finished" if meta.finished else "already applied")
     if not meta.turn:
-        wait_s = min(c.settings.jobs.scope_wait_max_s, SCOPE_WAIT_BASE_S * 2 ** min(meta.deferrals, 16))
+        ahead = max(1, meta.seq - 1 - meta.applied)
+        wait_s = min(c.settings.jobs.scope_wait_max_s, SCOPE_WAIT_BASE_S * ahead * 2 ** min(meta.deferrals, 16))
         return Deferred(Next(DECIDE), backstop_s=wait_s * random.uniform(0.8, 1.2))
     plan = c.ledger.output(job_id, "decide", Plan)
     if plan is None:

@@ -272,6 +272,11 @@ class NoStoreOwner(StoreUnavailable):
     worker runs on that folder (start one, or let the command open the folder itself)."""
 
 
+class EmbedderUnavailable(StoreUnavailable):
+    """The offline embedder's child process (``MEMQ_EMBEDDER__PROCESSES``) died mid-pass or could not
+    start; retried like a store outage, and the next pass starts a new child (`stores.embed_process`)."""
+
+
 class NotNow(TransientError):
     """Not now, and not a failure: the task is re-queued after `retry_after_s` seconds without counting
     an attempt (`RateLimited`, `StageBusy`).

