@@ -210,17 +210,26 @@ class _CountingEmbedder:
         return vectors
 
 
-def test_extract_embeds_the_facts_and_decide_uses_those_vectors_without_embedding_again(
-        by_hand: Clients, settings: Settings, memories: Any, user_id: str) -> None:
+def _extracted(by_hand: Clients, settings: Settings, text: str,
+               user_id: str) -> tuple[_CountingEmbedder, Clients, str, Advance]:
+    """A job of `text` taken through start and caption, and its extract stage's transition (not
+    committed), with every embedding call counted."""
     counting = _CountingEmbedder(by_hand.embedder)
     c = dataclasses.replace(by_hand, embedder=counting)
-    job_id = _enqueue(c, settings, "Olga keeps bees in her garden.", user_id)
+    job_id = _enqueue(c, settings, text, user_id)
     for life in (add.start, add.caption):
         c.ledger.commit(job_id, life(job_id, c))
-    # When the extract stage runs
     extracted = add.extract(job_id, c)
-    assert isinstance(extracted, Advance) and isinstance(extracted.output, ExtractedFacts)
+    assert isinstance(extracted, Advance)
+    return counting, c, job_id, extracted
+
+
+def test_extract_embeds_the_facts_and_decide_uses_those_vectors_without_embedding_again(
+        by_hand: Clients, settings: Settings, memories: Any, user_id: str) -> None:
+    # When the extract stage runs
+    counting, c, job_id, extracted = _extracted(by_hand, settings, "Olga keeps bees in her garden.", user_id)
     facts = extracted.output
+    assert isinstance(facts, ExtractedFacts)
     # Then its output carries the facts' vectors, packed: the embedder's own, float32-exact
     assert counting.calls == [["Olga keeps bees in her garden."]]
     [stored] = packed.unpack(facts.vectors, len(facts.facts))
@@ -235,14 +244,9 @@ def test_extract_embeds_the_facts_and_decide_uses_those_vectors_without_embeddin
 
 def test_an_extract_output_without_vectors_is_embedded_by_decide(
         by_hand: Clients, settings: Settings, user_id: str) -> None:
-    counting = _CountingEmbedder(by_hand.embedder)
-    c = dataclasses.replace(by_hand, embedder=counting)
-    job_id = _enqueue(c, settings, "Pim sails on Sundays.", user_id)
-    for life in (add.start, add.caption):
-        c.ledger.commit(job_id, life(job_id, c))
     # Given an extract output stored without vectors (written before memq packed them)
-    extracted = add.extract(job_id, c)
-    assert isinstance(extracted, Advance) and isinstance(extracted.output, ExtractedFacts)
+    counting, c, job_id, extracted = _extracted(by_hand, settings, "Pim sails on Sundays.", user_id)
+    assert isinstance(extracted.output, ExtractedFacts)
     c.ledger.commit(job_id, dataclasses.replace(extracted, output=extracted.output.model_copy(update={"vectors": ""})))
     counting.calls.clear()
     # When decide runs, it embeds the fact itself and plans the ADD with that vector
