@@ -78,6 +78,9 @@ class SentenceTransformerEmbedder:
             turns every vector within cosine 0.99992 of its float32 one, and 304 questions' top-10
             turns 99.3% the same. Loading the weights as bfloat16 was faster still but drifted to
             cosine 0.996 on 26 facts, so memq does not.
+        processes: run the passes in `passes` child processes (`stores.embed_process`), each with
+            its own interpreter, so a pass never waits for this process's GIL; ignored in a daemonic
+            process (a prefork pool's child may not start children), where passes run in-process.
     """
 
     dims = 384
@@ -132,7 +135,9 @@ class SentenceTransformerEmbedder:
             One vector per text, in order; ``[]`` for no texts.
 
         Raises:
-            Whatever the model raised for the shared pass (every call in it gets the error).
+            EmbedderUnavailable: with `processes`, the pass's child process died or could not start.
+            Whatever the model raised for the call's own texts (a shared pass that fails reruns its
+            calls one by one).
         """
         if not texts:
             return []
