@@ -138,23 +138,26 @@ class EmbedProcesses:
             process.wait(5)
 
     def _take(self) -> tuple[Any, Connection]:
-        """An idle child; the first call starts every missing child at once (each in its own thread),
-        so a benchmark's warm-up or a worker's first job starts them all, not one at a time."""
-        with self._lock:
-            missing = self.count - self._started
-            self._started += missing
-        for _ in range(missing):
-            threading.Thread(target=self._start_one, name="memq-embedder-start", daemon=True).start()
+        """An idle child. Every missing child is started at once (each in its own thread), so a
+        benchmark's warm-up or a worker's first job starts them all, not one at a time; a child that
+        died or failed to start is started again by the next caller that waits.
+
+        Raises:
+            EmbedderUnavailable: no child is up or starting, and the last start failed.
+        """
         while True:
+            with self._lock:
+                failed, self._failure = self._failure, None
+                if failed is not None and self._started == 0:
+                    raise failed
+                missing = self.count - self._started
+                self._started += missing
+            for _ in range(missing):
+                threading.Thread(target=self._start_one, name="memq-embedder-start", daemon=True).start()
             try:
                 return self._idle.get(timeout=1.0)
             except queue.Empty:
-                with self._lock:
-                    failed, self._failure = self._failure, None
-                    if failed is not None and self._started == 0:
-                        raise failed
-                    if self._started < self.count:
-                        return self._take()
+                continue
 
     def _start_one(self) -> None:
         try:

@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from memq.config import EmbedderSettings
 from memq.errors import EmbedderUnavailable
 from pipeline import packed
+from stores.embed_process import EmbedProcesses
 from stores.embedder import SentenceTransformerEmbedder, get_embedder, native_bfloat16
 
 SENTENCES = [f"Caroline went to support group number {i} in May." for i in range(40)]
@@ -222,3 +223,28 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
         return "Z"
+
+
+def test_a_child_that_fails_to_start_while_a_caller_waits_leaves_the_call_to_the_other_child() -> None:
+    class FirstStartFails(EmbedProcesses):
+        def __init__(self) -> None:
+            super().__init__(2, batch_size=16, threads=1, precision="float32")
+            self.spawns = 0
+
+        def _spawn(self) -> Any:
+            self.spawns += 1
+            if self.spawns == 1:
+                raise EmbedderUnavailable("this child could not start")
+            return super()._spawn()
+
+    children = FirstStartFails()
+    answer: list[Any] = []
+    # Given two children started at the first call, one of which fails at once while the call waits
+    caller = threading.Thread(target=lambda: answer.append(children.encode(["Caroline paints."])), daemon=True)
+    caller.start()
+    caller.join(120)
+    try:
+        # Then the call is answered by the child that started (it neither hangs nor fails)
+        assert not caller.is_alive() and len(answer) == 1 and answer[0].shape == (1, 384)
+    finally:
+        children.close()
