@@ -147,7 +147,7 @@ def resolve(text: str, base: datetime | None) -> Resolved | None:
         if relative is None:
             relative = Resolved(when, "week" if re.search(r"(?i)\bweek", words) else period, words)
     if weekend is not None and base is not None and (relative is None or weekend.start() <= text.find(relative.phrase)):
-        return Resolved(_weekend(weekend.group(1), base), "week", weekend.group(0))
+        return Resolved(_weekend(weekend.group(1), naive), "week", weekend.group(0))
     return relative
 
 

@@ -156,3 +156,14 @@ def test_points_written_before_temporal_grounding_read_as_undated_and_stay_out_o
     # Then both read with occurred_at None (no crash on a value that is no date), and no range selects them
     assert len(hits) == 2 and all(h.occurred_at is None for h in hits)
     assert ranged == []
+
+
+def test_a_weekend_resolves_in_utc_whatever_the_session_dates_offset() -> None:
+    # Given the same moment (8 May 2023, 04:00 UTC) written in UTC and at -05:00
+    in_utc = datetime(2023, 5, 8, 4, 0, tzinfo=timezone.utc)
+    at_minus_five = datetime.fromisoformat("2023-05-07T23:00:00-05:00")
+    utc_answer = resolve("I went hiking last weekend.", in_utc)
+    offset_answer = resolve("I went hiking last weekend.", at_minus_five)
+    # Then "last weekend" is the same Saturday both ways, as every other relative date is
+    assert utc_answer is not None and offset_answer is not None
+    assert offset_answer.when == utc_answer.when == datetime(2023, 5, 6, tzinfo=timezone.utc)
