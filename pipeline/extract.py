@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from pydantic import BaseModel, Field, field_validator
 
 from memq.models import AddJob, Message, Role
-from pipeline.dates import parse_date, resolve
+from pipeline.dates import day_of, parse_date, resolve
 from pipeline.llm import LLM
 from memq.models import Relation
 from pipeline.types import CaptionedMessages, Entity, ExtractedFacts, Fact
@@ -146,7 +146,7 @@ def occurred_at(text: str, answered: object, when: datetime) -> datetime:
     that is the session's own day keeps the session's time. UTC; never raises."""
     session = when.astimezone(timezone.utc)
     found = parse_date(answered)
-    if found is not None and found == datetime.combine(session.date(), datetime.min.time(), timezone.utc):
+    if found is not None and found == day_of(session.date()):
         return session
     if found is None:
         resolved = resolve(text, when)

