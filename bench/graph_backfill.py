@@ -2,8 +2,9 @@
 
 Starts a local redis-server, Neo4j (test harness) and an in-process Celery worker (threads), backfills
 one conversation and reports, per add: model calls (target <= 2; Mem0 1.0.x: 5), prompt tokens, and
-the graph write time next to the vector write time measured in the same run (after 200 warm-up graph
-writes in a throwaway scope: the harness Neo4j is a cold JVM; a production server is not).
+the graph write time next to the vector write time measured in the same run (after warm-up graph writes
+in a throwaway scope until their time stops falling: the harness Neo4j is a cold JVM; a production server
+is not).
 
     .venv/bin/python bench/graph_backfill.py [--conversation conv-26] [--sessions 19]
 """
@@ -24,13 +25,18 @@ import time
 from pathlib import Path
 
 
-def _warm_up(c: object, writes: int = 200) -> None:
-    """Run `writes` graph writes in a throwaway scope first, then forget it: the test-harness Neo4j is a fresh
-    JVM whose first queries are interpreted and planned (measured with 6 entities and 3 relations per write:
-    the first takes ~2 s, writes 1-20 a median of 41 ms, writes 160-200 of 8 ms, later ones 3-5 ms), while a
-    production server is warm and Qdrant Edge has no JIT. Each write has the shape of a job's: names the scope
-    knows and new ones with their embeddings, relations, and every other write a contradicted relation and a
-    deleted memory, so every path of the write query is compiled."""
+def _warm_up(c: object, *, block: int = 100, least: int = 500, most: int = 4000) -> dict[str, float]:
+    """Run graph writes in a throwaway scope until their time stops falling, then forget the scope: the
+    test-harness Neo4j is a fresh JVM whose queries are first interpreted, then compiled (measured with 11
+    entities and 3 relations per write: ~10 ms at first, 1.5-3 ms once warm), while a production server is
+    warm and Qdrant Edge has no JIT. Writes run in blocks of `block`; after `least` writes, warm-up ends at
+    the first block whose median is not 5% below the previous block's (at most `most` writes). Each write
+    has the shape of a job's: names the scope knows and new ones with their embeddings, relations, and
+    every other write a contradicted relation and a deleted memory, so every path of the query is compiled.
+
+    Returns:
+        ``warm_up_writes`` and ``warm_up_last_block_ms_p50`` (the converged write time, ms).
+    """
     import uuid
     from datetime import datetime, timezone
 
@@ -38,23 +44,39 @@ def _warm_up(c: object, writes: int = 200) -> None:
     from stores.graph import EntityWrite, GraphWrite, entity_key
 
     graph, embedder = c.graph, c.embedder  # type: ignore[attr-defined]
-    known = ["Ana", "Ben", "Lisbon"]
-    vectors = embedder.embed(known + ["the lake", "a bakery", "chess club"])
+    known = ["Ana", "Ben", "Lisbon", "Porto"]
+    fresh = ["the lake", "a bakery", "chess club", "the marathon", "a red kite", "grandma's recipe", "Sweden"]
+    vectors = embedder.embed(known + fresh)
     scope = Scope(user_id=f"bench-warm-up-{uuid.uuid4().hex[:8]}")
     previous: list[Relation] = []
-    for i in range(writes):
-        names = known + [f"{n} {i}" for n in ("the lake", "a bakery", "chess club")]
+    scoped = 20  # writes per throwaway scope: invalidating and forgetting look through the whole scope
+    times: list[float] = []
+    medians: list[float] = []
+    for i in range(most):
+        names = known + [f"{n} {i}" for n in fresh]
         entities = [EntityWrite(key=entity_key(n), name=n, entity_type="thing",
-                                embedding=v if i == 0 or n not in known else None) for n, v in zip(names, vectors)]
-        relations = [Relation(rid=str(uuid.uuid4()), source=entity_key(names[j]), relationship=("KNOWS", "VISITS")[j % 2],
-                              destination=entity_key(names[j + 3]), memory_ids=[str(uuid.uuid4())]) for j in range(3)]
+                                embedding=v if i % scoped == 0 or n not in known else None)
+                    for n, v in zip(names, vectors)]
+        relations = [Relation(rid=str(uuid.uuid4()), source=entity_key(names[j]), relationship=("KNOWS", "VISITS", "MAKES")[j],
+                              destination=entity_key(names[j + 4]), memory_ids=[str(uuid.uuid4())]) for j in range(3)]
         odd = i % 2 == 1 and previous
-        graph.write(GraphWrite(job_id=str(uuid.uuid4()), scope=scope, when=datetime.now(timezone.utc),
-                               entities=entities, relations=relations,
-                               invalidated=[str(previous[0].rid)] if odd else (),
-                               deleted_memory_ids=list(previous[1].memory_ids) if odd else ()), embed=embedder.embed)
+        change = GraphWrite(job_id=str(uuid.uuid4()), scope=scope, when=datetime.now(timezone.utc),
+                            entities=entities, relations=relations,
+                            invalidated=[str(previous[0].rid)] if odd else (),
+                            deleted_memory_ids=list(previous[1].memory_ids) if odd else ())
+        started = time.perf_counter()
+        graph.write(change, embed=embedder.embed)
+        times.append((time.perf_counter() - started) * 1000)
         previous = relations
+        if (i + 1) % scoped == 0:
+            graph.delete_scope(scope)
+            scope, previous = Scope(user_id=f"bench-warm-up-{uuid.uuid4().hex[:8]}"), []
+        if len(times) % block == 0:
+            medians.append(statistics.median(times[-block:]))
+            if len(times) >= least and len(medians) >= 2 and medians[-1] > 0.95 * medians[-2]:
+                break
     graph.delete_scope(scope)
+    return {"warm_up_writes": len(times), "warm_up_last_block_ms_p50": round(medians[-1], 2)}
 
 
 def _replay_alone(c: object, job_ids: list[str], folder: Path) -> dict[str, float]:
@@ -120,7 +142,7 @@ def main() -> None:
 
         settings = load_settings()
         c = clients()
-        _warm_up(c)
+        warm = _warm_up(c)
         items = read_locomo(args.data, conversations=[args.conversation])[: args.sessions]
         with start_worker(app, pool="threads", concurrency=2, perform_ping_check=False, loglevel="WARNING"):
             producer = Producer(settings)
@@ -154,7 +176,7 @@ def main() -> None:
             "graph_write_ms_p50": round(statistics.median(graph_ms), 1), "graph_write_ms_max": round(max(graph_ms), 1),
             "vector_write_ms_p50": round(statistics.median(vector_ms), 1),
             "graph_vs_vector_write": round(statistics.median(graph_ms) / statistics.median(vector_ms), 2),
-            **replay,
+            **replay, **warm,
             "entities": len(graph_store.entities(Scope(user_id=scope))),
             "valid_relations": len(graph_store.all_relations(Scope(user_id=scope))),
             "all_relations": len(graph_store.all_relations(Scope(user_id=scope), include_invalid=True)),

@@ -431,7 +431,8 @@ def write_report(result: dict[str, Any], doc: Path) -> None:
     out += ["## Graph memory (memq only)", ""]
     if graph and "graph_vs_vector_write" in graph:
         out += [f"`bench/graph_backfill.py` in the same run ({graph['bench_wall_s']} s): LoCoMo {graph['conversation']}, "
-                f"{graph['adds']} adds through the pipeline with Neo4j 5.26 (test harness, warmed up with 200 writes) "
+                f"{graph['adds']} adds through the pipeline with Neo4j 5.26 (test harness, warmed up with "
+                f"{graph.get('warm_up_writes', 200)} writes until their time stopped falling) "
                 "and the offline model in the worker.", "",
                 "| adds | succeeded | graph write p50 / max (ms) | vector write p50 (ms) | graph / vector, p50 "
                 "| model calls per add, mean / max | entities | valid relations |",

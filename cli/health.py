@@ -145,7 +145,7 @@ def _sql(settings: Settings) -> str:
 def _neo4j(settings: Settings) -> str:
     from stores.graph import open_graph_store
 
-    graph = open_graph_store(settings.neo4j)
+    graph = open_graph_store(settings, role="reader")
     assert graph is not None
     graph.ensure_schema()
     return f"{_redact(settings.neo4j.uri or '')} answers"

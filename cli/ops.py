@@ -119,7 +119,7 @@ def migrate_scope_keys() -> None:
     with workers stopped, after upgrading from a memq whose scope keys looked like ``u=a|a=|r=``)."""
     from stores.graph import open_graph_store
 
-    graph = open_graph_store(load_settings().neo4j)
+    graph = open_graph_store(load_settings(), role="reader", own_if_free=True)
     if graph is None:
         console.print("graph memory is off (no MEMQ_NEO4J__URI): nothing to migrate")
         return

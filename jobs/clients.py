@@ -98,7 +98,7 @@ def build_clients(settings: Settings) -> Clients:
                 history=history,
                 llm=LLM(settings.llm, embedder=embedder, limiter=limiter),
                 ledger=JobLedger(jobs, RecordStore(sql_engine(settings.history.url)), history),
-                graph=open_graph_store(settings.neo4j),
+                graph=open_graph_store(settings, role="owner"),
                 vision=LLM(vision_llm, limiter=limiter, budget=f"vision:{vision_llm.model}") if vision_llm else None,
                 captions=CaptionCache(jobs.client, ttl_s=settings.vision.cache_ttl_s,
                                       outage_s=settings.jobs.broker_outage_s),

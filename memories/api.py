@@ -106,7 +106,7 @@ class Memories:
             return None
         from stores.graph import open_graph_store
 
-        return open_graph_store(self.settings.neo4j)
+        return open_graph_store(self.settings, role="reader", own_if_free=self.open_embedded)
 
     def _scope(self, user_id: object, agent_id: object, run_id: object) -> Scope:
         return make_scope(user_id=user_id, agent_id=agent_id, run_id=run_id,

@@ -4,8 +4,9 @@ Model:
 
 - ``(:__Entity__)`` nodes, unique per (``scope_key``, ``key``) where ``key`` is the normalized name;
   properties ``name``, ``entity_type``, the scope ids, ``created_at``, ``updated_at``, ``mentions``
-  (jobs that mentioned it; a retried job counts once), ``job_ids`` (the latest `RECENT_JOBS` of them) and
-  ``embedding`` (of the name, written once: a write sends it only for names new to the scope).
+  (jobs that mentioned it; a retried job counts once) and ``job_ids`` (the latest `RECENT_JOBS` of them).
+  The embedding of an entity's name is not on the node: it is a point of the vector store's entity-name
+  collection (`stores.entity_names`), written once per name and scope, which graph search asks first.
 - relations between two entities of one scope, typed by the relationship (``WORKS_AT``), with
   ``rid``, ``created_at``, ``updated_at``, ``job_id``, ``memory_ids`` (the memories supporting it),
   ``valid`` and, once contradicted, ``invalid_at`` and ``invalidated_by``: a contradicted relation is
@@ -24,17 +25,18 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
-from typing import Any, LiteralString
+from datetime import datetime, timezone
+from typing import Any, Literal, LiteralString
 
 import neo4j
 from neo4j import GraphDatabase
 from neo4j.exceptions import ClientError, DriverError, Neo4jError, ServiceUnavailable, SessionExpired
 from neo4j.exceptions import TransientError as Neo4jTransientError
 
-from memq.config import Neo4jSettings
+from memq.config import Settings
 from memq.errors import StoreError, StoreUnavailable
 from memq.models import Relation, Scope
+from stores.entity_names import EntityNames
 
 RECENT_JOBS = 8
 """How many of the latest jobs that mentioned an entity it keeps (``job_ids``): a job's graph write runs
@@ -145,10 +147,14 @@ _FORGET: LiteralString = (
     "} "
     "CALL () { "
     "  WITH $ids AS ids WHERE size(ids) > 0 "
-    "  MATCH (e:__Entity__ {scope_key: $scope_key}) WHERE NOT (e)--() DELETE e "
+    "  MATCH (e:__Entity__ {scope_key: $scope_key}) WHERE NOT (e)--() "
+    "  WITH e, e.key AS key DELETE e "
+    "  RETURN collect(key) AS gone "
     "} "
+    "RETURN gone"
 )
-"""Forgetting deleted memories (``$ids``) in a scope: part of every write, and `GraphStore.forget_memories`."""
+"""Forgetting deleted memories (``$ids``) in a scope: the end of every write, and `GraphStore.forget_memories`;
+returns the keys of the entities it deleted (``gone``: their name embeddings go too)."""
 
 _WRITE: LiteralString = (
     # entities: merged by key; a retried job counts once (its id is among the latest)
@@ -160,13 +166,6 @@ _WRITE: LiteralString = (
     "  SET n.updated_at = $when, n.entity_type = e.entity_type "
     "  WITH n, e WHERE NOT $job_id IN n.job_ids "
     "  SET n.job_ids = n.job_ids[-($recent - 1)..] + $job_id, n.mentions = n.mentions + 1 "
-    "} "
-    # name embeddings: only those the plan carries (names new to the scope); never rewritten
-    "CALL () { "
-    "  UNWIND $entities AS e "
-    "  WITH e WHERE e.embedding IS NOT NULL "
-    "  MATCH (n:__Entity__ {scope_key: $scope_key, key: e.key}) "
-    "  SET n.embedding = e.embedding "
     "} "
     # relations of every type, merged on their ends, type and validity
     "CALL () { "
@@ -186,25 +185,23 @@ _WRITE: LiteralString = (
     "  MATCH (e)-[x]->() WHERE x.rid = rid AND x.valid "
     "  SET x.valid = false, x.invalid_at = $when, x.invalidated_by = $job_id "
     "} "
-    + _FORGET +
-    # names still without an embedding (the caller embeds them)
-    "UNWIND $entities AS e "
-    "MATCH (n:__Entity__ {scope_key: $scope_key, key: e.key}) WHERE n.embedding IS NULL "
-    "RETURN n.key AS key"
+    + _FORGET
 )
 """One job's graph change as one query (see `GraphStore.write`); every value is a parameter."""
 
 
 class GraphStore:
-    """Entities and relations in Neo4j.
+    """Entities and relations in Neo4j, their name embeddings in the vector store (`stores.entity_names`).
 
     Args:
         driver: a `neo4j.Driver`.
+        names: the entity-name collection.
         database: database name (None: the server's default).
     """
 
-    def __init__(self, driver: neo4j.Driver, database: str | None = None) -> None:
+    def __init__(self, driver: neo4j.Driver, names: EntityNames, database: str | None = None) -> None:
         self._driver = driver
+        self.names = names
         self._database = database
         self._ready = False
         self._lock = threading.Lock()
@@ -214,39 +211,74 @@ class GraphStore:
         return [r.data() for r in records]
 
     def ensure_schema(self) -> None:
-        """Create the uniqueness constraint and scope index once (idempotent).
+        """Create the uniqueness constraint and scope indexes once (idempotent), and move name embeddings an
+        earlier memq kept on the nodes into the entity-name collection (`move_name_embeddings`).
 
         Raises:
-            StoreUnavailable: Neo4j is unreachable.
+            StoreUnavailable: Neo4j or the vector store is unreachable.
         """
         if self._ready:
             return
-        with self._lock, _mapped("schema"):
-            self._run("CREATE CONSTRAINT memq_entity_key IF NOT EXISTS "
-                      "FOR (e:__Entity__) REQUIRE (e.scope_key, e.key) IS UNIQUE")
-            self._run("CREATE INDEX memq_entity_user IF NOT EXISTS FOR (e:__Entity__) ON (e.user_id)")
-            self._run("CREATE INDEX memq_entity_scope IF NOT EXISTS FOR (e:__Entity__) ON (e.scope_key)")
-            self._run("CREATE INDEX memq_entity_agent IF NOT EXISTS FOR (e:__Entity__) ON (e.agent_id)")
-            self._run("CREATE INDEX memq_entity_run IF NOT EXISTS FOR (e:__Entity__) ON (e.run_id)")
+        with self._lock:
+            if self._ready:
+                return
+            with _mapped("schema"):
+                self._run("CREATE CONSTRAINT memq_entity_key IF NOT EXISTS "
+                          "FOR (e:__Entity__) REQUIRE (e.scope_key, e.key) IS UNIQUE")
+                self._run("CREATE INDEX memq_entity_user IF NOT EXISTS FOR (e:__Entity__) ON (e.user_id)")
+                self._run("CREATE INDEX memq_entity_scope IF NOT EXISTS FOR (e:__Entity__) ON (e.scope_key)")
+                self._run("CREATE INDEX memq_entity_agent IF NOT EXISTS FOR (e:__Entity__) ON (e.agent_id)")
+                self._run("CREATE INDEX memq_entity_run IF NOT EXISTS FOR (e:__Entity__) ON (e.run_id)")
+            self.move_name_embeddings()
             self._ready = True
 
+    def move_name_embeddings(self, page: int = 500) -> int:
+        """Move name embeddings stored on entity nodes (by memq before 2026-11-22) to the entity-name
+        collection, then remove them from the nodes; idempotent, safe with workers running (a point is
+        written before its node's property goes). Runs once per process from `ensure_schema`.
+
+        Returns:
+            How many embeddings were moved.
+
+        Raises:
+            StoreUnavailable: Neo4j or the vector store is unreachable.
+        """
+        moved = 0
+        while True:
+            with _mapped("move name embeddings"):
+                rows = self._run("MATCH (e:__Entity__) WHERE e.embedding IS NOT NULL "
+                                 "RETURN e.scope_key AS scope_key, e.user_id AS u, e.agent_id AS a, e.run_id AS r, "
+                                 "e.key AS key, e.name AS name, e.embedding AS embedding, e.created_at AS created_at "
+                                 "LIMIT $page", page=page)
+            if not rows:
+                return moved
+            for r in rows:
+                scope = Scope(user_id=r["u"] or None, agent_id=r["a"] or None, run_id=r["r"] or None)
+                when = datetime.fromisoformat(r["created_at"]) if r["created_at"] else datetime.now(timezone.utc)
+                self.names.upsert(scope, [(r["key"], r["name"] or r["key"], r["embedding"])], when=when,
+                                  job_id="moved-from-graph")
+            with _mapped("move name embeddings"):
+                self._run("UNWIND $rows AS r MATCH (e:__Entity__ {scope_key: r.scope_key, key: r.key}) "
+                          "REMOVE e.embedding", rows=[{"scope_key": r["scope_key"], "key": r["key"]} for r in rows])
+            moved += len(rows)
+
     def write(self, change: GraphWrite, embed: Callable[[list[str]], list[list[float]]] | None = None) -> None:
-        """Apply one job's graph change as one auto-commit query, so one transaction and one Bolt round
-        trip (MERGE-based: running it twice changes nothing, and a job is counted once in ``mentions``):
-        ``UNWIND`` subqueries merge its entities, write the name embeddings it carries, merge its relations
-        of every type, invalidate contradicted relations and forget deleted memories; the query returns the
-        entities left without a name embedding, which a second query embeds (rare; a retry redoes both).
+        """Apply one job's graph change: the name embeddings it carries go to the entity-name collection,
+        then one auto-commit Neo4j query (one transaction, one Bolt round trip) merges its entities, merges
+        its relations of every type, invalidates contradicted relations and forgets deleted memories; the
+        name embeddings of entities that forgetting deleted go last. MERGE-based and keyed points: running
+        it twice changes nothing, and a job is counted once in ``mentions``.
 
         Args:
             change: the job's graph change. An entity's embedding is None when the decide stage found its
                 key already embedded in the scope (the key is the normalized name, so it would not change).
-            embed: embeds entity names; used only for entities that are left without an embedding (a plan
-                made before the name was known, or without embeddings): one batch and one more query.
+            embed: embeds entity names; used only for entities that are without an embedding in the
+                collection too (a plan made before the name was known, or without embeddings): one batch.
 
         Raises:
-            InvalidRelationshipType: a relation's type is not normalized (checked before any query).
+            InvalidRelationshipType: a relation's type is not normalized (checked before any write).
             ValueError: an entity needs an embedding and `embed` is None.
-            StoreUnavailable: Neo4j is unreachable (retryable).
+            StoreUnavailable: Neo4j or the vector store is unreachable (retryable).
             StoreError: a permanent failure.
             LLMUnavailable: a remote embedder is unavailable (retryable).
         """
@@ -257,38 +289,32 @@ class GraphStore:
         params = {**_scope_params(change.scope), "job_id": change.job_id, "when": change.when.isoformat()}
         rows = [{"rid": r.rid, "source": r.source, "destination": r.destination, "type": r.relationship,
                  "memory_ids": list(r.memory_ids)} for r in change.relations]
+        entities = [{"key": e.key, "name": e.name, "entity_type": e.entity_type} for e in change.entities]
 
-        entities = [{"key": e.key, "name": e.name, "entity_type": e.entity_type,
-                     "embedding": list(e.embedding) if e.embedding is not None else None} for e in change.entities]
-
-        with _mapped("write"), self._driver.session(database=self._database) as session:
-            # one auto-commit query: one round trip, one transaction
-            bare = [r["key"] for r in session.run(
-                _WRITE, entities=entities, rows=rows, rids=list(change.invalidated),
-                ids=list(change.deleted_memory_ids), recent=RECENT_JOBS, **params)]
-            if bare:  # names the plan took for known, or a plan without embeddings: embed them here (rare)
+        given = {e.key: (e.key, e.name, e.embedding) for e in change.entities if e.embedding is not None}
+        bare = {e.key: e.name for e in change.entities if e.embedding is None and e.key not in given}
+        if bare:  # names the plan took for embedded: check (one read by id), embed those that are not (rare)
+            missing = [k for k in bare if k not in self.names.embedded(change.scope, list(bare))]
+            if missing:
                 if embed is None:
                     raise ValueError("entities without an embedding need an embed function")
-                names = {e.key: e.name for e in change.entities}
-                session.run("UNWIND $rows AS r MATCH (n:__Entity__ {scope_key: $scope_key, key: r.key}) "
-                            "SET n.embedding = r.embedding",
-                            rows=[{"key": k, "embedding": v} for k, v in zip(bare, embed([names[k] for k in bare]))],
-                            **params).consume()
+                given.update({k: (k, bare[k], v) for k, v in zip(missing, embed([bare[k] for k in missing]))})
+        self.names.upsert(change.scope, list(given.values()), when=change.when, job_id=change.job_id)
+        with _mapped("write"), self._driver.session(database=self._database) as session:
+            # one auto-commit query: one round trip, one transaction
+            gone = [k for r in session.run(_WRITE, entities=entities, rows=rows, rids=list(change.invalidated),
+                                           ids=list(change.deleted_memory_ids), recent=RECENT_JOBS, **params)
+                    for k in r["gone"]]
+        self.names.delete(change.scope, gone)
 
     def embedded_keys(self, scope: Scope, keys: Sequence[str]) -> set[str]:
-        """Which of the entity `keys` exist in exactly this scope with a name embedding (the decide stage
-        embeds only the other names, in its batch with the facts).
+        """Which of the entity `keys` have a name embedding in exactly this scope (the decide stage embeds
+        only the other names, in its batch with the facts).
 
         Raises:
-            StoreUnavailable: Neo4j is unreachable.
+            StoreUnavailable: the vector store is unreachable.
         """
-        if not keys:
-            return set()
-        self.ensure_schema()
-        with _mapped("read entities"):
-            rows = self._run("MATCH (n:__Entity__ {scope_key: $scope_key}) WHERE n.key IN $keys "
-                             "AND n.embedding IS NOT NULL RETURN n.key AS key", keys=list(keys), **_scope_params(scope))
-        return {r["key"] for r in rows}
+        return self.names.embedded(scope, keys)
 
     def relations_of(self, scope: Scope, keys: Sequence[str], *, limit: int = 50) -> list[Relation]:
         """Valid relations touching any of the entity `keys` in exactly this scope (for the decider).
@@ -314,25 +340,34 @@ class GraphStore:
                threshold: float = 0.5, top_entities: int = 5) -> list[Relation]:
         """Valid relations of the entities most related to a query, in the query's scope only.
 
-        Entities are matched by cosine similarity of their name embedding (>= `threshold`) or by their
-        name appearing in the query; the `top_entities` best give their relations.
+        Entities are those whose name embedding has cosine similarity >= `threshold` with `vector` (the
+        entity-name collection's nearest `top_entities`) or whose name appears in the query (named ones
+        first; one found only by name ranks at `threshold`); the `top_entities` best give their relations,
+        ordered by their entity's similarity.
 
         Raises:
-            StoreUnavailable: Neo4j is unreachable.
+            StoreUnavailable: Neo4j or the vector store is unreachable.
         """
         self.ensure_schema()
+        near = [{"scope_key": h.scope.key(), "key": h.key, "sim": h.score}
+                for h in self.names.similar(scope, vector, limit=top_entities, threshold=threshold)]
         with _mapped("search"):
             rows = self._run(
-                "MATCH (e:__Entity__) WHERE " + _scope_match(scope) + " "
-                "WITH e, vector.similarity.cosine(e.embedding, $vector) AS sim "
+                "CALL () { "
+                "  UNWIND $near AS h "
+                "  MATCH (e:__Entity__ {scope_key: h.scope_key, key: h.key}) RETURN e, h.sim AS sim "
+                "  UNION ALL "
+                "  MATCH (e:__Entity__) WHERE " + _scope_match(scope) + " "
+                "  AND size(e.key) >= 3 AND $query CONTAINS e.key RETURN e, $threshold AS sim "
+                "} "
+                "WITH e, max(sim) AS sim "
                 "WITH e, sim, (size(e.key) >= 3 AND $query CONTAINS e.key) AS named "
-                "WHERE sim >= $threshold OR named "
-                "WITH e, sim ORDER BY named DESC, sim DESC LIMIT $top "
+                "ORDER BY named DESC, sim DESC LIMIT $top "
                 "MATCH (e)-[x {valid: true}]-(:__Entity__) "
                 "WITH x, max(sim) AS sim ORDER BY sim DESC, x.updated_at DESC LIMIT $limit "
                 "RETURN x.rid AS rid, startNode(x).name AS source, type(x) AS relationship, "
                 "  endNode(x).name AS destination",
-                vector=list(vector), query=query.lower(), threshold=threshold, top=top_entities, limit=limit,
+                near=near, query=query.lower(), threshold=threshold, top=top_entities, limit=limit,
                 **_scope_params(scope),
             )
         return [Relation(**r) for r in rows]
@@ -379,13 +414,16 @@ class GraphStore:
         if not memory_ids:
             return
         with _mapped("delete"), self._driver.session(database=self._database) as session:
-            session.run(_FORGET + "RETURN 1 AS done", ids=list(memory_ids), scope_key=scope.key()).consume()
+            gone = [k for r in session.run(_FORGET, ids=list(memory_ids), scope_key=scope.key()) for k in r["gone"]]
+        self.names.delete(scope, gone)
 
     def delete_scope(self, scope: Scope) -> int:
-        """Delete every entity (and so every relation) matching the scope's ids. Returns entities deleted."""
+        """Delete every entity (and so every relation) matching the scope's ids, and their name embeddings.
+        Returns entities deleted."""
         with _mapped("delete"):
             rows = self._run("MATCH (e:__Entity__) WHERE " + _scope_match(scope) + " DETACH DELETE e RETURN count(*) AS n",
                              **_scope_params(scope))
+        self.names.delete_scope(scope)
         return int(rows[0]["n"]) if rows else 0
 
     def migrate_scope_keys(self) -> int:
@@ -422,21 +460,36 @@ class GraphStore:
         self._driver.close()
 
 
-_stores: dict[str, GraphStore] = {}
+_stores: dict[tuple[str, str, str], GraphStore] = {}
 _stores_lock = threading.Lock()
 
 
-def open_graph_store(settings: Neo4jSettings) -> GraphStore | None:
-    """The process-wide `GraphStore`, or None when graph memory is off (no ``uri``)."""
-    if not settings.uri:
+def open_graph_store(settings: Settings, *, role: Literal["owner", "reader"] = "owner",
+                     own_if_free: bool = False) -> GraphStore | None:
+    """The process-wide `GraphStore`, or None when graph memory is off (no ``neo4j.uri``).
+
+    Args:
+        settings: memq settings (Neo4j's, and the vector store's for the entity-name collection).
+        role, own_if_free: how the entity-name collection is opened (`stores.entity_names.open_entity_names`).
+
+    Raises:
+        StoreOwned, StoreNeedsMigration, StoreError, StoreUnavailable: the entity-name collection cannot
+            be opened (see `stores.vector_open.open_vector_store`).
+    """
+    neo = settings.neo4j
+    if not neo.uri:
         return None
+    from stores.entity_names import open_entity_names
+
+    key = (neo.uri, str(settings.qdrant.url or settings.qdrant.path), settings.qdrant.collection)
     with _stores_lock:
-        store = _stores.get(settings.uri)
+        store = _stores.get(key)
         if store is None:
-            password = settings.password.get_secret_value() if settings.password else ""
-            driver = GraphDatabase.driver(settings.uri, auth=(settings.user, password),
+            names = open_entity_names(settings, role=role, own_if_free=own_if_free)
+            password = neo.password.get_secret_value() if neo.password else ""
+            driver = GraphDatabase.driver(neo.uri, auth=(neo.user, password),
                                           connection_timeout=5.0, max_transaction_retry_time=5.0,
                                           notifications_min_severity="OFF")
-            store = GraphStore(driver, settings.database)
-            _stores[settings.uri] = store
+            store = GraphStore(driver, names, neo.database)
+            _stores[key] = store
         return store

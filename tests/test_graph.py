@@ -207,15 +207,18 @@ def test_one_write_merges_relations_of_every_type_and_embeds_only_names_new_to_t
                        ("chess club", "MEETS_IN", "lisbon")}
     assert embedded == [["Lisbon", "chess club"]]
     assert graph.embedded_keys(scope, ["ana", "lisbon", "chess club", "porto"]) == {"ana", "lisbon", "chess club"}
-    stored = {r["key"]: r["e"] for r in graph._run("MATCH (n:__Entity__ {user_id: $u}) RETURN n.key AS key, "
-                                                   "n.embedding[0] AS e", u=user_id)}
-    assert stored == {"ana": 0.5, "lisbon": 6.0, "chess club": 10.0}
+    # and the embeddings are points of the entity-name collection, not node properties: the given one for Ana
+    # (cosine 1 with itself), Lisbon's made by the embed function (cosine 1/sqrt(384) with Ana's)
+    near = {h.key: round(h.score, 3) for h in graph.names.similar(scope, given, limit=5, threshold=0.0)}
+    assert near == {"ana": 1.0, "lisbon": round(384 ** -0.5, 3), "chess club": round(384 ** -0.5, 3)}
+    assert graph._run("MATCH (n:__Entity__ {user_id: $u}) WHERE n.embedding IS NOT NULL RETURN n.key AS k",
+                      u=user_id) == []
     # When a later job names them again without embeddings (its decide stage found them embedded)
     write([EntityWrite("ana", "Ana", "person"), EntityWrite("lisbon", "Lisbon", "city")], [rel("ana", "VISITS", "lisbon")])
     # Then nothing is embedded again and the stored embeddings stay
     assert embedded == [["Lisbon", "chess club"]]
-    assert graph._run("MATCH (n:__Entity__ {user_id: $u, key: 'ana'}) RETURN n.embedding[0] AS e, n.mentions AS m",
-                      u=user_id) == [{"e": 0.5, "m": 2}]
+    assert graph.names.similar(scope, given, limit=1, threshold=0.9)[0].key == "ana"
+    assert graph._run("MATCH (n:__Entity__ {user_id: $u, key: 'ana'}) RETURN n.mentions AS m", u=user_id) == [{"m": 2}]
 
 
 @pytest.mark.timeout(240)
@@ -303,3 +306,39 @@ def test_forget_memories_drops_what_they_alone_supported_in_their_scope_only(gra
     assert {(r.relationship, r.destination.lower()) for r in graph.all_relations(scope)} == {("LIVES_IN", "lisbon")}
     assert {e["key"] for e in graph.entities(scope)} == {"ana", "lisbon"}
     assert len(graph.all_relations(other)) == 2 and len(graph.entities(other)) == 3
+    # and so is the deleted entity's name embedding, in that scope only
+    assert graph.embedded_keys(scope, ["ana", "lisbon", "chess"]) == {"ana", "lisbon"}
+    assert graph.embedded_keys(other, ["ana", "lisbon", "chess"]) == {"ana", "lisbon", "chess"}
+    # When the scope is deleted, its entities' name embeddings go with it; the other scope's stay
+    graph.delete_scope(scope)
+    assert graph.embedded_keys(scope, ["ana", "lisbon"]) == set()
+    assert graph.embedded_keys(other, ["ana", "lisbon", "chess"]) == {"ana", "lisbon", "chess"}
+
+
+@pytest.mark.timeout(240)
+def test_name_embeddings_an_earlier_memq_kept_on_nodes_move_to_the_entity_collection(graph: Any, user_id: str) -> None:
+    # Given entities written the earlier way: the name embedding a property of the node
+    scope = Scope(user_id=user_id, agent_id="bot")
+    key = scope.key()
+    graph._run("UNWIND $rows AS r CREATE (n:__Entity__ {scope_key: $k, key: r.key, name: r.name, user_id: $u, "
+               "agent_id: 'bot', created_at: '2024-05-01T10:00:00+00:00', embedding: r.e})",
+               k=key, u=user_id, rows=[{"key": "ana", "name": "Ana", "e": [1.0] + [0.0] * 383},
+                                       {"key": "porto", "name": "Porto", "e": [0.0, 1.0] + [0.0] * 382}])
+    graph._run("MATCH (a:__Entity__ {scope_key: $k, key: 'ana'}), (p:__Entity__ {scope_key: $k, key: 'porto'}) "
+               "CREATE (a)-[:MOVED_TO {valid: true, rid: 'r1', memory_ids: ['m1'], updated_at: '2024-05-01'}]->(p)",
+               k=key)
+    assert graph.embedded_keys(scope, ["ana", "porto"]) == set()
+    # When a process starts on that graph (its first use runs the move)
+    assert graph.move_name_embeddings(page=1) == 2
+    # Then the embeddings are points of the exact scope, the nodes no longer carry them, and search finds
+    # the relation through them (a query near Porto's vector that does not name it)
+    assert graph.embedded_keys(scope, ["ana", "porto"]) == {"ana", "porto"}
+    assert graph.embedded_keys(Scope(user_id=user_id), ["ana", "porto"]) == set()
+    assert graph._run("MATCH (n:__Entity__ {scope_key: $k}) WHERE n.embedding IS NOT NULL RETURN n.key AS k",
+                      k=key) == []
+    found = graph.search(Scope(user_id=user_id), [0.1, 0.9] + [0.0] * 382, "where does she live now")
+    assert [(r.source, r.relationship, r.destination) for r in found] == [("Ana", "MOVED_TO", "Porto")]
+    # and another tenant's search finds nothing of it
+    assert graph.search(Scope(user_id=user_id + "-x"), [0.1, 0.9] + [0.0] * 382, "ana porto") == []
+    # and running it again moves nothing
+    assert graph.move_name_embeddings() == 0
