@@ -252,11 +252,13 @@ class GraphStore:
                                  "LIMIT $page", page=page)
             if not rows:
                 return moved
-            for r in rows:
+            batches: dict[tuple[Scope, str | None], list[tuple[str, str, Sequence[float]]]] = {}
+            for r in rows:  # one upsert per scope and creation time (a job's entities share it)
                 scope = Scope(user_id=r["u"] or None, agent_id=r["a"] or None, run_id=r["r"] or None)
-                when = datetime.fromisoformat(r["created_at"]) if r["created_at"] else datetime.now(timezone.utc)
-                self.names.upsert(scope, [(r["key"], r["name"] or r["key"], r["embedding"])], when=when,
-                                  job_id="moved-from-graph")
+                batches.setdefault((scope, r["created_at"]), []).append((r["key"], r["name"] or r["key"], r["embedding"]))
+            for (scope, created), names in batches.items():
+                when = datetime.fromisoformat(created) if created else datetime.now(timezone.utc)
+                self.names.upsert(scope, names, when=when, job_id="moved-from-graph")
             with _mapped("move name embeddings"):
                 self._run("UNWIND $rows AS r MATCH (e:__Entity__ {scope_key: r.scope_key, key: r.key}) "
                           "REMOVE e.embedding", rows=[{"scope_key": r["scope_key"], "key": r["key"]} for r in rows])
@@ -294,7 +296,8 @@ class GraphStore:
         given = {e.key: (e.key, e.name, e.embedding) for e in change.entities if e.embedding is not None}
         bare = {e.key: e.name for e in change.entities if e.embedding is None and e.key not in given}
         if bare:  # names the plan took for embedded: check (one read by id), embed those that are not (rare)
-            missing = [k for k in bare if k not in self.names.embedded(change.scope, list(bare))]
+            embedded = self.names.embedded(change.scope, list(bare))
+            missing = [k for k in bare if k not in embedded]
             if missing:
                 if embed is None:
                     raise ValueError("entities without an embedding need an embed function")
