@@ -31,8 +31,9 @@ def _warm_up(c: object, *, block: int = 100, least: int = 500, most: int = 4000)
     entities and 3 relations per write: ~10 ms at first, 1.5-3 ms once warm), while a production server is
     warm and Qdrant Edge has no JIT. Writes run in blocks of `block`; after `least` writes, warm-up ends at
     the first block whose median is not 5% below the previous block's (at most `most` writes). Each write
-    has the shape of a job's: names the scope knows and new ones with their embeddings, relations, and
-    every other write a contradicted relation and a deleted memory, so every path of the query is compiled.
+    has the shape of a job's: names the scope knows and new ones (all with their embeddings), relations,
+    and every other write a contradicted relation and a deleted memory, so every path of the query is
+    compiled.
 
     Returns:
         ``warm_up_writes`` and ``warm_up_last_block_ms_p50`` (the converged write time, ms).
@@ -54,15 +55,16 @@ def _warm_up(c: object, *, block: int = 100, least: int = 500, most: int = 4000)
     medians: list[float] = []
     for i in range(most):
         names = known + [f"{n} {i}" for n in fresh]
-        entities = [EntityWrite(key=entity_key(n), name=n, entity_type="thing",
-                                embedding=v if i % scoped == 0 or n not in known else None)
+        # every name carries its embedding: forgetting deletes entities left bare, and a known name the
+        # write had to embed again would time the embedder, not Neo4j
+        entities = [EntityWrite(key=entity_key(n), name=n, entity_type="thing", embedding=v)
                     for n, v in zip(names, vectors)]
         relations = [Relation(rid=str(uuid.uuid4()), source=entity_key(names[j]), relationship=("KNOWS", "VISITS", "MAKES")[j],
                               destination=entity_key(names[j + 4]), memory_ids=[str(uuid.uuid4())]) for j in range(3)]
         odd = i % 2 == 1 and previous
         change = GraphWrite(job_id=str(uuid.uuid4()), scope=scope, when=datetime.now(timezone.utc),
                             entities=entities, relations=relations,
-                            invalidated=[str(previous[0].rid)] if odd else (),
+                            invalidated=[previous[0]] if odd else (),
                             deleted_memory_ids=list(previous[1].memory_ids) if odd else ())
         started = time.perf_counter()
         graph.write(change, embed=embedder.embed)

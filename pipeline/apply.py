@@ -87,6 +87,6 @@ def write_graph(job: AddJob, plan: Plan, graph: GraphStore | None, embedder: Emb
         entities=[EntityWrite(key=entity_key(e.name), name=e.name, entity_type=e.entity_type,
                               embedding=g.embeddings.get(entity_key(e.name))) for e in g.entities],
         relations=g.relations,
-        invalidated=g.invalidated, deleted_memory_ids=deleted,
+        invalidated=g.invalidated_relations, deleted_memory_ids=deleted,
     ), embed=embedder.embed)
     return WriteResult(store="neo4j", upserted=len(g.entities) + len(g.relations), deleted=len(g.invalidated))

@@ -142,7 +142,8 @@ class GraphPlan(_Stage):
     relations: list[Relation] = Field(default_factory=list, description="Planned: keys, normalized types, rids.")
     invalidated: list[str] = Field(default_factory=list, description="rids of contradicted relations.")
     invalidated_relations: list[Relation] = Field(default_factory=list, description="The contradicted relations "
-                                                  "themselves (for the job's result).")
+                                                  "themselves (for the job's result, and for the graph write, which "
+                                                  "finds each from its source entity).")
     rejected: int = Field(default=0, description="Relations dropped for an invalid relationship type.")
     forgotten: list[str] = Field(default_factory=list, description="Memories whose support of relations goes "
                                  "(an edit's deleted or rewritten memories).")

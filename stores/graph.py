@@ -90,7 +90,8 @@ class GraphWrite:
         scope: whose graph.
         when: the job's time (UTC), used for created_at/updated_at/invalid_at.
         entities, relations: what to merge (relations planned: entity keys, normalized types, rids).
-        invalidated: ``rid`` s of relations the job's facts contradict.
+        invalidated: the relations the job's facts contradict (as the decide stage read them: `rid` and
+            `source`, the source entity's name or key).
         deleted_memory_ids: memories the job deleted (or whose text an update replaced); relations they
             alone supported go, and so do entities left without any relation.
     """
@@ -100,7 +101,7 @@ class GraphWrite:
     when: datetime
     entities: Sequence[EntityWrite] = ()
     relations: Sequence[Relation] = ()
-    invalidated: Sequence[str] = ()
+    invalidated: Sequence[Relation] = ()
     deleted_memory_ids: Sequence[str] = field(default_factory=tuple)
 
 
@@ -137,18 +138,18 @@ def _scope_match(scope: Scope) -> LiteralString:
 
 
 _FORGET: LiteralString = (
-    # memories $ids deleted: their support goes; relations left without support and bare entities too
+    # memories $ids deleted: their support goes; relations left without support go, and so do the entities
+    # those relations were the last ones of (only their endpoints are checked, not the whole scope)
     "CALL () { "
     "  WITH $ids AS ids WHERE size(ids) > 0 "
-    "  MATCH (e:__Entity__ {scope_key: $scope_key}) "
-    "  MATCH (e)-[x]->() WHERE any(m IN x.memory_ids WHERE m IN ids) "
+    "  MATCH (e:__Entity__ {scope_key: $scope_key})-[x]->(d) WHERE any(m IN x.memory_ids WHERE m IN ids) "
     "  SET x.memory_ids = [m IN x.memory_ids WHERE NOT m IN ids] "
-    "  WITH x WHERE size(x.memory_ids) = 0 DELETE x "
-    "} "
-    "CALL () { "
-    "  WITH $ids AS ids WHERE size(ids) > 0 "
-    "  MATCH (e:__Entity__ {scope_key: $scope_key}) WHERE NOT (e)--() "
-    "  WITH e, e.key AS key DELETE e "
+    "  WITH e, d, x WHERE size(x.memory_ids) = 0 "
+    "  DELETE x "
+    "  WITH collect(e) + collect(d) AS ends "
+    "  UNWIND ends AS n "
+    "  WITH DISTINCT n WHERE NOT (n)--() "
+    "  WITH n, n.key AS key DELETE n "
     "  RETURN collect(key) AS gone "
     "} "
     "RETURN gone"
@@ -178,11 +179,10 @@ _WRITE: LiteralString = (
     "  SET x.updated_at = $when, "
     "    x.memory_ids = x.memory_ids + [m IN r.memory_ids WHERE NOT m IN x.memory_ids] "
     "} "
-    # contradicted relations: kept, marked invalid (found from the scope's entities, by the scope index)
+    # contradicted relations: kept, marked invalid (found from their source entity, by the key constraint)
     "CALL () { "
-    "  UNWIND $rids AS rid "
-    "  MATCH (e:__Entity__ {scope_key: $scope_key}) "
-    "  MATCH (e)-[x]->() WHERE x.rid = rid AND x.valid "
+    "  UNWIND $invalid AS v "
+    "  MATCH (e:__Entity__ {scope_key: $scope_key, key: v.source})-[x]->() WHERE x.rid = v.rid AND x.valid "
     "  SET x.valid = false, x.invalid_at = $when, x.invalidated_by = $job_id "
     "} "
     + _FORGET
@@ -265,10 +265,11 @@ class GraphStore:
             moved += len(rows)
 
     def write(self, change: GraphWrite, embed: Callable[[list[str]], list[list[float]]] | None = None) -> None:
-        """Apply one job's graph change: the name embeddings it carries go to the entity-name collection,
-        then one auto-commit Neo4j query (one transaction, one Bolt round trip) merges its entities, merges
-        its relations of every type, invalidates contradicted relations and forgets deleted memories; the
-        name embeddings of entities that forgetting deleted go last. MERGE-based and keyed points: running
+        """Apply one job's graph change: one auto-commit Neo4j query (one transaction) merges its entities,
+        merges its relations of every type, invalidates contradicted relations (found from their source
+        entity by key) and forgets deleted memories (checking only the endpoints of the relations it deletes
+        for entities left bare); while Neo4j runs it, the name embeddings the change carries go to the
+        entity-name collection; the name embeddings of entities that forgetting deleted go last. MERGE-based and keyed points: running
         it twice changes nothing, and a job is counted once in ``mentions``.
 
         Args:
@@ -292,6 +293,7 @@ class GraphStore:
         rows = [{"rid": r.rid, "source": r.source, "destination": r.destination, "type": r.relationship,
                  "memory_ids": list(r.memory_ids)} for r in change.relations]
         entities = [{"key": e.key, "name": e.name, "entity_type": e.entity_type} for e in change.entities]
+        invalid = [{"rid": r.rid, "source": entity_key(r.source)} for r in change.invalidated if r.rid]
 
         given = {e.key: (e.key, e.name, e.embedding) for e in change.entities if e.embedding is not None}
         bare = {e.key: e.name for e in change.entities if e.embedding is None and e.key not in given}
@@ -302,12 +304,13 @@ class GraphStore:
                 if embed is None:
                     raise ValueError("entities without an embedding need an embed function")
                 given.update({k: (k, bare[k], v) for k, v in zip(missing, embed([bare[k] for k in missing]))})
-        self.names.upsert(change.scope, list(given.values()), when=change.when, job_id=change.job_id)
         with _mapped("write"), self._driver.session(database=self._database) as session:
-            # one auto-commit query: one round trip, one transaction
-            gone = [k for r in session.run(_WRITE, entities=entities, rows=rows, rids=list(change.invalidated),
-                                           ids=list(change.deleted_memory_ids), recent=RECENT_JOBS, **params)
-                    for k in r["gone"]]
+            # one auto-commit query, one transaction; `run` returns once Neo4j has planned it, so the name
+            # embeddings are written while Neo4j executes and commits (a failure of either is retried whole)
+            result = session.run(_WRITE, entities=entities, rows=rows, invalid=invalid,
+                                 ids=list(change.deleted_memory_ids), recent=RECENT_JOBS, **params)
+            self.names.upsert(change.scope, list(given.values()), when=change.when, job_id=change.job_id)
+            gone = [k for r in result for k in r["gone"]]
         self.names.delete(change.scope, gone)
 
     def embedded_keys(self, scope: Scope, keys: Sequence[str]) -> set[str]:

@@ -270,7 +270,7 @@ def test_one_write_can_merge_invalidate_and_forget_together(graph: Any, user_id:
         write(target, entities=entities, relations=[lives, plays])
     # When one job adds a relation, contradicts one and deletes the memory supporting another
     write(scope, entities=entities[:3], relations=[rel("ana", "LIVES_IN", "porto", str(uuid.uuid4()))],
-          invalidated=[lives.rid], deleted_memory_ids=[old_memory])
+          invalidated=[lives], deleted_memory_ids=[old_memory])
     # Then the new relation is valid, the contradicted one kept as invalid, the unsupported one and its bare
     # entity gone; the other scope, holding the same rids and memory ids, is untouched
     mine = {(r.source.lower(), r.relationship, r.destination.lower(), r.valid)
@@ -313,6 +313,41 @@ def test_forget_memories_drops_what_they_alone_supported_in_their_scope_only(gra
     graph.delete_scope(scope)
     assert graph.embedded_keys(scope, ["ana", "lisbon"]) == set()
     assert graph.embedded_keys(other, ["ana", "lisbon", "chess"]) == {"ana", "lisbon", "chess"}
+
+
+@pytest.mark.timeout(240)
+def test_a_write_touches_only_the_relations_it_names_and_the_entities_it_leaves_bare(graph: Any,
+                                                                                   user_id: str) -> None:
+    import uuid
+    from datetime import datetime, timezone
+
+    from memq.models import Relation
+    from stores.graph import EntityWrite, GraphWrite
+
+    scope = Scope(user_id=user_id)
+
+    def write(**change: Any) -> None:
+        graph.write(GraphWrite(job_id=str(uuid.uuid4()), scope=scope, when=datetime.now(timezone.utc), **change))
+
+    gone = str(uuid.uuid4())
+    lives = Relation(rid=str(uuid.uuid4()), source="ana", relationship="LIVES_IN", destination="lisbon",
+                     memory_ids=[str(uuid.uuid4())])
+    plays = Relation(rid=str(uuid.uuid4()), source="ana", relationship="PLAYS", destination="chess",
+                     memory_ids=[gone])
+    # Given a scope with two relations and an entity a job mentioned without any relation
+    write(entities=[EntityWrite(k, k.title(), "thing", [0.5] * 384) for k in ("ana", "lisbon", "chess", "porto")],
+          relations=[lives, plays])
+    # When a later job contradicts one relation, named as the decider read it (display name, not key), and
+    # deletes the memory behind the other
+    shown = Relation(rid=lives.rid, source="  Ana. ", relationship="LIVES_IN", destination="Lisbon")
+    write(invalidated=[shown], deleted_memory_ids=[gone])
+    # Then the contradicted relation is found from its source and kept as invalid, the unsupported one goes
+    # with the entity it left bare, and the entity that never had a relation stays (forgetting sweeps only
+    # the endpoints of what it deleted)
+    assert {(r.relationship, r.valid) for r in graph.all_relations(scope, include_invalid=True)} == {
+        ("LIVES_IN", False)}
+    assert {e["key"] for e in graph.entities(scope)} == {"ana", "lisbon", "porto"}
+    assert graph.embedded_keys(scope, ["ana", "lisbon", "chess", "porto"]) == {"ana", "lisbon", "porto"}
 
 
 @pytest.mark.timeout(240)
