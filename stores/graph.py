@@ -269,8 +269,9 @@ class GraphStore:
         merges its relations of every type, invalidates contradicted relations (found from their source
         entity by key) and forgets deleted memories (checking only the endpoints of the relations it deletes
         for entities left bare); while Neo4j runs it, the name embeddings the change carries go to the
-        entity-name collection; the name embeddings of entities that forgetting deleted go last. MERGE-based and keyed points: running
-        it twice changes nothing, and a job is counted once in ``mentions``.
+        entity-name collection; the name embeddings of entities that forgetting deleted go last.
+        MERGE-based and keyed points: running it twice changes nothing, and a job is counted once in
+        ``mentions``.
 
         Args:
             change: the job's graph change. An entity's embedding is None when the decide stage found its
