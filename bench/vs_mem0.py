@@ -311,7 +311,7 @@ def main() -> None:
                   "torch_threads": args.torch_threads, "embed_precision": precision,
                   "embed_processes": args.embed_processes,
                   "facts_told": sum(len(s.facts) for s in sessions), "fact_check": dict(sim.fact_check),
-                  "simulator_embeddings_computed": sim.embedder.computed},
+                  "simulator_embeddings_computed": sim.embedder.misses},
         "throughput": runs, "recall": recall,
     }
     if not args.skip_search:

@@ -119,33 +119,6 @@ def load_sessions(data: Path, per_conversation: int) -> list[Session]:
     return sessions
 
 
-class CachedEmbedder:
-    """An `stores.embedder.Embedder` that embeds each distinct text once (thread-safe).
-
-    Args:
-        inner: the real embedder (all-MiniLM-L6-v2, 384 dims).
-
-    Attributes:
-        computed: texts embedded by `inner` so far.
-    """
-
-    def __init__(self, inner: Any) -> None:
-        self._inner = inner
-        self.dims: int = inner.dims
-        self._vectors: dict[str, list[float]] = {}
-        self._lock = threading.Lock()
-        self.computed = 0
-
-    def embed(self, texts: list[str]) -> list[list[float]]:
-        """One unit vector (384 floats) per text, in order."""
-        with self._lock:
-            missing = [t for t in dict.fromkeys(texts) if t not in self._vectors]
-            if missing:
-                self.computed += len(missing)
-                self._vectors.update(zip(missing, self._inner.embed(missing)))
-            return [self._vectors[t] for t in texts]
-
-
 def _fenced_after(prompt: str, marker: str) -> str:
     """The content of the first ``` fence after `marker` in `prompt`."""
     start = prompt.index("```", prompt.index(marker)) + 3
@@ -184,11 +157,13 @@ class Simulator:
     def __init__(self, sessions: list[Session], latency_s: float) -> None:
         from memq.config import EmbedderSettings
         from pipeline.offline_model import use_embedder
+        from stores.embed_cache import CachedEmbedder
         from stores.embedder import get_embedder
         from tests.rigs.llm_server import LLMTestServer
 
         self.sessions = sessions
-        self.embedder = CachedEmbedder(get_embedder(EmbedderSettings()))
+        # every distinct text embedded once (the worker's cache, never full here: a few thousand texts)
+        self.embedder = CachedEmbedder(get_embedder(EmbedderSettings()), max_texts=1_000_000)
         use_embedder(self.embedder)  # memq's decide answers embed through the cache too
         self._facts = {s.mem0_key: s.facts for s in sessions}
         self._replies: dict[str, str] = {}

@@ -12,6 +12,7 @@ from memq.config import Settings
 from pipeline.caption import Fetch
 from pipeline.llm import LLM
 from stores.caption_cache import CaptionCache
+from stores.embed_cache import cached
 from stores.embedder import Embedder, get_embedder
 from stores.graph import GraphStore, open_graph_store
 from stores.history import HistoryStore, open_history_store, sql_engine
@@ -27,7 +28,8 @@ class Clients:
     Attributes:
         settings: the process's settings.
         embedder: the embedder (model loaded once per process; a hosted one has its budget in the
-            shared rate limiter, ``embed:<model>``).
+            shared rate limiter, ``embed:<model>``), behind the process's cache of recent texts' vectors
+            (``embedder.cache_texts``, `stores.embed_cache`).
         vectors: the vector store (in embedded mode this process owns it and serves other
             processes' reads from it).
         history: the SQL history store.
@@ -83,7 +85,7 @@ def build_clients(settings: Settings) -> Clients:
                                      outage_s=settings.jobs.broker_outage_s)
             history = open_history_store(settings.history.url)
             limiter = RateLimiter(jobs.client)
-            embedder = get_embedder(settings.embedder, limiter=limiter)
+            embedder = cached(get_embedder(settings.embedder, limiter=limiter), settings.embedder.cache_texts)
             vision_llm = settings.vision.llm_settings()
             fetch: Fetch | None = None
             if settings.vision.fetch:

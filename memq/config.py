@@ -235,6 +235,11 @@ class EmbedderSettings(_Group):
         "(float32 weights, accumulation and normalisation; 2.65x less CPU here, every vector within cosine "
         "0.9999 of its float32 one: bench/embed_precision.py); auto: bfloat16 on a CPU with native bfloat16 "
         "(AVX512-BF16 or AMX), else float32."))
+    cache_texts: int = Field(default=4096, ge=0, description=(
+        "Texts whose vectors a worker keeps, least recently used first out (stores.embed_cache): the offline "
+        "decider embeds again the facts extract just embedded and the memories it compares them with (on "
+        "LoCoMo conv-26: 2,117 texts against extract's 599), and a hosted model is paid per text. 8 bytes a "
+        "dimension: 4,096 texts of 384 dims take ~13 MB. 0: no cache."))
     processes: bool = Field(default=False, description=(
         "Run the offline model's forward passes in child processes (`passes` of them, started on first use), "
         "so a pass never waits for the calling process's GIL (stores.embed_process)."))
