@@ -18,7 +18,12 @@ import threading
 import numpy as np
 from cachetools import LRUCache
 
+from memq.errors import StoreError
 from stores.embedder import Embedder
+
+LONGEST_CACHED = 2000
+"""Characters of the longest text kept (longer ones are embedded every time): the cache counts texts, so
+this bounds its keys too (4,096 texts: at most ~8 MB of them)."""
 
 
 class CachedEmbedder:
@@ -49,12 +54,14 @@ class CachedEmbedder:
 
     def embed(self, texts: list[str]) -> list[list[float]]:
         """Embed `texts`, order preserved: cached vectors for the texts seen recently, one call of the
-        inner embedder for the others (each distinct text once).
+        inner embedder for the others (each distinct text once); texts over `LONGEST_CACHED` characters
+        are not kept.
 
         Returns:
             One list of `dims` floats per text.
 
         Raises:
+            StoreError: the inner embedder returned another number of vectors, or of another size.
             Whatever the inner embedder raises (nothing is cached then).
         """
         with self._lock:
@@ -62,10 +69,14 @@ class CachedEmbedder:
         missing = [t for t in dict.fromkeys(texts) if t not in found]
         if missing:
             computed = np.asarray(self.inner.embed(missing), dtype=np.float64)  # exact: floats are doubles
+            if computed.shape != (len(missing), self.dims):
+                raise StoreError(f"the embedder returned {computed.shape} for {len(missing)} texts of "
+                                 f"{self.dims} dims")
             fresh = dict(zip(missing, computed))
             with self._lock:
                 for text, row in fresh.items():
-                    self._vectors[text] = row
+                    if len(text) <= LONGEST_CACHED:
+                        self._vectors[text] = row
             found.update(fresh)
         with self._lock:
             self.hits += len(texts) - len(missing)

@@ -7,7 +7,7 @@ import pytest
 
 from memq.config import EmbedderSettings
 from memq.errors import LLMUnavailable
-from stores.embed_cache import CachedEmbedder, cached
+from stores.embed_cache import LONGEST_CACHED, CachedEmbedder, cached
 from stores.embedder import LiteLLMEmbedder
 from tests.rigs.llm_server import LLMTestServer, Reply
 
@@ -42,6 +42,10 @@ def test_each_text_is_sent_once_until_it_is_the_least_recently_used(llm_server: 
     embedder.embed(["ann likes tea"])
     assert sent() == [["ann likes tea"]]
     assert (embedder.hits, embedder.misses) == (5, 5)
+    # And a text longer than the cache keeps is sent every time (the cache's keys stay bounded)
+    long_text = "word " * (LONGEST_CACHED // 5 + 1)
+    embedder.embed([long_text]), embedder.embed([long_text])
+    assert sent() == [[long_text], [long_text]]
 
 
 def test_a_failed_call_caches_nothing_and_the_next_call_sends_again(llm_server: LLMTestServer) -> None:
