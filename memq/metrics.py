@@ -41,6 +41,8 @@ STAGE_TASKS = Counter("memq_stage_tasks_total", "Stage tasks by what they did.",
 LLM_CALLS = Counter("memq_llm_calls_total", "Model calls by result (ok, rate_limited, error).", ["model", "result"])
 LLM_TOKENS = Counter("memq_llm_tokens_total", "Tokens of model calls, as the provider counted them.",
                      ["model", "kind"])
+EMBED_CACHE_TEXTS = Counter("memq_embed_cache_texts_total", "Texts the worker's embedding cache served (hit) "
+                            "or had embedded (miss).", ["result"])
 LIMITER_WAITS = Counter("memq_limiter_waits_total", "Calls the shared rate limiter held back.", ["budget"])
 LIMITER_WAIT_SECONDS = Counter("memq_limiter_wait_seconds_total", "Seconds calls were told to wait by the shared "
                                "rate limiter.", ["budget"])

@@ -18,6 +18,7 @@ import threading
 import numpy as np
 from cachetools import LRUCache
 
+from memq import metrics
 from memq.errors import StoreError
 from stores.embedder import Embedder
 
@@ -36,7 +37,8 @@ class CachedEmbedder:
 
     Attributes:
         dims: the inner embedder's.
-        hits, misses: texts served from the cache, and texts the inner embedder computed, since start.
+        hits, misses: texts served from the cache, and texts the inner embedder computed, since start
+            (also counted by ``memq_embed_cache_texts_total{result}``).
 
     Raises:
         ValueError: `max_texts` is not positive.
@@ -81,6 +83,8 @@ class CachedEmbedder:
         with self._lock:
             self.hits += len(texts) - len(missing)
             self.misses += len(missing)
+        metrics.EMBED_CACHE_TEXTS.labels("hit").inc(len(texts) - len(missing))
+        metrics.EMBED_CACHE_TEXTS.labels("miss").inc(len(missing))
         return [found[t].tolist() for t in texts]
 
 

@@ -18,9 +18,15 @@ def _remote(server: LLMTestServer) -> LiteLLMEmbedder:
 
 
 def test_each_text_is_sent_once_until_it_is_the_least_recently_used(llm_server: LLMTestServer) -> None:
+    from prometheus_client import REGISTRY
+
+    def counted(result: str) -> float:
+        return REGISTRY.get_sample_value("memq_embed_cache_texts_total", {"result": result}) or 0.0
+
     remote = _remote(llm_server)
     embedder = CachedEmbedder(remote, max_texts=3)
     llm_server.reset()
+    before = counted("hit"), counted("miss")
 
     def sent() -> list[list[str]]:
         requests = [list(r["input"]) for r in llm_server.embedding_requests]
@@ -42,6 +48,7 @@ def test_each_text_is_sent_once_until_it_is_the_least_recently_used(llm_server: 
     embedder.embed(["ann likes tea"])
     assert sent() == [["ann likes tea"]]
     assert (embedder.hits, embedder.misses) == (5, 5)
+    assert (counted("hit") - before[0], counted("miss") - before[1]) == (5, 5)
     # And a text longer than the cache keeps is sent every time (the cache's keys stay bounded)
     long_text = "word " * (LONGEST_CACHED // 5 + 1)
     embedder.embed([long_text]), embedder.embed([long_text])
