@@ -64,19 +64,22 @@ def test_other_processes_read_while_a_worker_ingests_and_a_second_worker_refuses
     reader = Memories(settings)
     try:
         wait_ready(worker, log)
-        # Given a worker ingesting a LoCoMo conversation (19 sessions, one after the other)
+        # Given this process's embedder loaded (a first search, of an empty scope: loading takes seconds)
+        assert reader.search("anything", user_id="nobody-yet", limit=1)["results"] == []
+        # And a worker ingesting a LoCoMo conversation (19 sessions, one after the other)
         receipts = producer.add_many(locomo_sessions("reader", "conv-26", 19))
-        # When a `memq search` process (started now: its start-up overlaps the ingest) and this process
-        # search while jobs still run
+        # When a `memq search` process starts now (its start-up overlaps the ingest; its search may land
+        # after the last job) and this process searches once the first job is done
         cli_search = subprocess.Popen(
             [sys.executable, "-m", "cli", "search", "What does Caroline do?", "--user-id", "reader", "--limit", "5",
              "--json"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         until(lambda: producer.wait(receipts[:1], timeout_s=0)[0].done, 180, "the first job")
         found = reader.search("What does Caroline do?", user_id="reader", limit=5)["results"]
-        out, err = cli_search.communicate(timeout=120)
         unfinished = sum(not s.done for s in producer.wait(receipts, timeout_s=0))
-        # Then both get the scope's memories, through the worker that owns the store
-        assert unfinished > 0, "the searches should have run while the worker was ingesting"
+        out, err = cli_search.communicate(timeout=120)
+        # Then both get the scope's memories, through the worker that owns the store, this process's
+        # while the worker was still ingesting
+        assert unfinished > 0, "this process's search should have run while the worker was ingesting"
         assert found and {r["user_id"] for r in found} == {"reader"}
         assert cli_search.returncode == 0, err[-2000:]
         from_cli = json.loads(out)["results"]
