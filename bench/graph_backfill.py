@@ -50,7 +50,7 @@ def _warm_up(c: object, *, block: int = 100, least: int = 500, most: int = 4000)
     vectors = embedder.embed(known + fresh)
     scope = Scope(user_id=f"bench-warm-up-{uuid.uuid4().hex[:8]}")
     previous: list[Relation] = []
-    scoped = 20  # writes per throwaway scope: invalidating and forgetting look through the whole scope
+    scoped = 20  # writes per throwaway scope: forgetting looks through every relation of the scope
     times: list[float] = []
     medians: list[float] = []
     for i in range(most):

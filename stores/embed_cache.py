@@ -7,8 +7,9 @@ extract, 2,117 by the decider). A hosted embedding model is paid per text. `Cach
 most recently used texts' vectors (least recently used first out; `cachetools.LRUCache`) and embeds
 only the texts it lacks, each once per call, in one batch.
 
-A text's cached vector is exactly the one its first batch gave; embedding it again in another batch could
-differ in the last bits (padding: `tests/test_embedder.py` bounds that).
+A text's cached vector is exactly the one its first batch gave (when two threads embed it at once, the
+first to finish); embedding it again in another batch could differ in the last bits (padding:
+`tests/test_embedder.py` bounds that).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from stores.embedder import Embedder
 
 LONGEST_CACHED = 2000
 """Characters of the longest text kept (longer ones are embedded every time): the cache counts texts, so
-this bounds its keys too (4,096 texts: at most ~8 MB of them)."""
+this bounds its keys too (4,096 texts of at most 2,000 characters, 1-4 bytes each)."""
 
 
 class CachedEmbedder:
@@ -63,23 +64,29 @@ class CachedEmbedder:
             One list of `dims` floats per text.
 
         Raises:
-            StoreError: the inner embedder returned another number of vectors, or of another size.
+            StoreError: the inner embedder returned another number of vectors, or vectors of another size
+                or of different sizes.
             Whatever the inner embedder raises (nothing is cached then).
         """
         with self._lock:
             found = {t: self._vectors[t] for t in dict.fromkeys(texts) if t in self._vectors}
         missing = [t for t in dict.fromkeys(texts) if t not in found]
         if missing:
-            computed = np.asarray(self.inner.embed(missing), dtype=np.float64)  # exact: floats are doubles
+            vectors = self.inner.embed(missing)
+            try:
+                computed = np.array(vectors, dtype=np.float64)  # exact: Python floats are doubles
+            except ValueError as exc:  # rows of different lengths
+                raise StoreError(f"the embedder returned ragged vectors for {len(missing)} texts") from exc
             if computed.shape != (len(missing), self.dims):
                 raise StoreError(f"the embedder returned {computed.shape} for {len(missing)} texts of "
                                  f"{self.dims} dims")
-            fresh = dict(zip(missing, computed))
             with self._lock:
-                for text, row in fresh.items():
-                    if len(text) <= LONGEST_CACHED:
-                        self._vectors[text] = row
-            found.update(fresh)
+                for text, row in zip(missing, computed):
+                    kept = self._vectors.get(text)
+                    if kept is None and len(text) <= LONGEST_CACHED:
+                        # its own copy: a row of `computed` would keep the whole batch alive
+                        kept = self._vectors[text] = row.copy()
+                    found[text] = row if kept is None else kept  # a thread that embedded it first wins
         with self._lock:
             self.hits += len(texts) - len(missing)
             self.misses += len(missing)

@@ -265,11 +265,11 @@ class GraphStore:
             moved += len(rows)
 
     def write(self, change: GraphWrite, embed: Callable[[list[str]], list[list[float]]] | None = None) -> None:
-        """Apply one job's graph change: one auto-commit Neo4j query (one transaction) merges its entities,
-        merges its relations of every type, invalidates contradicted relations (found from their source
-        entity by key) and forgets deleted memories (checking only the endpoints of the relations it deletes
-        for entities left bare); while Neo4j runs it, the name embeddings the change carries go to the
-        entity-name collection; the name embeddings of entities that forgetting deleted go last.
+        """Apply one job's graph change: the name embeddings it carries go to the entity-name collection,
+        then one auto-commit Neo4j query (one transaction, one Bolt round trip) merges its entities, merges
+        its relations of every type, invalidates contradicted relations (found from their source entity by
+        key) and forgets deleted memories (checking only the endpoints of the relations it deletes for
+        entities left bare); the name embeddings of entities that forgetting deleted go last.
         MERGE-based and keyed points: running it twice changes nothing, and a job is counted once in
         ``mentions``.
 
@@ -305,13 +305,12 @@ class GraphStore:
                 if embed is None:
                     raise ValueError("entities without an embedding need an embed function")
                 given.update({k: (k, bare[k], v) for k, v in zip(missing, embed([bare[k] for k in missing]))})
+        self.names.upsert(change.scope, list(given.values()), when=change.when, job_id=change.job_id)
         with _mapped("write"), self._driver.session(database=self._database) as session:
-            # one auto-commit query, one transaction; `run` returns once Neo4j has planned it, so the name
-            # embeddings are written while Neo4j executes and commits (a failure of either is retried whole)
-            result = session.run(_WRITE, entities=entities, rows=rows, invalid=invalid,
-                                 ids=list(change.deleted_memory_ids), recent=RECENT_JOBS, **params)
-            self.names.upsert(change.scope, list(given.values()), when=change.when, job_id=change.job_id)
-            gone = [k for r in result for k in r["gone"]]
+            # one auto-commit query: one round trip, one transaction
+            gone = [k for r in session.run(_WRITE, entities=entities, rows=rows, invalid=invalid,
+                                           ids=list(change.deleted_memory_ids), recent=RECENT_JOBS, **params)
+                    for k in r["gone"]]
         self.names.delete(change.scope, gone)
 
     def embedded_keys(self, scope: Scope, keys: Sequence[str]) -> set[str]:

@@ -49,6 +49,8 @@ def test_each_text_is_sent_once_until_it_is_the_least_recently_used(llm_server: 
     assert sent() == [["ann likes tea"]]
     assert (embedder.hits, embedder.misses) == (5, 5)
     assert (counted("hit") - before[0], counted("miss") - before[1]) == (5, 5)
+    # And each kept vector owns its numbers (a view into its call's batch would keep the whole batch alive)
+    assert all(row.base is None for row in embedder._vectors.values())
     # And a text longer than the cache keeps is sent every time (the cache's keys stay bounded)
     long_text = "word " * (LONGEST_CACHED // 5 + 1)
     embedder.embed([long_text]), embedder.embed([long_text])

@@ -334,9 +334,15 @@ def test_a_write_touches_only_the_relations_it_names_and_the_entities_it_leaves_
                      memory_ids=[str(uuid.uuid4())])
     plays = Relation(rid=str(uuid.uuid4()), source="ana", relationship="PLAYS", destination="chess",
                      memory_ids=[gone])
-    # Given a scope with two relations and an entity a job mentioned without any relation
-    write(entities=[EntityWrite(k, k.title(), "thing", [0.5] * 384) for k in ("ana", "lisbon", "chess", "porto")],
-          relations=[lives, plays])
+    # (chess ends two relations that go together; bob and tennis are both left bare by one)
+    likes = Relation(rid=str(uuid.uuid4()), source="lisbon", relationship="HOSTS", destination="chess",
+                     memory_ids=[gone])
+    tennis = Relation(rid=str(uuid.uuid4()), source="bob", relationship="PLAYS", destination="tennis",
+                      memory_ids=[gone])
+    # Given a scope with relations and an entity a job mentioned without any relation
+    write(entities=[EntityWrite(k, k.title(), "thing", [0.5] * 384)
+                    for k in ("ana", "lisbon", "chess", "porto", "bob", "tennis")],
+          relations=[lives, plays, likes, tennis])
     # When a later job contradicts one relation, named as the decider read it (display name, not key), and
     # deletes the memory behind the other
     shown = Relation(rid=lives.rid, source="  Ana. ", relationship="LIVES_IN", destination="Lisbon")
@@ -347,7 +353,8 @@ def test_a_write_touches_only_the_relations_it_names_and_the_entities_it_leaves_
     assert {(r.relationship, r.valid) for r in graph.all_relations(scope, include_invalid=True)} == {
         ("LIVES_IN", False)}
     assert {e["key"] for e in graph.entities(scope)} == {"ana", "lisbon", "porto"}
-    assert graph.embedded_keys(scope, ["ana", "lisbon", "chess", "porto"]) == {"ana", "lisbon", "porto"}
+    assert graph.embedded_keys(scope, ["ana", "lisbon", "chess", "porto", "bob", "tennis"]) == {
+        "ana", "lisbon", "porto"}
 
 
 @pytest.mark.timeout(240)
