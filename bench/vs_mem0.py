@@ -20,11 +20,16 @@ What it runs, all in this one process's run (so ratios come from one run on one 
    (``bench/mem0_runner.py`` in Mem0's venv). Both first run the same 2 warm-up adds (untimed, another
    user). Reported per run: adds/s, failed adds, model calls and tokens per add, events, memories stored
    and duplicates, CPU seconds of the system's processes.
-4. **Recall**: after the smallest N's runs, the LoCoMo questions (categories 1-4) whose evidence lies in
+4. **Scale-out** (``--scale-out``, default 2, 3 processes; memq only): the adds again at the largest N,
+   with 1 or 2 more worker processes of N threads beside the first; they consume only the start and
+   model stages' queues (``memq.light``, ``memq.llm``) and read the embedded store through the first,
+   which owns it (``memq worker --queues memq.light,memq.llm``). With one process from step 3, a curve
+   of adds/s against worker processes.
+5. **Recall**: after the smallest N's runs, the LoCoMo questions (categories 1-4) whose evidence lies in
    the sessions added, searched in each system's store (top 10): memq dense-only and hybrid, Mem0's search.
-5. **Search latency vs store size** (``--search-sizes``): each system's public search over N synthetic
+6. **Search latency vs store size** (``--search-sizes``): each system's public search over N synthetic
    memories (100 users, LoCoMo turn texts, the same random unit vectors), in its own process.
-6. **Graph** (unless ``--skip-graph``): ``bench/graph_backfill.py`` (memq with Neo4j, LoCoMo conv-26): graph
+7. **Graph** (unless ``--skip-graph``): ``bench/graph_backfill.py`` (memq with Neo4j, LoCoMo conv-26): graph
    write vs vector write p50. Mem0's graph memory is not run (it needs its own Neo4j setup and model
    prompts for entities and relations that the simulator does not answer).
 
@@ -218,6 +223,9 @@ def main() -> None:
     parser.add_argument("--latency", type=float, default=0.3, help="seconds per model call")
     parser.add_argument("--search-sizes", default="1000,10000,30000", help="memories per store, comma-separated")
     parser.add_argument("--search-queries", type=int, default=50, help="timed searches per store and system")
+    parser.add_argument("--scale-out", default="2,3",
+                        help="memq worker processes for the scale-out curve at the largest concurrency, comma-separated "
+                             "(the first owns the store, the others run the model stages; empty: none)")
     parser.add_argument("--skip-search", action="store_true")
     parser.add_argument("--skip-recall", action="store_true")
     parser.add_argument("--skip-graph", action="store_true")
@@ -302,6 +310,15 @@ def main() -> None:
         print(json.dumps({k: v for k, v in runs[-2].items() if k in ("threads", "adds_per_s", "failed")}),
               json.dumps({k: v for k, v in runs[-1].items() if k in ("threads", "adds_per_s", "failed")}),
               file=sys.stderr, flush=True)
+    scale_out: list[dict[str, Any]] = []
+    for processes in [int(n) for n in args.scale_out.split(",") if n.strip()]:
+        n = max(concurrency)
+        print(f"memq, {processes} worker processes of {n} threads ...", file=sys.stderr, flush=True)
+        run = memq_adds(requests, warm_requests, n, sim.url, [], LIMIT, sim.take, args.embed_processes,
+                        model_workers=processes - 1)
+        scale_out.append({**_summary("memq", run, run["llm"]), "processes": processes})
+        print(json.dumps({k: v for k, v in scale_out[-1].items() if k in ("processes", "threads", "adds_per_s", "failed")}),
+              file=sys.stderr, flush=True)
     if recall:
         recall["questions"] = len(questions)
     result: dict[str, Any] = {
@@ -312,7 +329,7 @@ def main() -> None:
                   "embed_processes": args.embed_processes,
                   "facts_told": sum(len(s.facts) for s in sessions), "fact_check": dict(sim.fact_check),
                   "simulator_embeddings_computed": sim.embedder.misses},
-        "throughput": runs, "recall": recall,
+        "throughput": runs, "scale_out": scale_out, "recall": recall,
     }
     if not args.skip_search:
         sizes = [int(n) for n in args.search_sizes.split(",")]

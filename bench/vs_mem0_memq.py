@@ -34,6 +34,18 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 def proc_cpu_s(pid: int) -> float:
     """User + system CPU seconds so far of process `pid` (all its threads) and of every live process
     below it (the worker's embedding processes, `stores.embed_process`), from /proc."""
+    total = 0
+    for p in children(pid) | {pid}:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def children(pid: int) -> set[int]:
+    """The live processes below `pid` (its embedding processes), from /proc."""
     parents: dict[int, int] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -46,14 +58,7 @@ def proc_cpu_s(pid: int) -> float:
         below = {p for p, parent in parents.items() if parent in tree} - tree
         tree |= below
         grew = bool(below)
-    total = 0
-    for p in tree:
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])
-    return total / os.sysconf("SC_CLK_TCK")
+    return tree - {pid}
 
 
 def _redis_cpu_s(url: str) -> float:
@@ -78,8 +83,8 @@ def _stop(proc: subprocess.Popen[bytes], timeout_s: float = 60.0) -> None:
 
 
 def run_adds(requests: list[dict[str, Any]], warmup: list[dict[str, Any]], threads: int, llm_url: str,
-             questions: list[dict[str, Any]], limit: int, take_calls: Any, embed_processes: bool = True
-             ) -> dict[str, Any]:
+             questions: list[dict[str, Any]], limit: int, take_calls: Any, embed_processes: bool = True,
+             model_workers: int = 0) -> dict[str, Any]:
     """Run `requests` through a fresh worker of `threads` threads, timed from enqueue to the last job's end.
 
     Args:
@@ -92,9 +97,12 @@ def run_adds(requests: list[dict[str, Any]], warmup: list[dict[str, Any]], threa
         take_calls: called before and after the timed run (`Simulator.take`): its result after is the run's.
         embed_processes: the worker embeds in child processes (``MEMQ_EMBEDDER__PROCESSES``); its CPU
             figure includes theirs.
+        model_workers: more worker processes beside that one, each of `threads` threads consuming only
+            ``memq.light`` and ``memq.llm`` (start, caption, extract, decide), reading the store through
+            the first one, which owns it (scale-out in embedded mode; their CPU counts in ``worker``).
 
     Returns:
-        ``{"threads", "adds", "elapsed_s", "failed", "errors", "events", "cpu_s": {"worker", "redis"},
+        ``{"threads", "processes", "adds", "elapsed_s", "failed", "errors", "events", "cpu_s": {"worker", "redis"},
         "memories", "duplicates", "found": {"dense": [[{"memory", "source_message_ids"}]], "hybrid": ...},
         "search_ms": {"dense": [...], "hybrid": [...]}, "llm": take_calls()'s}``.
     """
@@ -114,20 +122,37 @@ def run_adds(requests: list[dict[str, Any]], warmup: list[dict[str, Any]], threa
             os.environ.pop(name, None)
         settings = Settings()  # from the environment just set (load_settings() keeps the first run's)
         log = Path(data_dir) / "worker.log"
-        proc = subprocess.Popen([sys.executable, "-m", "cli", "worker", "--pool", "threads", "--concurrency",
-                                 str(threads), "--loglevel", "WARNING"], cwd=REPO_ROOT, env=dict(os.environ),
-                                stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+        procs = [subprocess.Popen([sys.executable, "-m", "cli", "worker", "--pool", "threads", "--concurrency",
+                                   str(threads), "--loglevel", "WARNING",
+                                   *(["--queues", "memq.light,memq.llm"] if i else [])],
+                                  cwd=REPO_ROOT, env=dict(os.environ), stdout=open(log, "ab"),
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+                 for i in range(1 + model_workers)]
         producer = Producer(settings)
         try:
-            warm = producer.wait(producer.add_many(warmup), timeout_s=600, poll_s=0.1)
-            if not all(s.status.value == "succeeded" for s in warm):
-                raise RuntimeError(f"memq warm-up failed: {[s.error for s in warm]}; log {log.read_text()[-2000:]}")
+            # warm-up rounds (each user id new) until every process has started its embedding processes
+            # (on first use, one per pass slot) and a round starts no more: no model loads in the timed run
+            seen: list[int] = []
+            for round_ in range(8):
+                warm_adds = [{**w, "user_id": f"{w['user_id']}-{round_}-{k}"}
+                             for k in range(1 + 2 * model_workers) for w in warmup]
+                warm = producer.wait(producer.add_many(warm_adds), timeout_s=600, poll_s=0.1)
+                if not all(s.status.value == "succeeded" for s in warm):
+                    raise RuntimeError(f"memq warm-up failed: {[s.error for s in warm]}; log {log.read_text()[-2000:]}")
+                now = [len(children(p.pid)) for p in procs]
+                if now == seen and min(now) > 0 or not embed_processes:
+                    break
+                seen = now
             take_calls()
-            cpu0, redis0, started = proc_cpu_s(proc.pid), _redis_cpu_s(redis_server.url), time.monotonic()
+
+            def cpu_now() -> float:
+                return sum(proc_cpu_s(p.pid) for p in procs)
+
+            cpu0, redis0, started = cpu_now(), _redis_cpu_s(redis_server.url), time.monotonic()
             receipts = producer.add_many(requests)
             statuses = producer.wait(receipts, timeout_s=3600, poll_s=0.1)
             elapsed_s = time.monotonic() - started
-            cpu = {"worker": proc_cpu_s(proc.pid) - cpu0, "redis": _redis_cpu_s(redis_server.url) - redis0}
+            cpu = {"worker": cpu_now() - cpu0, "redis": _redis_cpu_s(redis_server.url) - redis0}
             llm = take_calls()
             events: Counter[str] = Counter()
             for s in statuses:
@@ -156,10 +181,11 @@ def run_adds(requests: list[dict[str, Any]], warmup: list[dict[str, Any]], threa
                                         for h in hits])
         finally:
             producer.close()
-            _stop(proc)
+            for proc in procs:
+                _stop(proc)
             os.environ.clear()
             os.environ.update(saved)
-    return {"threads": threads, "adds": len(requests), "elapsed_s": elapsed_s, "cpu_s": cpu,
+    return {"threads": threads, "processes": 1 + model_workers, "adds": len(requests), "elapsed_s": elapsed_s, "cpu_s": cpu,
             "failed": sum(s.status.value != "succeeded" for s in statuses),
             "errors": dict(Counter(f"{s.status.value}: {s.error_type}" for s in statuses
                                    if s.status.value != "succeeded")),

@@ -240,6 +240,14 @@ def _checks(result: dict[str, Any]) -> list[str]:
                      + "; ".join(text for text, _ in goals) + " | "
                      + ", ".join(f"{what.split(' ')[0]}: {'yes' if ok else 'no'}" for (what, ok) in
                                  zip(("2x 8-thread", "10x sequential"), (ok for _, ok in goals))) + " |")
+    extra = result.get("scale_out") or []
+    if extra:
+        n = extra[0]["threads"]
+        curve = ([f"1: {memq[n]['adds_per_s']:.2f}"] if n in memq else []) + [
+            f"{r['processes']}: {r['adds_per_s']:.2f}" for r in extra]
+        lines.append(f"| scale-out by adding worker processes, with a measured curve | embedded store (the model "
+                     f"stages' workers read through the owner), {n} threads each, adds/s by processes: "
+                     f"{', '.join(curve)} | shown here; on a Qdrant server: not measured (none can run here) |")
     graph = result.get("graph") or {}
     if "graph_vs_vector_write" in graph:
         ratio = graph["graph_vs_vector_write"]
@@ -256,6 +264,36 @@ def _checks(result: dict[str, Any]) -> list[str]:
         d, h = rec["memq_dense"]["recall@10"]["all"], rec["memq_hybrid"]["recall@10"]["all"]
         lines.append(f"| hybrid retrieval's recall against dense-only | recall@10 over {rec['questions']} questions: "
                      f"hybrid {h:.3f}, dense-only {d:.3f}, Mem0 {rec['mem0']['recall@10']['all']:.3f} | shown |")
+    return lines
+
+
+def _scale_out(result: dict[str, Any], memq: dict[int, dict[str, Any]]) -> list[str]:
+    """The scale-out section: adds/s against worker processes at the largest concurrency (memq only)."""
+    extra = result.get("scale_out") or []
+    if not extra:
+        return []
+    n = extra[0]["threads"]
+    rows = [{**memq[n], "processes": 1}, *extra] if n in memq else extra
+    base = rows[0]["adds_per_s"] if rows[0]["processes"] == 1 else None
+    lines = ["## memq scale-out: worker processes", "",
+             f"The same {rows[0]['adds']} adds at {n} threads per process, with 1, 2, ... worker processes on this machine: the "
+             "first consumes every queue and owns the embedded Qdrant Edge store; each other one runs "
+             "`memq worker --queues memq.light,memq.llm` (start, caption, extract, decide) and reads the store "
+             "through the owner over Redis (`stores/vector_rpc.py`), so it never opens the folder. Every process "
+             "first runs warm-up adds until it has started its embedding processes (no model load in the timed run).",
+             "", "| worker processes | threads each | adds/s | vs one process | failed | CPU s (workers + Redis) "
+             "| cores busy (workers) |", "|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        cpu = r["cpu_s"]
+        ratio = f"{r['adds_per_s'] / base:.2f}" if base else "–"
+        lines.append(f"| {r['processes']} | {r['threads']} | {r['adds_per_s']:.2f} | {ratio} | {r['failed']} | "
+                     f"{cpu['worker'] + cpu['redis']:.1f} | {cpu['worker'] / r['elapsed_s']:.2f} |")
+    cores = (result.get("meta") or {}).get("machine", {}).get("cpus")
+    lines += ["", f"On {cores or 'these'} cores, shared with Redis and the simulator (in the bench process), "
+              "more processes can only use what the cores left idle, and each brings its own GIL, embedding "
+              "processes and reads through the owner: the curve shows where this machine runs out of CPU. A "
+              "machine with more cores, and a Qdrant server (every process, prefork too, reads and writes the "
+              "store directly), were not measured.", ""]
     return lines
 
 
@@ -360,7 +398,9 @@ def write_report(result: dict[str, Any], doc: Path) -> None:
         "",
         "- **memq**: a fresh `redis-server` and data folder, one `memq worker --pool threads --concurrency N` process "
         "(every queue; log level WARNING). The bench process is the producer: it enqueues the 2 warm-up adds "
-        "(another user id) and waits for them (untimed: the worker loads its embedder and opens its stores), then "
+        "(other user ids) and waits for them, again (new user ids) until a round starts no more embedding "
+        "processes in the worker (untimed: the worker loads its embedder, one per pass slot, and opens its "
+        "stores), then "
         "enqueues the adds at once (`add_many`) and polls every 0.1 s until every job is done. Time: from the "
         "enqueue to the poll that sees the last job done. A job that does not end `succeeded` is a failed add.",
         "- **Mem0**: `bench/mem0_runner.py` in Mem0's venv: a fresh `Memory` (huggingface embedder, qdrant local "
@@ -394,9 +434,8 @@ def write_report(result: dict[str, Any], doc: Path) -> None:
     ]
     busiest = max(memq[n]["cpu_s"]["worker"] / memq[n]["elapsed_s"] for n in memq)
     out += ["*Cores busy* is a process's CPU seconds over the run's wall seconds. One memq worker process runs "
-            f"its Python under one GIL; here it kept at most {busiest:.2f} cores busy, whatever its threads (in "
-            "embedded mode the Qdrant Edge folder has one owner process, so a second worker process needs a Qdrant "
-            "server).", "",
+            f"its Python under one GIL; here it kept at most {busiest:.2f} cores busy, whatever its threads (more "
+            "processes: the scale-out curve below).", "",
             "CPU seconds per add (user + system of the system's own processes over the timed adds): "
             + "; ".join(f"{n} thread{'s' if n > 1 else ''}: memq {(memq[n]['cpu_s']['worker'] + memq[n]['cpu_s']['redis']) / memq[n]['adds']:.2f}, "
                         f"Mem0 {mem0[n]['cpu_s'] / mem0[n]['adds']:.2f}" for n in sorted(memq)) + ".", ""]
@@ -409,6 +448,7 @@ def write_report(result: dict[str, Any], doc: Path) -> None:
         out += [f"- Mem0, {k}, logged and swallowed: {v}" for k, v in logged.items()]
         out += [f"- memq, {k}: {v}" for k, v in memq_errs.items()]
         out.append("")
+    out += _scale_out(result, memq)
     out += ["## Model calls and tokens per add", "", f"![calls and tokens per add](bench/{plots[1]})", "",
             *_calls(result), "",
             "Per add of the run, failed ones included: a Mem0 add that fails stops after its extraction call, so "

@@ -51,20 +51,28 @@ def _progress(out: Console = console, *, disable: bool = False) -> Progress:
 def worker(
     queues: Annotated[str, typer.Option(help="Comma-separated queues to consume.")] = ",".join(Queues.ALL),
     concurrency: Annotated[int, typer.Option(help="Worker threads or processes.")] = 2,
-    pool: Annotated[str, typer.Option(help="threads, solo or prefork (prefork needs a Qdrant server).")] = "threads",
+    pool: Annotated[str, typer.Option(help="threads, solo or prefork (prefork needs a Qdrant server, or queues "
+                                               "without memq.write).")] = "threads",
     loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
     name: Annotated[str | None, typer.Option(help="Celery node name (default memq-<pid>@<host>: unique even for "
                                                    "several workers on one host).")] = None,
 ) -> None:
     """Start a Celery worker for the pipeline (replaces this process).
 
-    In embedded mode (no MEMQ_QDRANT__URL) the worker process owns the embedded vector store's folder (and
-    serves other processes' reads from it), so it runs one process with a thread pool.
+    In embedded mode (no MEMQ_QDRANT__URL) the worker that consumes memq.write owns the embedded vector
+    store's folder (and serves other processes' reads from it), so it runs one process with a thread pool;
+    workers of the other queues only (--queues memq.llm) read through it, as many as you like, prefork too.
     """
     settings = load_settings()
-    if settings.embedded_qdrant and pool == "prefork" and concurrency != 1:
-        console.print("[red]prefork with more than one child needs a Qdrant server (MEMQ_QDRANT__URL): "
-                      "the embedded store allows one owner process per folder.[/]")
+    chosen = {q.strip() for q in queues.split(",") if q.strip()}
+    unknown = sorted(chosen - set(Queues.ALL))
+    if not chosen or unknown:
+        console.print(f"[red]--queues: {', '.join(unknown) or 'none given'}: choose among {', '.join(Queues.ALL)}[/]")
+        raise typer.Exit(2)
+    if settings.embedded_qdrant and pool == "prefork" and concurrency != 1 and Queues.WRITE in chosen:
+        console.print(f"[red]prefork with more than one child needs a Qdrant server (MEMQ_QDRANT__URL) when it "
+                      f"consumes {Queues.WRITE}: the embedded store allows one owner process per folder (run the "
+                      f"model stages in prefork workers of --queues {Queues.LLM} beside one thread-pool owner).[/]")
         raise typer.Exit(2)
     if pool == "prefork" and settings.metrics.port:
         console.print("[yellow]prefork: /metrics shows the backlog gauges, but each child counts its own tasks and "

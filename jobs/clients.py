@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from typing import Literal
 
 from broker.jobstore import JobStore
 from broker.ratelimit import RateLimiter
@@ -30,8 +31,8 @@ class Clients:
         embedder: the embedder (model loaded once per process; a hosted one has its budget in the
             shared rate limiter, ``embed:<model>``), behind the process's cache of recent texts' vectors
             (``embedder.cache_texts``, `stores.embed_cache`).
-        vectors: the vector store (in embedded mode this process owns it and serves other
-            processes' reads from it).
+        vectors: the vector store (in embedded mode, role ``"owner"``: this process owns it and serves
+            other processes' reads from it; role ``"reader"``: the owner's, read through Redis).
         history: the SQL history store.
         llm: the model behind extraction and decisions.
         ledger: job records in Redis and SQL (rides out a Redis restart of up to
@@ -60,24 +61,29 @@ class Clients:
         return self.ledger.records
 
 
-_clients: dict[Settings, Clients] = {}
+_clients: dict[tuple[Settings, str], Clients] = {}
 _lock = threading.Lock()
 
 
-def build_clients(settings: Settings) -> Clients:
-    """The process-wide `Clients` for `settings` (built on first call).
+def build_clients(settings: Settings, *, role: Literal["owner", "reader"] = "owner") -> Clients:
+    """The process-wide `Clients` for `settings` and `role` (built on first call).
 
     Args:
         settings: memq settings.
+        role: how an embedded vector store (and the entity-name collection beside it) is opened
+            (`stores.vector_open.open_vector_store`): ``"owner"`` opens the folder (a worker that writes
+            memories); ``"reader"`` reads through the owner over Redis (a worker of the model stages
+            only, `workers.app.store_role`), so it never holds the folder. Same clients either way
+            with a Qdrant server.
 
     Raises:
-        StoreOwned: another process owns the embedded vector store's folder.
+        StoreOwned: role ``"owner"`` and another process owns the embedded vector store's folder.
         StoreNeedsMigration: that folder holds an older memq's store (``memq migrate-store``).
         StoreUnavailable: a store is unreachable.
         StoreError: the collection's vector size differs from the embedder's.
     """
     with _lock:
-        clients = _clients.get(settings)
+        clients = _clients.get((settings, role))
         if clients is None:
             assert settings.history.url is not None
             jobs = JobStore.from_url(settings.redis.url, ttl_s=settings.jobs.ttl_s,
@@ -95,16 +101,16 @@ def build_clients(settings: Settings) -> Clients:
             clients = Clients(
                 settings=settings,
                 embedder=embedder,
-                vectors=open_vector_store(settings.qdrant, embedder.dims, role="owner",
+                vectors=open_vector_store(settings.qdrant, embedder.dims, role=role,
                                           redis_url=settings.redis.url),
                 history=history,
                 llm=LLM(settings.llm, embedder=embedder, limiter=limiter),
                 ledger=JobLedger(jobs, RecordStore(sql_engine(settings.history.url)), history),
-                graph=open_graph_store(settings, role="owner"),
+                graph=open_graph_store(settings, role=role),
                 vision=LLM(vision_llm, limiter=limiter, budget=f"vision:{vision_llm.model}") if vision_llm else None,
                 captions=CaptionCache(jobs.client, ttl_s=settings.vision.cache_ttl_s,
                                       outage_s=settings.jobs.broker_outage_s),
                 fetch=fetch,
             )
-            _clients[settings] = clients
+            _clients[(settings, role)] = clients
         return clients

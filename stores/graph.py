@@ -466,7 +466,7 @@ class GraphStore:
         self._driver.close()
 
 
-_stores: dict[tuple[str, str, str], GraphStore] = {}
+_stores: dict[tuple[str, str, str, str], GraphStore] = {}
 _stores_lock = threading.Lock()
 
 
@@ -487,7 +487,8 @@ def open_graph_store(settings: Settings, *, role: Literal["owner", "reader"] = "
         return None
     from stores.entity_names import open_entity_names
 
-    key = (neo.uri, str(settings.qdrant.url or settings.qdrant.path), settings.qdrant.collection)
+    # the role is part of the key: a reader's entity names are the owner's, read through Redis
+    key = (neo.uri, str(settings.qdrant.url or settings.qdrant.path), settings.qdrant.collection, role)
     with _stores_lock:
         store = _stores.get(key)
         if store is None:

@@ -120,6 +120,60 @@ def test_other_processes_read_while_a_worker_ingests_and_a_second_worker_refuses
         close_vector_store(opened.vectors)  # only this folder's: the session worker's store stays open
 
 
+@requires_locomo
+@pytest.mark.faults
+@pytest.mark.timeout(400)
+def test_model_stages_scale_out_to_prefork_workers_that_read_the_store_through_its_owner(
+        own_db: str, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    env = worker_env(own_db, data)
+    model_log, owner_log = tmp_path / "model.log", tmp_path / "owner.log"
+    # Given a prefork worker (2 children) of the start and model stages only, started before any owner
+    model = start_worker(env, model_log, pool="prefork", queues="memq.light,memq.llm", concurrency=2)
+    owner = None
+    producer = Producer(_settings(data, own_db))
+    try:
+        wait_ready(model, model_log)
+        assert "no worker owns the embedded vector store" in model_log.read_text(errors="replace")
+        # And a thread-pool worker of the store writes only, which owns the folder
+        owner = start_worker(env, owner_log, queues="memq.write")
+        wait_ready(owner, owner_log)
+        # When three sessions are added, then the same three again (other idempotency keys)
+        sessions = locomo_sessions("scaled", "conv-26", 3)
+        first = producer.add_many(sessions)
+        again = producer.add_many([{**r, "idempotency_key": f"again:{r['idempotency_key']}"} for r in sessions])
+        statuses = producer.wait(first + again, timeout_s=300, poll_s=0.2)
+        # Then every job succeeds, and the second round's decisions saw the first round's memories,
+        # which the model worker's children read through the owner: nothing is added twice
+        assert [s.status for s in statuses] == [JobState.SUCCEEDED] * 6, [s.error for s in statuses]
+        added = sum(s.counts.get("ADD", 0) for s in statuses[:3])
+        assert added > 0 and sum(s.counts.get("ADD", 0) for s in statuses[3:]) == 0
+        memories = Memories(_settings(data, own_db)).get_all(user_id="scaled", limit=1000)["results"]
+        texts = [m["memory"] for m in memories]
+        assert len(texts) == len(set(texts)) == added
+        # And the model stages ran only in the model worker, the writes only in the owner
+        model_text, owner_text = model_log.read_text(errors="replace"), owner_log.read_text(errors="replace")
+        for task in ("memq.start", "memq.extract", "memq.decide"):
+            assert f"{task}[" in model_text and f"{task}[" not in owner_text, task
+        assert "memq.write_vectors[" in owner_text and "memq.write_vectors[" not in model_text
+        assert StoreOwned.__name__ not in model_text + owner_text
+    finally:
+        producer.close()
+        for proc in (model, owner):
+            if proc is not None:
+                stop_worker(proc)
+
+
+def test_worker_refuses_unknown_queues_and_a_prefork_owner_of_the_embedded_store(tmp_path: Path) -> None:
+    env = worker_env("redis://127.0.0.1:9/0", tmp_path / "data")
+    # A queue memq does not have: refused before Celery starts, naming the queues there are
+    typo = _cli(env, "worker", "--queues", "memq.llm,memq.wrte")
+    assert typo.returncode == 2 and "memq.wrte" in typo.stdout and "memq.write" in typo.stdout
+    # Prefork children would each open the embedded folder when they consume the writes
+    prefork = _cli(env, "worker", "--pool", "prefork", "--concurrency", "2", "--queues", "memq.write")
+    assert prefork.returncode == 2 and "memq.llm" in prefork.stdout
+
+
 def test_history_reads_only_sql_and_loads_no_vector_store_or_embedder(tmp_path: Path, own_db: str) -> None:
     code = ("import sys, json; from pathlib import Path; from memq.config import Settings, RedisSettings;"
             "from memories import Memories;"

@@ -5,13 +5,18 @@ worker will use (thread and solo pools; a prefork parent checks that the embedde
 free, its children open it). A worker that cannot, for instance because another process owns the
 embedded Qdrant folder, stops with an error before it takes any task: nothing else may take a job it
 cannot finish.
+
+In embedded mode the worker that consumes ``memq.write`` owns the Qdrant Edge folder; a worker of the
+other queues only (``memq worker --queues memq.llm``) reads it through that owner over Redis
+(`store_role`), so model stages scale out over more processes (and prefork children) beside the one
+owner.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from typing import Any
+from typing import Any, Literal
 
 from celery import Celery, bootsteps
 from celery._state import _set_task_join_will_block
@@ -24,7 +29,7 @@ from celery.signals import (
 )
 
 from jobs.clients import Clients, build_clients
-from memq.config import load_settings
+from memq.config import Queues, load_settings
 from memq.errors import StoreUnavailable
 
 logger = logging.getLogger(__name__)
@@ -33,9 +38,28 @@ app = Celery("memq", include=["workers.tasks"])
 app.config_from_object("celeryconfig")
 
 
+def store_role() -> Literal["owner", "reader"]:
+    """How this worker opens an embedded vector store: ``"owner"`` when it consumes ``memq.write`` (the
+    queue of the stages that write memories and entity names), else ``"reader"``: its stages (caption,
+    extract, decide; start) only read, through the owner (`stores.vector_rpc`). Decided by the queues
+    the worker was started with (``-Q``, all of them by default; in a process that runs no worker:
+    all of them, so ``"owner"``).
+
+    Returns:
+        ``"owner"`` or ``"reader"``.
+    """
+    return "owner" if Queues.WRITE in consumed_queues() else "reader"
+
+
+def consumed_queues() -> set[str]:
+    """The names of the queues this process's worker consumes (``-Q``; all of memq's by default)."""
+    return set(app.amqp.queues.consume_from) or set(Queues.ALL)
+
+
 def clients() -> Clients:
-    """This process's clients (built on first use from the environment's settings)."""
-    return build_clients(load_settings())
+    """This process's clients (built on first use from the environment's settings, in this worker's
+    `store_role`)."""
+    return build_clients(load_settings(), role=store_role())
 
 
 def _open_stores() -> Clients:
@@ -69,9 +93,11 @@ class OwnStores(bootsteps.StartStopStep):  # type: ignore[misc]
         serve_metrics()
         start_rescue()
         pool = str(getattr(worker, "pool_cls", "") or app.conf.worker_pool or "")
+        settings = load_settings()
+        if settings.embedded_qdrant and store_role() == "reader":
+            _announce_reader(settings)
         if "prefork" in pool.lower():
-            settings = load_settings()
-            if settings.embedded_qdrant:
+            if settings.embedded_qdrant and store_role() == "owner":
                 from stores.vector_open import probe_embedded_folder
 
                 probe_embedded_folder(settings.qdrant, settings.embedder.dims)
@@ -87,6 +113,30 @@ class OwnStores(bootsteps.StartStopStep):  # type: ignore[misc]
 
 
 app.steps["worker"].add(OwnStores)
+
+
+def _announce_reader(settings: Any) -> None:
+    """Log that this worker reads the embedded store through its owner, and warn when none runs yet (its
+    decide stages then retry until one does)."""
+    import redis
+
+    from stores.vector_rpc import owner_alive, store_key
+
+    key = store_key(settings.qdrant.path, settings.qdrant.collection)
+    client = redis.Redis.from_url(settings.redis.url, socket_timeout=2, socket_connect_timeout=2)
+    try:
+        alive = owner_alive(client, key)
+    except redis.RedisError:
+        alive = False
+    finally:
+        client.close()
+    if alive:
+        logger.info("queues %s: reading the embedded vector store %s through its owner",
+                    ",".join(sorted(consumed_queues())), settings.qdrant.path)
+    else:
+        logger.warning("queues %s: no worker owns the embedded vector store %s yet (start one that consumes "
+                       "%s); decide stages retry until one does", ",".join(sorted(consumed_queues())),
+                       settings.qdrant.path, Queues.WRITE)
 
 _metrics_started = False
 

@@ -25,10 +25,18 @@ def worker_env(redis_url: str, data_dir: Path, **extra: str) -> dict[str, str]:
             "MEMQ_JOBS__RETRY_BACKOFF_MAX_S": "4", **extra}
 
 
-def start_worker(env: dict[str, str], log: Path, *, pool: str = "threads") -> subprocess.Popen[bytes]:
-    """Start ``memq worker`` (its own process group) appending its output to `log`."""
-    return subprocess.Popen([sys.executable, "-m", "cli", "worker", "--pool", pool, "--concurrency",
-                             "1" if pool == "prefork" else "2", "--loglevel", "INFO"],
+def start_worker(env: dict[str, str], log: Path, *, pool: str = "threads", queues: str | None = None,
+                 concurrency: int | None = None) -> subprocess.Popen[bytes]:
+    """Start ``memq worker`` (its own process group) appending its output to `log`.
+
+    Args:
+        queues: ``--queues`` (default: every queue).
+        concurrency: ``--concurrency`` (default: 1 for prefork, else 2).
+    """
+    if concurrency is None:
+        concurrency = 1 if pool == "prefork" else 2
+    return subprocess.Popen([sys.executable, "-m", "cli", "worker", "--pool", pool, "--concurrency", str(concurrency),
+                             "--loglevel", "INFO", *(["--queues", queues] if queues else [])],
                             env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
