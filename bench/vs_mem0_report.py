@@ -228,18 +228,24 @@ def _checks(result: dict[str, Any]) -> list[str]:
                  f"that did not fail: ahead at {ahead_ok or 'none'} threads; memq failed adds: {failed} "
                  f"| {_met(not behind and not failed, len(ahead_ok) == len(memq) and not failed)} |")
     best = max(memq, key=lambda n: memq[n]["adds_per_s"])
-    goals = []
-    for n, times, what in ((8, 2, "8-thread"), (1, 10, "sequential")):
-        if n in mem0:
-            ratio = memq[best]["adds_per_s"] / mem0[n]["adds_per_s"]
-            goals.append((f"{ratio:.2f}x Mem0's {what} rate ({mem0[n]['adds_per_s']:.2f} adds/s, failed adds "
-                          f"included) against >= {times}x", ratio >= times))
-    if goals:
-        lines.append(f"| (its goal) >= 2x Mem0's 8-thread rate and >= 10x its sequential rate | memq's best, "
-                     f"{memq[best]['adds_per_s']:.2f} adds/s at {best} threads: "
-                     + "; ".join(text for text, _ in goals) + " | "
-                     + ", ".join(f"{what.split(' ')[0]}: {'yes' if ok else 'no'}" for (what, ok) in
-                                 zip(("2x 8-thread", "10x sequential"), (ok for _, ok in goals))) + " |")
+    contenders = [(f"one process, {best} threads", memq[best]["adds_per_s"])] + [
+        (f"{r['processes']} processes of {r['threads']} threads", r["adds_per_s"]) for r in result.get("scale_out") or []]
+    for label, rate in contenders[1:]:
+        if rate <= contenders[0][1]:
+            contenders.remove((label, rate))
+    contenders = contenders[:1] + sorted(contenders[1:], key=lambda c: -c[1])[:1]
+    for label, rate in contenders:
+        goals = []
+        for n, times, what in ((8, 2, "8-thread"), (1, 10, "sequential")):
+            if n in mem0:
+                ratio = rate / mem0[n]["adds_per_s"]
+                goals.append((f"{ratio:.2f}x Mem0's {what} rate ({mem0[n]['adds_per_s']:.2f} adds/s, failed adds "
+                              f"included) against >= {times}x", ratio >= times))
+        if goals:
+            lines.append(f"| (its goal) >= 2x Mem0's 8-thread rate and >= 10x its sequential rate | memq's best, "
+                         f"{label}: {rate:.2f} adds/s: " + "; ".join(text for text, _ in goals) + " | "
+                         + ", ".join(f"{what}: {'yes' if ok else 'no'}" for (what, ok) in
+                                     zip(("2x", "10x"), (ok for _, ok in goals))) + " |")
     extra = result.get("scale_out") or []
     if extra:
         n = extra[0]["threads"]
