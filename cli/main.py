@@ -77,7 +77,7 @@ def worker(
     if pool == "prefork" and settings.metrics.port:
         console.print("[yellow]prefork: /metrics shows the backlog gauges, but each child counts its own tasks and "
                       "model calls where no scrape reaches them; use the thread pool to see those counters[/]")
-    argv = [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", queues, "-P", pool,
+    argv = [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", ",".join(sorted(chosen)), "-P", pool,
             "-c", str(concurrency), "--loglevel", loglevel, "-E", "-n", name or f"memq-{os.getpid()}@%h"]
     os.execv(sys.executable, argv)
 

@@ -34,7 +34,7 @@ from pydantic import BaseModel
 from broker.messages import Next
 from jobs.clients import Clients
 from jobs.transitions import Advance, Deferred, Finished, Joined, Retry, Skip, Transition
-from memq.errors import NotNow, RateLimitBudgetExceeded, RateLimited, StageBusy, StoreUnavailable
+from memq.errors import NoStoreOwner, NotNow, RateLimitBudgetExceeded, RateLimited, StageBusy, StoreUnavailable
 from memq.models import AddJob, JobState, Relation
 from pipeline import apply, caption as caption_stage, decide as decide_stage, extract as extract_stage
 from pipeline import edit as edit_stage, finalize as finalize_stage, graph_plan, packed, retrieve
@@ -53,6 +53,11 @@ WRITES = ("write_vectors", "write_graph")
 
 BUSY_WAIT_S = 2.0
 """Seconds a duplicate delivery waits while another delivery computes the same stage."""
+
+OWNER_WAIT_S = 2.0
+"""Seconds before a stage of a reader worker (one that does not own the embedded vector store,
+`workers.app.store_role`) runs again when no owner is running (`NoStoreOwner`): it waits for the owner
+without counting an attempt, so an owner's restart, however long, fails no job."""
 
 SCOPE_WAIT_BASE_S = 1.0
 """Backstop wait (seconds) of a decide waiting for its scope's turn, per job ahead of it in the scope;
@@ -341,8 +346,11 @@ def _graph_context(c: Clients, job: AddJob, facts: ExtractedFacts) -> tuple[list
     try:
         relations = c.graph.relations_of(job.scope, sorted(names))
         embedded = c.graph.embedded_keys(job.scope, sorted(names))
-    except StoreUnavailable:
-        logger.warning("job %s: Neo4j unreachable while deciding; no relation can be invalidated", job.job_id)
+    except NoStoreOwner:
+        raise  # a reader worker with no owner running: the whole decide waits for it (workers.tasks)
+    except StoreUnavailable as exc:
+        logger.warning("job %s: the graph store (Neo4j or its entity names) unreachable while deciding (%s); no "
+                       "relation can be invalidated", job.job_id, type(exc).__name__)
         return [], names
     return relations, {k: n for k, n in names.items() if k not in embedded}
 

@@ -4,7 +4,8 @@
 - Embedded (no URL), role ``"owner"`` (the worker): this process opens the Edge folder and owns it
   (`stores.edge.open_edge`; refused with `StoreOwned` when another process does) and, given a Redis
   URL, serves other processes' reads from it (`stores.vector_rpc.VectorServer`).
-- Embedded, role ``"reader"`` (`memories.Memories`, ``memq search``): the store this process owns if
+- Embedded, role ``"reader"`` (`memories.Memories`, ``memq search``, a worker that does not consume
+  ``memq.write``, `workers.app.store_role`): the store this process owns if
   it owns one, else the owner's through Redis (`stores.vector_rpc.RemoteVectorStore`). With
   ``own_if_free`` a reader that finds no owner opens the folder itself (a short-lived CLI command).
 

@@ -157,6 +157,21 @@ def test_model_stages_scale_out_to_prefork_workers_that_read_the_store_through_i
             assert f"{task}[" in model_text and f"{task}[" not in owner_text, task
         assert "memq.write_vectors[" in owner_text and "memq.write_vectors[" not in model_text
         assert StoreOwned.__name__ not in model_text + owner_text
+        # When the owner stops and a job is added meanwhile
+        stop_worker(owner)
+        owner = None
+        late = producer.add_many(locomo_sessions("scaled", "conv-26", 4)[3:])
+        # Then it waits in decide for the owner, longer than its five attempts would last (backoff capped
+        # at 4 s here), without failing
+        until(lambda: "waits for the embedded vector store's owner" in model_log.read_text(errors="replace"),
+              120, "the decide stage to wait for the owner")
+        time.sleep(25)
+        assert not producer.wait(late, timeout_s=0)[0].done
+        # And it succeeds once an owner is back
+        owner = start_worker(env, owner_log, queues="memq.write")
+        wait_ready(owner, owner_log)
+        [status] = producer.wait(late, timeout_s=180, poll_s=0.2)
+        assert status.status is JobState.SUCCEEDED and status.counts.get("ADD", 0) > 0, status.error
     finally:
         producer.close()
         for proc in (model, owner):

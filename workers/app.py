@@ -1,8 +1,8 @@
 """The Celery app of memq workers: configured from `celeryconfig`, stores opened before consuming.
 
 `OwnStores` is a worker boot step that runs before the consumer starts: it opens every store the
-worker will use (thread and solo pools; a prefork parent checks that the embedded Qdrant folder is
-free, its children open it). A worker that cannot, for instance because another process owns the
+worker will use (thread and solo pools; a prefork parent that will own the embedded Qdrant folder
+checks that it is free, its children open it). A worker that cannot, for instance because another process owns the
 embedded Qdrant folder, stops with an error before it takes any task: nothing else may take a job it
 cannot finish.
 
@@ -38,17 +38,27 @@ app = Celery("memq", include=["workers.tasks"])
 app.config_from_object("celeryconfig")
 
 
+_role: Literal["owner", "reader"] | None = None
+
+
 def store_role() -> Literal["owner", "reader"]:
     """How this worker opens an embedded vector store: ``"owner"`` when it consumes ``memq.write`` (the
-    queue of the stages that write memories and entity names), else ``"reader"``: its stages (caption,
-    extract, decide; start) only read, through the owner (`stores.vector_rpc`). Decided by the queues
-    the worker was started with (``-Q``, all of them by default; in a process that runs no worker:
-    all of them, so ``"owner"``).
+    queue of the stages that write memories and entity names), else ``"reader"``: its stages (start,
+    caption, extract, decide) read the store through the owner (`stores.vector_rpc`; the only write a
+    reader may send it is the one-off move of name embeddings an older memq kept in Neo4j,
+    `stores.graph.GraphStore.ensure_schema`). Decided once per process, from the queues the worker was
+    started with (``-Q``, all of them by default; in a process that runs no worker: all of them, so
+    ``"owner"``): a queue added or cancelled later at run time (Flower, ``celery control``) does not
+    change it. Prefork children forked from the worker inherit its ``-Q`` selection (Linux's default
+    start method; children started by spawn would see every queue and take the owner's role).
 
     Returns:
         ``"owner"`` or ``"reader"``.
     """
-    return "owner" if Queues.WRITE in consumed_queues() else "reader"
+    global _role
+    if _role is None:
+        _role = "owner" if Queues.WRITE in consumed_queues() else "reader"
+    return _role
 
 
 def consumed_queues() -> set[str]:
@@ -63,13 +73,15 @@ def clients() -> Clients:
 
 
 def _open_stores() -> Clients:
-    """Build the clients and create the graph schema (idempotent); Neo4j being down only delays it."""
+    """Build the clients and create the graph schema (idempotent); the graph store being unreachable
+    (Neo4j, or the embedded store's owner for a reader's entity names) only delays it."""
     c = clients()
     if c.graph is not None:
         try:
             c.graph.ensure_schema()
-        except StoreUnavailable:
-            logger.warning("Neo4j unreachable at start-up; its schema is created on first use")
+        except StoreUnavailable as exc:
+            logger.warning("graph store unreachable at start-up (%s); its schema is created on first use",
+                           type(exc).__name__)
     return c
 
 
@@ -82,10 +94,11 @@ class OwnStores(bootsteps.StartStopStep):  # type: ignore[misc]
     requires = {"celery.worker.components:Pool"}
 
     def start(self, worker: Any) -> None:
-        """Open the stores (or, for a prefork parent, check the embedded folder is free).
+        """Open the stores (or, for a prefork parent, check the embedded folder is free when the worker
+        will own it; a reader worker only says whether an owner runs).
 
         Raises:
-            StoreOwned: another process owns the embedded vector store's folder.
+            StoreOwned: this worker would own the embedded vector store's folder and another process does.
             StoreNeedsMigration: that folder holds an older memq's store.
             StoreUnavailable: a store cannot be opened.
         """
@@ -117,7 +130,7 @@ app.steps["worker"].add(OwnStores)
 
 def _announce_reader(settings: Any) -> None:
     """Log that this worker reads the embedded store through its owner, and warn when none runs yet (its
-    decide stages then retry until one does)."""
+    decide stages then wait for one, `jobs.add.OWNER_WAIT_S`)."""
     import redis
 
     from stores.vector_rpc import owner_alive, store_key
@@ -135,7 +148,7 @@ def _announce_reader(settings: Any) -> None:
                     ",".join(sorted(consumed_queues())), settings.qdrant.path)
     else:
         logger.warning("queues %s: no worker owns the embedded vector store %s yet (start one that consumes "
-                       "%s); decide stages retry until one does", ",".join(sorted(consumed_queues())),
+                       "%s); decide stages wait for one", ",".join(sorted(consumed_queues())),
                        settings.qdrant.path, Queues.WRITE)
 
 _metrics_started = False

@@ -38,6 +38,7 @@ from memq.errors import (
     BrokerUnavailable,
     JobFailed,
     LLMUnavailable,
+    NoStoreOwner,
     NotNow,
     PipelineError,
     StoreUnavailable,
@@ -84,6 +85,9 @@ class StageTask(Task):  # type: ignore[misc]
                 raise
             except NotNow as exc:  # RateLimited (the limiter, the provider's 429), StageBusy
                 change = add.not_now(job_id, c, self.name, exc, attempt=attempt)
+            except NoStoreOwner:  # a reader worker while no worker owns the embedded store: wait for one
+                logger.info("job %s: %s waits for the embedded vector store's owner", job_id, self.name)
+                change = add.requeue(self.name, add.OWNER_WAIT_S, attempt=attempt)
             except TransientError as exc:
                 change = self._retry_or_fail(job_id, c, exc, attempt)
             except Exception as exc:  # noqa: BLE001  (anything else fails the job, never silently)
@@ -184,7 +188,8 @@ def outcome_label(change: Transition, committed: str) -> str:
         case Joined():
             return f"done: {change.write}"
         case Retry() if change.error is None:
-            return f"waiting {change.step.countdown_s:.1f} s (no rate-limit budget yet, or another delivery computing)"
+            return (f"waiting {change.step.countdown_s:.1f} s (no rate-limit budget yet, another delivery computing, "
+                    "or no owner of the embedded store running)")
         case Retry():
             return f"retry {change.step.retries} in {change.step.countdown_s:.1f} s: {type(change.error).__name__}"
         case Finished():
