@@ -203,7 +203,8 @@ def test_child_embedding_processes_end_when_their_parent_is_killed(tmp_path: Any
         "from stores.embedder import SentenceTransformerEmbedder\n"
         "e = SentenceTransformerEmbedder(threads=1, passes=2, processes=True)\n"
         "e.embed(['a', 'b'])\n"
-        "import time; time.sleep(1)\n"
+        "import time; deadline = time.monotonic() + 120\n"  # both children loaded (slow on a busy machine)
+        "while len(e._children._idle.queue) < 2 and time.monotonic() < deadline: time.sleep(0.1)\n"
         "print(' '.join(str(p.pid) for p, _ in list(e._children._idle.queue)), flush=True)\n"
         "os.kill(os.getpid(), signal.SIGKILL)\n")
     # Given a process whose embedder runs two children, killed by SIGKILL (no cleanup runs)
