@@ -122,7 +122,8 @@ def run_checks(settings: Settings) -> list[Check]:
 
 def _vector_fix(settings: Settings) -> str:
     if settings.embedded_qdrant:
-        return "start a worker (memq worker): it owns the embedded store and serves other processes' reads"
+        return ("start a worker that consumes memq.write (memq worker, every queue by default): it owns the "
+                "embedded store and serves other processes' reads")
     return f"start the Qdrant server at {_redact(settings.qdrant.url or '')} or fix MEMQ_QDRANT__URL"
 
 

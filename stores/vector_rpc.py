@@ -219,8 +219,9 @@ class RemoteVectorStore(VectorStore):
         except redis.RedisError as exc:
             raise StoreUnavailable(f"Redis unreachable asking the vector store's owner: {type(exc).__name__}") from None
         if not alive:
-            raise NoStoreOwner(f"no process owns the embedded vector store {self.folder}: start a worker "
-                               "(memq worker) to read through it, or stop using the folder elsewhere")
+            raise NoStoreOwner(f"no process owns the embedded vector store {self.folder}: start a worker that "
+                               "consumes memq.write (memq worker) to read through it, or stop using the folder "
+                               "elsewhere")
         if popped is None:
             raise StoreUnavailable(f"the owner of the embedded vector store {self.folder} did not answer "
                                    f"within {self.timeout_s:g} s")
