@@ -25,7 +25,8 @@ from stores.vectors import VectorStore
 if TYPE_CHECKING:
     from stores.vector_rpc import VectorServer
 
-__all__ = ["open_vector_store", "close_vector_store", "close_vector_stores", "probe_embedded_folder"]
+__all__ = ["open_vector_store", "close_vector_store", "close_vector_stores", "probe_embedded_folder",
+           "owner_running"]
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ def open_vector_store(settings: QdrantSettings, dims: int, *, role: Literal["own
             from stores.qdrant import connect_server
 
             store = connect_server(settings, dims)
-        elif role == "reader" and not (own_if_free and _no_owner(settings, redis_url)):
+        elif role == "reader" and not (own_if_free and not owner_running(settings, redis_url)):
             if redis_url is None:
                 raise StoreUnavailable("this process does not own the embedded vector store and has no Redis "
                                        "to ask its owner through")
@@ -85,9 +86,11 @@ def open_vector_store(settings: QdrantSettings, dims: int, *, role: Literal["own
         return store
 
 
-def _no_owner(settings: QdrantSettings, redis_url: str | None) -> bool:
+def owner_running(settings: QdrantSettings, redis_url: str | None) -> bool:
+    """Whether a live process owns the embedded store of `settings` and serves reads through `redis_url`
+    (False with no Redis, or a Redis that is down: nobody can be serving through it)."""
     if redis_url is None:
-        return True
+        return False
     import redis
 
     from stores.vector_rpc import owner_alive, store_key
@@ -95,9 +98,9 @@ def _no_owner(settings: QdrantSettings, redis_url: str | None) -> bool:
     assert settings.path is not None
     client = redis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
     try:
-        return not owner_alive(client, store_key(settings.path, settings.collection))
+        return owner_alive(client, store_key(settings.path, settings.collection))
     except redis.RedisError:
-        return True  # nobody can be serving through a Redis that is down
+        return False  # nobody can be serving through a Redis that is down
     finally:
         client.close()
 

@@ -2,9 +2,9 @@
 
 `OwnStores` is a worker boot step that runs before the consumer starts: it opens every store the
 worker will use (thread and solo pools; a prefork parent that will own the embedded Qdrant folder
-checks that it is free, its children open it). A worker that cannot, for instance because another process owns the
-embedded Qdrant folder, stops with an error before it takes any task: nothing else may take a job it
-cannot finish.
+checks that it is free, its children open it). A worker that cannot, for instance because another
+process owns the embedded Qdrant folder, stops with an error before it takes any task: nothing else
+may take a job it cannot finish.
 
 In embedded mode the worker that consumes ``memq.write`` owns the Qdrant Edge folder; a worker of the
 other queues only (``memq worker --queues memq.llm``) reads it through that owner over Redis
@@ -29,7 +29,7 @@ from celery.signals import (
 )
 
 from jobs.clients import Clients, build_clients
-from memq.config import Queues, load_settings
+from memq.config import Queues, Settings, load_settings
 from memq.errors import StoreUnavailable
 
 logger = logging.getLogger(__name__)
@@ -128,28 +128,19 @@ class OwnStores(bootsteps.StartStopStep):  # type: ignore[misc]
 app.steps["worker"].add(OwnStores)
 
 
-def _announce_reader(settings: Any) -> None:
+def _announce_reader(settings: Settings) -> None:
     """Log that this worker reads the embedded store through its owner, and warn when none runs yet (its
     decide stages then wait for one, `jobs.add.OWNER_WAIT_S`)."""
-    import redis
+    from stores.vector_open import owner_running
 
-    from stores.vector_rpc import owner_alive, store_key
-
-    key = store_key(settings.qdrant.path, settings.qdrant.collection)
-    client = redis.Redis.from_url(settings.redis.url, socket_timeout=2, socket_connect_timeout=2)
-    try:
-        alive = owner_alive(client, key)
-    except redis.RedisError:
-        alive = False
-    finally:
-        client.close()
-    if alive:
+    if owner_running(settings.qdrant, settings.redis.url):
         logger.info("queues %s: reading the embedded vector store %s through its owner",
                     ",".join(sorted(consumed_queues())), settings.qdrant.path)
     else:
         logger.warning("queues %s: no worker owns the embedded vector store %s yet (start one that consumes "
                        "%s); decide stages wait for one", ",".join(sorted(consumed_queues())),
                        settings.qdrant.path, Queues.WRITE)
+
 
 _metrics_started = False
 
