@@ -384,3 +384,90 @@ def test_name_embeddings_an_earlier_memq_kept_on_nodes_move_to_the_entity_collec
     assert graph.search(Scope(user_id=user_id + "-x"), [0.1, 0.9] + [0.0] * 382, "ana porto") == []
     # and running it again moves nothing
     assert graph.move_name_embeddings() == 0
+
+
+class _Noting:
+    """The real Neo4j driver, noting every query a `GraphStore` sends through it (to EXPLAIN them after)."""
+
+    def __init__(self, driver: Any) -> None:
+        self.driver = driver
+        self.sent: list[tuple[str, dict[str, Any]]] = []
+
+    def execute_query(self, query: str, params: dict[str, Any] | None = None, **options: Any) -> Any:
+        self.sent.append((query, dict(params or {})))
+        return self.driver.execute_query(query, params, **options)
+
+    def session(self, **options: Any) -> Any:
+        noting, real = self, self.driver.session(**options)
+
+        class Session:
+            def __enter__(self) -> Any:
+                real.__enter__()
+                return self
+
+            def __exit__(self, *exc: Any) -> Any:
+                return real.__exit__(*exc)
+
+            def run(self, query: str, **params: Any) -> Any:
+                noting.sent.append((query, params))
+                return real.run(query, **params)
+
+        return Session()
+
+
+SCANS = ("AllNodesScan", "NodeByLabelScan", "NodeIndexScan", "UnionNodeByLabelsScan")
+"""Plan operators that read every tenant's entities (a whole label, index or node store). A relation's MERGE
+between two found ends is left out: Neo4j plans it as a scan of every relationship while a graph holds few."""
+
+
+@pytest.mark.timeout(240)
+def test_no_query_of_a_job_or_a_search_reads_other_tenants_entities(graph: Any, user_id: str) -> None:
+    import uuid
+    from datetime import datetime, timezone
+
+    from memq.models import Relation
+    from stores.graph import EntityWrite, GraphStore, GraphWrite
+
+    def rel(source: str, kind: str, destination: str, memory: str) -> Relation:
+        return Relation(rid=str(uuid.uuid4()), source=source, relationship=kind, destination=destination,
+                        memory_ids=[memory])
+
+    vector = [0.5] * 384
+    entities = [EntityWrite(k, k.title(), "thing", vector) for k in ("ana", "lisbon", "porto", "chess")]
+    # Given other tenants' graphs beside this one's
+    for n in range(4):
+        graph.write(GraphWrite(job_id=str(uuid.uuid4()), scope=Scope(user_id=f"{user_id}-other-{n}"),
+                               when=datetime.now(timezone.utc), entities=entities,
+                               relations=[rel("ana", "LIVES_IN", "lisbon", "m"), rel("ana", "PLAYS", "chess", "m")]))
+    # When a store sends every query a job, a search and a deletion send (schema and the one-off moves aside)
+    store = GraphStore(_Noting(graph._driver), graph.names, graph._database)
+    store._ready = True
+    scope, gone = Scope(user_id=user_id, agent_id="bot"), str(uuid.uuid4())
+    lives, plays = rel("ana", "LIVES_IN", "lisbon", "kept"), rel("ana", "PLAYS", "chess", gone)
+    store.write(GraphWrite(job_id=str(uuid.uuid4()), scope=scope, when=datetime.now(timezone.utc),
+                           entities=entities, relations=[lives, plays]))
+    store.write(GraphWrite(job_id=str(uuid.uuid4()), scope=scope, when=datetime.now(timezone.utc),
+                           entities=entities[:3], relations=[rel("ana", "LIVES_IN", "porto", "new")],
+                           invalidated=[lives], deleted_memory_ids=[gone]))
+    store.relations_of(scope, ["ana", "porto"])
+    store.search(scope, vector, "where does ana live")
+    store.search(Scope(user_id=user_id), vector, "porto")
+    store.all_relations(scope, include_invalid=True)
+    store.relations(Scope(agent_id="bot"))
+    store.entities(scope)
+    store.forget_memories(scope, ["new"])
+    store.delete_scope(scope)
+    sent = store._driver.sent
+    assert len(sent) == 10
+    # Then Neo4j finds their entities by seeks of the scope's keys, never reading every tenant's entities
+    # (a whole index or label): on a graph this small its planner would scan an index without the hints
+    for query, params in sent:
+        plan = graph._driver.execute_query("EXPLAIN " + query, params).summary.plan
+        operators, todo = [], [plan]
+        while todo:
+            step = todo.pop()
+            operators.append(step["operatorType"])
+            todo.extend(step.get("children", []))
+        assert not [o for o in operators if o.split("@")[0].endswith(SCANS)], (query, operators)
+    # and the deletion took this scope only
+    assert graph.all_relations(Scope(user_id=f"{user_id}-other-0"), include_invalid=True) and not graph.entities(scope)
