@@ -222,28 +222,40 @@ def _decided(c: Clients, job: AddJob) -> Plan:
 
 
 def write_vectors(job_id: str, c: Clients) -> Transition:
-    """Apply the plan to Qdrant (idempotent upserts and deletes, only in the job's exact scope).
+    """Apply the plan to Qdrant (idempotent upserts and deletes, only in the job's exact scope), and its
+    entity-name points to the entity-name collection with graph memory on.
 
     Raises:
         StoreUnavailable: Qdrant is unreachable (retried; the job is ``partial`` meanwhile).
     """
-    return _write(job_id, c, "write_vectors", lambda job, plan: apply.write_vectors(job, plan, c.vectors))
+    return _write(job_id, c, "write_vectors",
+                  lambda job, plan: apply.write_vectors(job, plan, c.vectors, c.graph, c.embedder))
 
 
 def write_graph(job_id: str, c: Clients) -> Transition:
-    """Apply the plan's graph change to Neo4j (skipped while graph memory is off).
+    """Apply the plan's graph change to Neo4j (skipped while graph memory is off); the entity-name points
+    are the vector write's.
 
     Raises:
         StoreUnavailable: Neo4j is unreachable (retried; once the vectors are in, the job is
             ``partial`` with its memories published, and its scope moves on).
     """
-    return _write(job_id, c, "write_graph", lambda job, plan: apply.write_graph(job, plan, c.graph, c.embedder))
+    return _write(job_id, c, "write_graph", lambda job, plan: apply.write_graph(job, plan, c.graph))
 
 
 def finalize(job_id: str, c: Clients) -> Transition:
-    """History rows, the job's result in Mem0's shape, status ``succeeded``; its scope moves on."""
+    """The name points of entities the graph write's forgetting deleted go (now that the vector write,
+    which writes name points, has landed too); then history rows, the job's result in Mem0's shape,
+    status ``succeeded``; its scope moves on.
+
+    Raises:
+        StoreUnavailable: the vector store is unreachable (retried).
+    """
     if c.ledger.meta(job_id).finished:
         return Skip("finished")
+    graph = c.ledger.output(job_id, "write_graph", WriteResult)
+    if graph is not None and graph.forgotten_entities and c.graph is not None:
+        c.graph.names.delete(c.ledger.job(job_id).scope, graph.forgotten_entities)
     return _published(job_id, c, JobState.SUCCEEDED)
 
 

@@ -25,7 +25,7 @@ RELATION_ID_NAMESPACE = uuid.UUID("3b1f7c2e-5a94-4d8e-8f61-0e9c2d7b4a15")
 
 def graph_names(extracted: ExtractedFacts) -> dict[str, str]:
     """Entity key -> the name the job's graph plan gives it (its first entity's, else its first relation
-    end's), for every entity a job mentions: the names whose embeddings the graph write needs."""
+    end's), for every entity a job mentions: the names whose embeddings its entity-name points need."""
     names: dict[str, str] = {}
     for e in extracted.entities:
         if entity_key(e.name):

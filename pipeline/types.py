@@ -171,3 +171,6 @@ class WriteResult(_Stage):
     deleted: int = 0
     skipped: bool = False
     duration_ms: float = 0.0
+    names: int = Field(default=0, description="Entity-name points written (the vector write, graph memory on).")
+    forgotten_entities: list[str] = Field(default_factory=list, description="Keys of the entities the graph "
+                                          "write's forgetting deleted: finalize removes their name points.")

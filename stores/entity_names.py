@@ -15,6 +15,9 @@ embedded once per scope and a retried write rewrites the same point. Its payload
 (`stores.vectors.MemoryPoint`): ``data`` = the display name, the scope ids, ``created_at``, ``job_id``
 and ``entity_key`` (the normalized name the Neo4j node is merged on). Reads filter by scope exactly as
 memory reads do, so one tenant's names never answer another's query.
+
+In the pipeline the job's vector write writes its name points (`pipeline.apply.write_vectors`), the
+graph write only Neo4j, and finalize removes the points of entities the graph write deleted.
 """
 
 from __future__ import annotations

@@ -114,6 +114,12 @@ class GraphWrite:
     deleted_memory_ids: Sequence[str] = field(default_factory=tuple)
 
 
+def _check_types(change: GraphWrite) -> None:
+    types = {r.relationship: relationship_type(r.relationship) for r in change.relations}
+    if any(t != raw for raw, t in types.items()):
+        raise InvalidRelationshipType("relation types must be normalized before the write")
+
+
 @contextmanager
 def _mapped(what: str) -> Iterator[None]:
     try:
@@ -289,40 +295,45 @@ class GraphStore:
             moved += len(rows)
 
     def write(self, change: GraphWrite, embed: Callable[[list[str]], list[list[float]]] | None = None) -> None:
-        """Apply one job's graph change: the name embeddings it carries go to the entity-name collection,
-        then one auto-commit Neo4j query (one transaction, one Bolt round trip) merges its entities, merges
-        its relations of every type, invalidates contradicted relations (found from their source entity by
-        key) and forgets deleted memories (checking only the endpoints of the relations it deletes for
-        entities left bare); the name embeddings of entities that forgetting deleted go last.
-        MERGE-based and keyed points: running it twice changes nothing, and a job is counted once in
-        ``mentions``.
+        """Apply one job's graph change whole: its name embeddings (`write_names`), then its entities and
+        relations in Neo4j (`merge_change`), then the removal of the name embeddings of entities that
+        forgetting deleted. The pipeline runs the halves in its two store writes instead (the names with
+        the vectors, Neo4j alone in the graph write) and removes the names when both have landed.
+
+        Args:
+            change: the job's graph change.
+            embed: embeds entity names without an embedding (see `write_names`).
+
+        Raises:
+            InvalidRelationshipType, ValueError, StoreUnavailable, StoreError, LLMUnavailable: see
+                `write_names` and `merge_change`.
+        """
+        _check_types(change)  # before anything is written
+        self.write_names(change, embed)
+        self.names.delete(change.scope, self.merge_change(change))
+
+    def write_names(self, change: GraphWrite, embed: Callable[[list[str]], list[list[float]]] | None = None) -> int:
+        """The vector-store half of a job's graph change: upsert the name embeddings it carries into the
+        entity-name collection, and embed (one batch) the names the plan took for embedded that are not
+        (checked by one read by id; rare). Touches no Neo4j. Idempotent (keyed points).
 
         Args:
             change: the job's graph change. An entity's embedding is None when the decide stage found its
                 key already embedded in the scope (the key is the normalized name, so it would not change).
             embed: embeds entity names; used only for entities that are without an embedding in the
-                collection too (a plan made before the name was known, or without embeddings): one batch.
+                collection too (a plan made before the name was known, or without embeddings).
+
+        Returns:
+            How many name points were written.
 
         Raises:
-            InvalidRelationshipType: a relation's type is not normalized (checked before any write).
-            ValueError: an entity needs an embedding and `embed` is None.
-            StoreUnavailable: Neo4j or the vector store is unreachable (retryable).
-            StoreError: a permanent failure.
+            ValueError: an entity needs an embedding and `embed` is None (before any write).
+            StoreUnavailable: the vector store is unreachable (retryable).
             LLMUnavailable: a remote embedder is unavailable (retryable).
         """
-        types = {r.relationship: relationship_type(r.relationship) for r in change.relations}
-        if any(t != raw for raw, t in types.items()):
-            raise InvalidRelationshipType("relation types must be normalized before the write")
-        self.ensure_schema()
-        params = {**_scope_params(change.scope), "job_id": change.job_id, "when": change.when.isoformat()}
-        rows = [{"rid": r.rid, "source": r.source, "destination": r.destination, "type": r.relationship,
-                 "memory_ids": list(r.memory_ids)} for r in change.relations]
-        entities = [{"key": e.key, "name": e.name, "entity_type": e.entity_type} for e in change.entities]
-        invalid = [{"rid": r.rid, "source": entity_key(r.source)} for r in change.invalidated if r.rid]
-
         given = {e.key: (e.key, e.name, e.embedding) for e in change.entities if e.embedding is not None}
         bare = {e.key: e.name for e in change.entities if e.embedding is None and e.key not in given}
-        if bare:  # names the plan took for embedded: check (one read by id), embed those that are not (rare)
+        if bare:
             embedded = self.names.embedded(change.scope, list(bare))
             missing = [k for k in bare if k not in embedded]
             if missing:
@@ -330,12 +341,35 @@ class GraphStore:
                     raise ValueError("entities without an embedding need an embed function")
                 given.update({k: (k, bare[k], v) for k, v in zip(missing, embed([bare[k] for k in missing]))})
         self.names.upsert(change.scope, list(given.values()), when=change.when, job_id=change.job_id)
+        return len(given)
+
+    def merge_change(self, change: GraphWrite) -> list[str]:
+        """The Neo4j half of a job's graph change: one auto-commit query (one transaction, one Bolt round
+        trip) merges its entities, merges its relations of every type, invalidates contradicted relations
+        (found from their source entity by key) and forgets deleted memories (checking only the endpoints
+        of the relations it deletes for entities left bare). Touches no vector store. MERGE-based: running
+        it twice changes nothing, and a job is counted once in ``mentions``.
+
+        Returns:
+            The keys of the entities forgetting deleted (their name embeddings are the caller's to remove).
+
+        Raises:
+            InvalidRelationshipType: a relation's type is not normalized (checked before any write).
+            StoreUnavailable: Neo4j is unreachable (retryable).
+            StoreError: a permanent failure.
+        """
+        _check_types(change)
+        self.ensure_schema()
+        params = {**_scope_params(change.scope), "job_id": change.job_id, "when": change.when.isoformat()}
+        rows = [{"rid": r.rid, "source": r.source, "destination": r.destination, "type": r.relationship,
+                 "memory_ids": list(r.memory_ids)} for r in change.relations]
+        entities = [{"key": e.key, "name": e.name, "entity_type": e.entity_type} for e in change.entities]
+        invalid = [{"rid": r.rid, "source": entity_key(r.source)} for r in change.invalidated if r.rid]
         with _mapped("write"), self._driver.session(database=self._database) as session:
             # one auto-commit query: one round trip, one transaction
-            gone = [k for r in session.run(_WRITE, entities=entities, rows=rows, invalid=invalid,
+            return [k for r in session.run(_WRITE, entities=entities, rows=rows, invalid=invalid,
                                            ids=list(change.deleted_memory_ids), recent=RECENT_JOBS, **params)
                     for k in r["gone"]]
-        self.names.delete(change.scope, gone)
 
     def embedded_keys(self, scope: Scope, keys: Sequence[str]) -> set[str]:
         """Which of the entity `keys` have a name embedding in exactly this scope (the decide stage embeds

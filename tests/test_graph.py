@@ -121,9 +121,12 @@ def test_deleting_a_memory_leaves_no_orphaned_entity_or_relation(producer: Any, 
     llm_server.script(_graph_reply(["Ann has a cat named Pixel"], [("Ann", "person"), ("Pixel", "cat")],
                                    [("Ann", "HAS_PET", "Pixel")]))
     status = wait_done(producer, producer.add("My cat is Pixel.", user_id=user_id))
+    assert graph.embedded_keys(Scope(user_id=user_id), ["ann", "pixel"]) == {"ann", "pixel"}
     assert client.delete(status.results[0].id, user_id=user_id) == {"message": "Memory deleted successfully!"}
     assert graph.all_relations(Scope(user_id=user_id), include_invalid=True) == []
     assert graph.entities(Scope(user_id=user_id)) == []
+    # and the entities' name points went too (finalize removes those of entities the graph write deleted)
+    assert graph.embedded_keys(Scope(user_id=user_id), ["ann", "pixel"]) == set()
 
 
 def test_a_retried_graph_write_leaves_the_same_graph(producer: Any, graph: Any, user_id: str,
@@ -141,8 +144,8 @@ def test_a_retried_graph_write_leaves_the_same_graph(producer: Any, graph: Any, 
     c = build_clients(producer.settings)
     job, plan = c.ledger.job(receipt.job_id), c.ledger.output(receipt.job_id, "decide", Plan)
     assert plan is not None
-    write_graph(job, plan, graph, c.embedder)
-    write_graph(job, plan, graph, c.embedder)
+    write_graph(job, plan, graph)
+    write_graph(job, plan, graph)
     # Then nothing changed: same nodes, same relations, mention counts not inflated
     assert (_everything(graph), graph.entities(Scope(user_id=user_id))) == before
     assert all(e["mentions"] == 1 for e in before[1])
@@ -163,6 +166,8 @@ def test_neo4j_stopped_mid_job_gives_a_partial_job_that_completes_when_it_return
         status = producer.wait_for(receipt, lambda s: s.status is JobState.PARTIAL and bool(s.results), timeout_s=90)
         assert status.status is JobState.PARTIAL and status.error_type == "StoreUnavailable", status
         assert memories.get(status.results[0].id, user_id=user_id) is not None
+        # and so are the entities' name points: the vector write holds them and needs no Neo4j
+        assert graph.embedded_keys(Scope(user_id=user_id), ["ann", "choir"]) == {"ann", "choir"}
     finally:
         # When Neo4j comes back
         neo4j_server.start()
