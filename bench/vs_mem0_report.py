@@ -490,7 +490,7 @@ def write_report(result: dict[str, Any], doc: Path) -> None:
             out += [f"In the pipeline the two writes of a job run at once, beside other jobs' stages, and Qdrant Edge "
                     "holds the GIL during its calls, so the graph write's time there includes waiting for the vector "
                     "write and for the other stages. Replayed afterwards one at a time, each job's plan into a fresh "
-                    f"scope (graph) and a fresh Edge store (vectors), {graph.get('replay_writes', 19)} "
+                    f"scope (graph) and a fresh Edge store (vectors), {graph.get('replay_writes', graph['adds'])} "
                     f"writes of each: graph write p50 {graph['replay_graph_write_ms_p50']} "
                     f"ms, vector write p50 {graph['replay_vector_write_ms_p50']} ms, "
                     f"{graph['replay_graph_vs_vector_write']}x. Each write is one store's: the vector write holds the "

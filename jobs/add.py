@@ -34,7 +34,8 @@ from pydantic import BaseModel
 from broker.messages import Next
 from jobs.clients import Clients
 from jobs.transitions import Advance, Deferred, Finished, Joined, Retry, Skip, Transition
-from memq.errors import NoStoreOwner, NotNow, RateLimitBudgetExceeded, RateLimited, StageBusy, StoreUnavailable
+from memq.errors import (NoStoreOwner, NotNow, RateLimitBudgetExceeded, RateLimited, StageBusy, StoreError,
+                         StoreUnavailable)
 from memq.models import AddJob, JobState, Relation
 from pipeline import apply, caption as caption_stage, decide as decide_stage, extract as extract_stage
 from pipeline import edit as edit_stage, finalize as finalize_stage, graph_plan, packed, retrieve
@@ -227,6 +228,8 @@ def write_vectors(job_id: str, c: Clients) -> Transition:
 
     Raises:
         StoreUnavailable: Qdrant is unreachable (retried; the job is ``partial`` meanwhile).
+        LLMUnavailable: a hosted embedder is unavailable for a name the plan took for embedded that is
+            not (rare; retried).
     """
     return _write(job_id, c, "write_vectors",
                   lambda job, plan: apply.write_vectors(job, plan, c.vectors, c.graph, c.embedder))
@@ -244,19 +247,29 @@ def write_graph(job_id: str, c: Clients) -> Transition:
 
 
 def finalize(job_id: str, c: Clients) -> Transition:
-    """The name points of entities the graph write's forgetting deleted go (now that the vector write,
-    which writes name points, has landed too); then history rows, the job's result in Mem0's shape,
-    status ``succeeded``; its scope moves on.
+    """The name points of entities the graph write's forgetting deleted go, if those entities are still
+    gone (now that the vector write, which writes name points, has landed too); then history rows, the
+    job's result in Mem0's shape, status ``succeeded``; its scope moves on.
 
-    Raises:
-        StoreUnavailable: the vector store is unreachable (retried).
+    Removing those points is best effort: with Neo4j or the vector store unreachable it is logged and
+    skipped (graph search finds no entity behind a point left over; it only takes one of the query's
+    nearest-name slots), and the job still ends.
     """
     if c.ledger.meta(job_id).finished:
         return Skip("finished")
-    graph = c.ledger.output(job_id, "write_graph", WriteResult)
-    if graph is not None and graph.forgotten_entities and c.graph is not None:
-        c.graph.names.delete(c.ledger.job(job_id).scope, graph.forgotten_entities)
+    _forget_names(c, job_id)
     return _published(job_id, c, JobState.SUCCEEDED)
+
+
+def _forget_names(c: Clients, job_id: str) -> None:
+    graph = c.ledger.output(job_id, "write_graph", WriteResult)
+    if graph is None or not graph.forgotten_entities or c.graph is None:
+        return
+    try:
+        c.graph.forget_names(c.ledger.job(job_id).scope, graph.forgotten_entities)
+    except (StoreUnavailable, StoreError) as exc:
+        logger.warning("job %s: name points of %d deleted entities left in place (%s: %s)", job_id,
+                       len(graph.forgotten_entities), type(exc).__name__, exc)
 
 
 # --- what the worker's error handling asks for ---------------------------------------------------

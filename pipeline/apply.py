@@ -47,6 +47,8 @@ def write_vectors(job: AddJob, plan: Plan, vectors: VectorStore, graph: GraphSto
     Raises:
         StoreUnavailable: Qdrant is unreachable (retryable).
         StoreError: a permanent store failure.
+        LLMUnavailable: a hosted embedder is unavailable for a name the plan took for embedded that is not
+            (rare; retryable).
     """
     when = job.timestamp or job.enqueued_at
     foreign = _outside_scope(job, plan, vectors)

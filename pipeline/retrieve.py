@@ -35,7 +35,7 @@ def find_neighbours(facts: list[Fact], scope: Scope, embedder: Embedder, vectors
 
     Args:
         facts: the job's facts (may be empty).
-        names: more texts to embed in the same request (entity names for the graph write).
+        names: more texts to embed in the same request (entity names, for their name points).
         fact_vectors: the facts' vectors when already embedded (the extract stage's), one per fact:
             then only `names` are embedded.
         scope: only memories whose scope equals this one exactly (absent ids included) are considered.

@@ -153,15 +153,16 @@ def _scope_match(scope: Scope) -> LiteralString:
 
 
 def _scope_hint(scope: Scope) -> LiteralString:
-    """The index hint for `_scope_match`'s first id (user, then agent, then run): Neo4j plans a small
-    graph's lookups as scans of a whole index (every tenant's entities) unless told; every per-job and
-    per-request query names its index, so its plan does not depend on the graph's statistics."""
+    """The index hint for the narrowest id `_scope_match` filters on (a run, else a user, else an agent,
+    which many users may share): Neo4j plans a small graph's lookups as scans of a whole index (every
+    tenant's entities) unless told; every per-job and per-request query names its index, so its plan
+    does not depend on the graph's statistics."""
+    if scope.run_id is not None:
+        return "USING INDEX e:__Entity__(run_id) "
     if scope.user_id is not None:
         return "USING INDEX e:__Entity__(user_id) "
     if scope.agent_id is not None:
         return "USING INDEX e:__Entity__(agent_id) "
-    if scope.run_id is not None:
-        return "USING INDEX e:__Entity__(run_id) "
     raise ValueError("a scope needs at least one id")
 
 
@@ -347,7 +348,8 @@ class GraphStore:
         """The Neo4j half of a job's graph change: one auto-commit query (one transaction, one Bolt round
         trip) merges its entities, merges its relations of every type, invalidates contradicted relations
         (found from their source entity by key) and forgets deleted memories (checking only the endpoints
-        of the relations it deletes for entities left bare). Touches no vector store. MERGE-based: running
+        of the relations it deletes for entities left bare). Touches no vector store (but for the one-off
+        move of `ensure_schema`, at a process's first use). MERGE-based: running
         it twice changes nothing, and a job is counted once in ``mentions``.
 
         Returns:
@@ -370,6 +372,28 @@ class GraphStore:
             return [k for r in session.run(_WRITE, entities=entities, rows=rows, invalid=invalid,
                                            ids=list(change.deleted_memory_ids), recent=RECENT_JOBS, **params)
                     for k in r["gone"]]
+
+    def forget_names(self, scope: Scope, keys: Sequence[str]) -> list[str]:
+        """Remove the name points of those `keys` whose entity is not in the scope's graph (any more): the
+        keys a graph write's forgetting deleted, checked again when the job finalizes, since a later job
+        of the scope may have merged the entity again meanwhile (its point must stay).
+
+        Returns:
+            The keys whose points were removed.
+
+        Raises:
+            StoreUnavailable: Neo4j or the vector store is unreachable.
+        """
+        if not keys:
+            return []
+        self.ensure_schema()
+        with _mapped("read"):
+            present = {r["key"] for r in self._run(
+                "MATCH (e:__Entity__ {scope_key: $scope_key}) USING INDEX e:__Entity__(scope_key, key) "
+                "WHERE e.key IN $keys RETURN e.key AS key", keys=list(keys), scope_key=scope.key())}
+        absent = [k for k in keys if k not in present]
+        self.names.delete(scope, absent)
+        return absent
 
     def embedded_keys(self, scope: Scope, keys: Sequence[str]) -> set[str]:
         """Which of the entity `keys` have a name embedding in exactly this scope (the decide stage embeds
@@ -440,6 +464,7 @@ class GraphStore:
 
     def all_relations(self, scope: Scope, *, include_invalid: bool = False) -> list[Relation]:
         """Every relation of exactly this scope (tests, exports), oldest first."""
+        self.ensure_schema()  # the queries name the schema's indexes
         with _mapped("read"):
             rows = self._run(
                 "MATCH (s:__Entity__ {scope_key: $scope_key})-[x]->(d:__Entity__) USING INDEX s:__Entity__(scope_key) "
@@ -469,6 +494,7 @@ class GraphStore:
 
     def entities(self, scope: Scope) -> list[dict[str, Any]]:
         """Entities of exactly this scope: ``{key, name, entity_type, mentions}``, by key."""
+        self.ensure_schema()  # the queries name the schema's indexes
         with _mapped("read"):
             return self._run(
                 "MATCH (e:__Entity__ {scope_key: $scope_key}) USING INDEX e:__Entity__(scope_key) "
@@ -479,6 +505,7 @@ class GraphStore:
         """Remove memories' support from relations; drop unsupported relations and orphaned entities."""
         if not memory_ids:
             return
+        self.ensure_schema()
         with _mapped("delete"), self._driver.session(database=self._database) as session:
             gone = [k for r in session.run(_FORGET, ids=list(memory_ids), scope_key=scope.key()) for k in r["gone"]]
         self.names.delete(scope, gone)
@@ -486,6 +513,7 @@ class GraphStore:
     def delete_scope(self, scope: Scope) -> int:
         """Delete every entity (and so every relation) matching the scope's ids, and their name embeddings.
         Returns entities deleted."""
+        self.ensure_schema()
         with _mapped("delete"):
             rows = self._run("MATCH (e:__Entity__) " + _scope_hint(scope) + "WHERE " + _scope_match(scope) + " "
                              "DETACH DELETE e RETURN count(*) AS n",

@@ -476,3 +476,23 @@ def test_no_query_of_a_job_or_a_search_reads_other_tenants_entities(graph: Any, 
         assert not [o for o in operators if o.split("@")[0].endswith(SCANS)], (query, operators)
     # and the deletion took this scope only
     assert graph.all_relations(Scope(user_id=f"{user_id}-other-0"), include_invalid=True) and not graph.entities(scope)
+
+
+@pytest.mark.timeout(240)
+def test_forgetting_names_spares_an_entity_a_later_job_merged_again(graph: Any, user_id: str) -> None:
+    import uuid
+    from datetime import datetime, timezone
+
+    from stores.graph import EntityWrite, GraphWrite
+
+    scope = Scope(user_id=user_id)
+    # Given two entities with name points, one of which a later job merged again after an earlier job's
+    # graph write had deleted it (so that job's finalize holds both keys as forgotten)
+    graph.write(GraphWrite(job_id=str(uuid.uuid4()), scope=scope, when=datetime.now(timezone.utc),
+                           entities=[EntityWrite(k, k.title(), "thing", [0.5] * 384) for k in ("ann", "pixel")]))
+    graph._run("MATCH (e:__Entity__ {scope_key: $k, key: 'pixel'}) DETACH DELETE e", k=scope.key())
+    # When the earlier job's finalize forgets both names
+    removed = graph.forget_names(scope, ["ann", "pixel"])
+    # Then only the point of the entity still gone is removed; the merged-again one keeps its point
+    assert removed == ["pixel"]
+    assert graph.embedded_keys(scope, ["ann", "pixel"]) == {"ann"}

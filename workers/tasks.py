@@ -232,17 +232,17 @@ def decide(self: StageTask, job_id: str) -> dict[str, str]:
 
 @app.task(name="memq.write_vectors", base=WriteTask, bind=True)
 def write_vectors(self: WriteTask, job_id: str) -> dict[str, str]:
-    """Write to Qdrant; the last write to land queues finalize."""
+    """Write memories and entity-name points to Qdrant; the last write to land queues finalize."""
     return self.run_life(job_id, add.write_vectors)
 
 
 @app.task(name="memq.write_graph", base=WriteTask, bind=True)
 def write_graph(self: WriteTask, job_id: str) -> dict[str, str]:
-    """Write to Neo4j; the last write to land queues finalize."""
+    """Write entities and relations to Neo4j; the last write to land queues finalize."""
     return self.run_life(job_id, add.write_graph)
 
 
 @app.task(name="memq.finalize", base=StageTask, bind=True)
 def finalize(self: StageTask, job_id: str) -> dict[str, str]:
-    """History rows, result, status succeeded."""
+    """Name points of entities the graph write deleted, history rows, result, status succeeded."""
     return self.run_life(job_id, add.finalize)
