@@ -17,9 +17,10 @@ one ``UNWIND`` query with Cypher's dynamic types (``MERGE (s)-[x:$(r.type)]->(d)
 types are still normalized to ``[A-Z][A-Z0-9_]*`` (at most 64 characters) by `relationship_type`, and
 anything else is refused before the query runs. Schema (constraint, index) is created once, idempotently.
 
-Every lookup of entities names its index (``USING INDEX``): on a small graph Neo4j's planner otherwise
-reads a whole index (every tenant's entities) where a seek of the scope's keys would do, and a plan made
-then is kept until the statistics drift. With the hints a query's plan does not depend on the statistics
+Every lookup of entities asks for a seek of its index (``USING INDEX SEEK``): on a small graph Neo4j's
+planner otherwise reads a whole index (every tenant's entities) where a seek of the scope's keys would do
+(a plain ``USING INDEX`` hint it may meet with such a scan), and a plan made then is kept until the
+statistics drift. With the hints a query's plan does not depend on the statistics
 (`tests/test_graph.py` checks every per-job and per-request query's plan). Measured: no change in a
 write's time on this machine (conv-26's replayed writes, 4-5 ms either way, also beside 23,000 other
 relations). A relation's MERGE between its two found ends cannot be hinted: Neo4j plans it as a scan of
@@ -153,16 +154,16 @@ def _scope_match(scope: Scope) -> LiteralString:
 
 
 def _scope_hint(scope: Scope) -> LiteralString:
-    """The index hint for the narrowest id `_scope_match` filters on (a run, else a user, else an agent,
-    which many users may share): Neo4j plans a small graph's lookups as scans of a whole index (every
-    tenant's entities) unless told; every per-job and per-request query names its index, so its plan
-    does not depend on the graph's statistics."""
+    """The index-seek hint for the narrowest id `_scope_match` filters on (a run, else a user, else an
+    agent, which many users may share): Neo4j plans a small graph's lookups as scans of a whole index
+    (every tenant's entities) unless told; every per-job and per-request query asks for its seek, so its
+    plan does not depend on the graph's statistics."""
     if scope.run_id is not None:
-        return "USING INDEX e:__Entity__(run_id) "
+        return "USING INDEX SEEK e:__Entity__(run_id) "
     if scope.user_id is not None:
-        return "USING INDEX e:__Entity__(user_id) "
+        return "USING INDEX SEEK e:__Entity__(user_id) "
     if scope.agent_id is not None:
-        return "USING INDEX e:__Entity__(agent_id) "
+        return "USING INDEX SEEK e:__Entity__(agent_id) "
     raise ValueError("a scope needs at least one id")
 
 
@@ -171,7 +172,7 @@ _FORGET: LiteralString = (
     # those relations were the last ones of (only their endpoints are checked, not the whole scope)
     "CALL () { "
     "  WITH $ids AS ids WHERE size(ids) > 0 "
-    "  MATCH (e:__Entity__ {scope_key: $scope_key})-[x]->(d) USING INDEX e:__Entity__(scope_key) "
+    "  MATCH (e:__Entity__ {scope_key: $scope_key})-[x]->(d) USING INDEX SEEK e:__Entity__(scope_key) "
     "  WHERE any(m IN x.memory_ids WHERE m IN ids) "
     "  SET x.memory_ids = [m IN x.memory_ids WHERE NOT m IN ids] "
     "  WITH e, d, x WHERE size(x.memory_ids) = 0 "
@@ -201,8 +202,8 @@ _WRITE: LiteralString = (
     # relations of every type, merged on their ends, type and validity
     "CALL () { "
     "  UNWIND $rows AS r "
-    "  MATCH (s:__Entity__ {scope_key: $scope_key, key: r.source}) USING INDEX s:__Entity__(scope_key, key) "
-    "  MATCH (d:__Entity__ {scope_key: $scope_key, key: r.destination}) USING INDEX d:__Entity__(scope_key, key) "
+    "  MATCH (s:__Entity__ {scope_key: $scope_key, key: r.source}) USING INDEX SEEK s:__Entity__(scope_key, key) "
+    "  MATCH (d:__Entity__ {scope_key: $scope_key, key: r.destination}) USING INDEX SEEK d:__Entity__(scope_key, key) "
     "  MERGE (s)-[x:$(r.type) {valid: true}]->(d) "
     "  ON CREATE SET x.rid = r.rid, x.created_at = $when, x.job_id = $job_id, "
     "    x.scope_key = $scope_key, x.memory_ids = [] "
@@ -212,7 +213,7 @@ _WRITE: LiteralString = (
     # contradicted relations: kept, marked invalid (found from their source entity, by the key constraint)
     "CALL () { "
     "  UNWIND $invalid AS v "
-    "  MATCH (e:__Entity__ {scope_key: $scope_key, key: v.source})-[x]->() USING INDEX e:__Entity__(scope_key, key) "
+    "  MATCH (e:__Entity__ {scope_key: $scope_key, key: v.source})-[x]->() USING INDEX SEEK e:__Entity__(scope_key, key) "
     "  WHERE x.rid = v.rid AND x.valid "
     "  SET x.valid = false, x.invalid_at = $when, x.invalidated_by = $job_id "
     "} "
@@ -349,8 +350,8 @@ class GraphStore:
         trip) merges its entities, merges its relations of every type, invalidates contradicted relations
         (found from their source entity by key) and forgets deleted memories (checking only the endpoints
         of the relations it deletes for entities left bare). Touches no vector store (but for the one-off
-        move of `ensure_schema`, at a process's first use). MERGE-based: running
-        it twice changes nothing, and a job is counted once in ``mentions``.
+        move of `ensure_schema`, at a process's first use). MERGE-based: running it twice changes
+        nothing, and a job is counted once in ``mentions``.
 
         Returns:
             The keys of the entities forgetting deleted (their name embeddings are the caller's to remove).
@@ -389,7 +390,7 @@ class GraphStore:
         self.ensure_schema()
         with _mapped("read"):
             present = {r["key"] for r in self._run(
-                "MATCH (e:__Entity__ {scope_key: $scope_key}) USING INDEX e:__Entity__(scope_key, key) "
+                "MATCH (e:__Entity__ {scope_key: $scope_key}) USING INDEX SEEK e:__Entity__(scope_key, key) "
                 "WHERE e.key IN $keys RETURN e.key AS key", keys=list(keys), scope_key=scope.key())}
         absent = [k for k in keys if k not in present]
         self.names.delete(scope, absent)
@@ -415,7 +416,7 @@ class GraphStore:
         self.ensure_schema()
         with _mapped("read relations"):
             rows = self._run(
-                "MATCH (e:__Entity__ {scope_key: $scope_key}) USING INDEX e:__Entity__(scope_key, key) "
+                "MATCH (e:__Entity__ {scope_key: $scope_key}) USING INDEX SEEK e:__Entity__(scope_key, key) "
                 "WHERE e.key IN $keys "
                 "MATCH (e)-[x {valid: true}]-(o:__Entity__) "
                 "WITH DISTINCT x ORDER BY x.created_at, x.rid LIMIT $limit "
@@ -444,7 +445,7 @@ class GraphStore:
             rows = self._run(
                 "CALL () { "
                 "  UNWIND $near AS h "
-                "  MATCH (e:__Entity__ {scope_key: h.scope_key, key: h.key}) USING INDEX e:__Entity__(scope_key, key) "
+                "  MATCH (e:__Entity__ {scope_key: h.scope_key, key: h.key}) USING INDEX SEEK e:__Entity__(scope_key, key) "
                 "  RETURN e, h.sim AS sim "
                 "  UNION ALL "
                 "  MATCH (e:__Entity__) " + _scope_hint(scope) + "WHERE " + _scope_match(scope) + " "
@@ -467,7 +468,7 @@ class GraphStore:
         self.ensure_schema()  # the queries name the schema's indexes
         with _mapped("read"):
             rows = self._run(
-                "MATCH (s:__Entity__ {scope_key: $scope_key})-[x]->(d:__Entity__) USING INDEX s:__Entity__(scope_key) "
+                "MATCH (s:__Entity__ {scope_key: $scope_key})-[x]->(d:__Entity__) USING INDEX SEEK s:__Entity__(scope_key) "
                 "WHERE $all OR x.valid "
                 "RETURN x.rid AS rid, s.name AS source, type(x) AS relationship, d.name AS destination, "
                 "  x.valid AS valid ORDER BY x.created_at, x.rid",
@@ -497,7 +498,7 @@ class GraphStore:
         self.ensure_schema()  # the queries name the schema's indexes
         with _mapped("read"):
             return self._run(
-                "MATCH (e:__Entity__ {scope_key: $scope_key}) USING INDEX e:__Entity__(scope_key) "
+                "MATCH (e:__Entity__ {scope_key: $scope_key}) USING INDEX SEEK e:__Entity__(scope_key) "
                 "RETURN e.key AS key, e.name AS name, e.entity_type AS entity_type, e.mentions AS mentions "
                 "ORDER BY e.key", **_scope_params(scope))
 
