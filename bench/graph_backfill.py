@@ -6,7 +6,9 @@ the graph write time next to the vector write time measured in the same run (aft
 in a throwaway scope until a block of them is no longer 5% faster than the one before: the harness Neo4j is
 a cold JVM; a production server is not. Its JIT keeps improving past that point: 5,000 warm-up writes took
 the warm-up's own write to 3.7 ms against 7-12 ms after 600, yet left the figures of the conversation's
-writes the same, replayed 8.0 ms against 7.8-8.0, so the bench stops early).
+writes the same, replayed 8.0 ms against 7.8-8.0, so the bench stops early). Each job's two writes are then
+replayed one at a time (``replay_*``), and again beside a thread running Python all along (``busy_*``): in
+the worker another stage's thread does that, and the write waits for the GIL after each socket call.
 
     .venv/bin/python bench/graph_backfill.py [--conversation conv-26] [--sessions 19]
 """
@@ -23,6 +25,7 @@ import json
 import os
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -83,7 +86,15 @@ def _warm_up(c: object, *, block: int = 100, least: int = 500, most: int = 4000)
     return {"warm_up_writes": len(times), "warm_up_last_block_ms_p50": round(medians[-1], 2)}
 
 
-def _replay_alone(c: object, job_ids: list[str], folder: Path, *, rounds: int = 5) -> dict[str, float]:
+def _spin(stop: threading.Event) -> None:
+    """Run Python bytecode until `stop` is set: a stand-in for another stage's Python work in the worker."""
+    x = 0
+    while not stop.is_set():
+        for k in range(1000):
+            x ^= k * k
+
+
+def _replay_alone(c: object, job_ids: list[str], folder: Path, *, rounds: int = 5, busy: bool = False) -> dict[str, float]:
     """Each job's two writes again, one at a time with nothing else running: the vector write (memories
     into a fresh Edge store, entity-name points into the real collection under a fresh scope), the graph
     write into a fresh scope of the same Neo4j (so both start from what the job found), in alternating
@@ -92,6 +103,10 @@ def _replay_alone(c: object, job_ids: list[str], folder: Path, *, rounds: int = 
     parallel beside other jobs' stages, and Edge holds the GIL during its calls, so there the graph
     write's time includes waits for the vector write and for the other stages; this is the cost of each
     write itself.
+
+    With `busy`, one more thread of this process runs Python bytecode all along (`_spin`), as another
+    stage's thread does in the worker: a write then waits for the interpreter's lock (the GIL) each
+    time it takes it back after a socket call, up to the switch interval (5 ms) each time.
 
     Returns:
         ``replay_graph_write_ms_p50``, ``replay_vector_write_ms_p50`` (ms) and their ratio.
@@ -103,6 +118,10 @@ def _replay_alone(c: object, job_ids: list[str], folder: Path, *, rounds: int = 
 
     graph_ms: list[float] = []
     vector_ms: list[float] = []
+    stop = threading.Event()
+    spinner = threading.Thread(target=_spin, args=(stop,), daemon=True)
+    if busy:
+        spinner.start()
     for n in range(rounds):
         vectors = open_edge(folder / f"round-{n}", "replay", 384)
         scope = Scope(user_id=f"bench-replay-{time.time_ns()}")
@@ -120,6 +139,9 @@ def _replay_alone(c: object, job_ids: list[str], folder: Path, *, rounds: int = 
         finally:
             c.graph.delete_scope(scope)  # type: ignore[attr-defined]
             vectors.close()
+    stop.set()
+    if busy:
+        spinner.join()
     return {"replay_graph_write_ms_p50": round(statistics.median(graph_ms), 1),
             "replay_vector_write_ms_p50": round(statistics.median(vector_ms), 1),
             "replay_graph_vs_vector_write": round(statistics.median(graph_ms) / statistics.median(vector_ms), 2),
@@ -171,6 +193,8 @@ def main() -> None:
             graph_ms.append(graph.duration_ms)
             vector_ms.append(vectors.duration_ms)
         replay = _replay_alone(c, [r.job_id for r in receipts], Path(data_dir) / "replay")
+        busy = {k.replace("replay_", "busy_"): v for k, v in _replay_alone(
+            c, [r.job_id for r in receipts], Path(data_dir) / "busy", rounds=2, busy=True).items()}
         scope = items[0].request["user_id"]
         from memq.models import Scope
 
@@ -185,7 +209,7 @@ def main() -> None:
             "graph_write_ms_p50": round(statistics.median(graph_ms), 1), "graph_write_ms_max": round(max(graph_ms), 1),
             "vector_write_ms_p50": round(statistics.median(vector_ms), 1),
             "graph_vs_vector_write": round(statistics.median(graph_ms) / statistics.median(vector_ms), 2),
-            **replay, **warm,
+            **replay, **busy, **warm,
             "entities": len(graph_store.entities(Scope(user_id=scope))),
             "valid_relations": len(graph_store.all_relations(Scope(user_id=scope))),
             "all_relations": len(graph_store.all_relations(Scope(user_id=scope), include_invalid=True)),

@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -101,6 +101,7 @@ def backfill(
     """
     from producer import Producer
     from producer.backfill import read_backfill
+    from producer.order import round_robin
     from stores.history import sql_engine
     from stores.records import RecordStore
 
@@ -112,17 +113,21 @@ def backfill(
         assert settings.history.url is not None
         done = RecordStore(sql_engine(settings.history.url)).states_by_key(
             [(job.scope, str(job.idempotency_key)) for job in jobs])
-        todo = [item for item, job in zip(items, jobs)
+        todo = [(item, job) for item, job in zip(items, jobs)
                 if done.get((job.scope, str(job.idempotency_key))) != "succeeded"]
-        receipts = []
+        # one conversation's sessions after another's would start the later ones' chains late: queue
+        # one session of each scope in turn, each scope's in its order (each add_many batch does too)
+        order = round_robin([job.scope.key() for _, job in todo])
+        queued: dict[int, Any] = {}
         with _progress(disable=as_json) as progress:
             task = progress.add_task("enqueue", total=len(todo))
             for i in range(0, len(todo), batch):
-                chunk = todo[i:i + batch]
-                receipts += producer.add_many([item.request for item in chunk])
+                chunk = order[i:i + batch]
+                queued.update(zip(chunk, producer.add_many([todo[k][0].request for k in chunk])))
                 progress.advance(task, len(chunk))
+        receipts = [queued[k] for k in range(len(todo))]
         fresh = sum(not r.duplicate for r in receipts)
-        for item, receipt in zip(todo, receipts):
+        for (item, _), receipt in zip(todo, receipts):
             if as_json:
                 print(json.dumps({"conversation": item.conversation_id, "session": item.session_id,
                                   "job_id": receipt.job_id, "duplicate": receipt.duplicate}))

@@ -11,6 +11,7 @@ from memq.config import Settings, load_settings
 from memq.errors import InvalidRequest, JobNotFound
 from memq.models import AddJob, JobState, JobStatus, Receipt, Scope
 from memq.scope import make_scope
+from producer.order import round_robin
 from producer.validate import build_job
 
 
@@ -40,8 +41,12 @@ class Producer:
                          **kwargs)
 
     def _enqueue(self, jobs: Sequence[AddJob]) -> list[Receipt]:
-        return [Receipt(job_id=job_id, duplicate=not fresh, scope=job.scope)
-                for job, (job_id, fresh) in zip(jobs, self._jobs.enqueue(jobs))]
+        """Enqueue `jobs` one scope in turn (`producer.order.round_robin`); receipts in `jobs`' order."""
+        order = round_robin([job.scope.key() for job in jobs])
+        receipts: list[Receipt | None] = [None] * len(jobs)
+        for i, (job_id, fresh) in zip(order, self._jobs.enqueue([jobs[i] for i in order])):
+            receipts[i] = Receipt(job_id=job_id, duplicate=not fresh, scope=jobs[i].scope)
+        return [r for r in receipts if r is not None]
 
     def add(self, messages: object, *, user_id: str | None = None, agent_id: str | None = None,
             run_id: str | None = None, metadata: Mapping[str, Any] | None = None, infer: bool = True,
@@ -69,6 +74,10 @@ class Producer:
 
     def add_many(self, requests: Iterable[Mapping[str, Any]]) -> list[Receipt]:
         """Validate a batch of add requests, then enqueue all of them in one round trip.
+
+        Jobs of one scope run in the order given. Jobs of different scopes are queued one scope in
+        turn (`producer.order.round_robin`), so each scope's first job starts early instead of behind
+        the other scopes' whole backlog.
 
         Args:
             requests: dicts with the keyword arguments of `add` plus ``messages``.

@@ -3,6 +3,7 @@ parallel with vectors, at most two model calls per add."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
@@ -16,6 +17,8 @@ from stores.graph import InvalidRelationshipType, relationship_type
 from tests.conftest import LOCOMO, requires_locomo
 from tests.helpers import wait_done
 
+PARKED = "memq.parked-by-hand"
+"""A queue no worker reads: the messages of jobs a test drives by hand."""
 INJECTED = "KNOWS]->(x) DETACH DELETE x //"
 
 
@@ -175,6 +178,57 @@ def test_neo4j_stopped_mid_job_gives_a_partial_job_that_completes_when_it_return
     final = wait_done(producer, receipt, timeout_s=180)
     assert final.status is JobState.SUCCEEDED
     assert [r.relationship for r in graph.all_relations(Scope(user_id=user_id))] == ["SINGS_IN"]
+
+
+@pytest.mark.faults
+@pytest.mark.timeout(240)
+def test_finalize_with_neo4j_down_still_ends_the_job_and_leaves_the_deleted_entities_name_points(
+        producer: Any, settings: Any, graph: Any, neo4j_server: Neo4jServer, user_id: str,
+        llm_server: LLMTestServer, caplog: pytest.LogCaptureFixture) -> None:
+    from broker.jobstore import JobStore
+    from broker.messages import TaskMessages
+    from jobs import add
+    from jobs.clients import build_clients
+    from jobs.ledger import JobLedger
+    from jobs.transitions import Finished
+    from memq.config import Queues
+    from memq.models import Edit, Operation
+    from pipeline.types import WriteResult
+    from producer.edits import build_edit_job
+
+    # Given a memory whose two entities have name points
+    llm_server.script(_graph_reply(["Ann has a parrot named Kiwi"], [("Ann", "person"), ("Kiwi", "parrot")],
+                                   [("Ann", "HAS_PET", "Kiwi")]))
+    added = wait_done(producer, producer.add("My parrot is Kiwi.", user_id=user_id))
+    scope = Scope(user_id=user_id)
+    # and its deletion driven by hand up to finalize (its messages go to a queue no worker reads)
+    c = build_clients(settings)
+    parked = JobStore(c.ledger.jobs.client, ttl_s=settings.jobs.ttl_s,
+                      messages=TaskMessages(routes={task: PARKED for task in Queues.ROUTES}))
+    c = dataclasses.replace(c, ledger=JobLedger(parked, c.ledger.records, c.ledger.history))
+    try:
+        [(job_id, _)] = parked.enqueue([build_edit_job(Operation.DELETE, scope, [Edit(memory_id=added.results[0].id)])])
+        for life in (add.start, add.decide, add.write_vectors, add.write_graph):
+            c.ledger.commit(job_id, life(job_id, c))
+        written = c.ledger.output(job_id, "write_graph", WriteResult)
+        assert written is not None and set(written.forgotten_entities) == {"ann", "kiwi"}
+        # When Neo4j is down as finalize runs
+        neo4j_server.stop()
+        try:
+            with caplog.at_level("WARNING", logger="jobs.add"):
+                done = add.finalize(job_id, c)
+        finally:
+            neo4j_server.start()
+        # Then the job still ends succeeded (its writes landed), the skipped removal is logged, and the
+        # name points are left in place (graph search finds no entity through them)
+        assert isinstance(done, Finished) and done.state is JobState.SUCCEEDED, done
+        assert "name points of 2 deleted entities left in place (StoreUnavailable" in caplog.text
+        assert graph.embedded_keys(scope, ["ann", "kiwi"]) == {"ann", "kiwi"}
+        assert c.ledger.commit(job_id, done) == "ok"
+        assert c.ledger.jobs.status(job_id).status is JobState.SUCCEEDED
+        assert graph.entities(scope) == []
+    finally:
+        parked.client.delete(PARKED)
 
 
 def test_one_write_merges_relations_of_every_type_and_embeds_only_names_new_to_the_scope(graph: Any,

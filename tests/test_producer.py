@@ -267,3 +267,24 @@ def test_real_images_pass_the_checks(quiet_db: tuple[Producer, redis.Redis]) -> 
         user_id="u")
     assert producer.status(receipt.job_id, user_id="u").status.value == "queued"
     assert client.llen("memq.light") == 1
+
+
+def test_add_many_queues_one_job_of_each_scope_in_turn_each_scopes_in_its_order(
+        quiet_db: tuple[Producer, redis.Redis]) -> None:
+    from producer.order import round_robin
+
+    producer, client = quiet_db
+    # Given a batch of three scopes' jobs, one scope after another (as a backfill reads them)
+    users = ["a", "a", "a", "b", "b", "c"]
+    receipts = producer.add_many([{"messages": f"note {i} of {u}", "user_id": u} for i, u in enumerate(users)])
+    # Then the receipts are in the batch's order
+    assert [r.scope.user_id for r in receipts] == users and len({r.job_id for r in receipts}) == 6
+    # And the start messages go out (the end BRPOP takes from) one scope in turn: a, b, c, a, b, a
+    out = [json.loads(base64.b64decode(json.loads(raw)["body"]))[0][0]
+           for raw in reversed(client.lrange("memq.light", 0, -1))]
+    position = {r.job_id: i for i, r in enumerate(receipts)}
+    assert [position[job_id] for job_id in out] == [0, 3, 5, 1, 4, 2]
+    # And each scope's jobs keep the batch's order in the scope's sequence (the order their decides run in)
+    seq = [int(client.hget(f"memq:job:{r.job_id}", "seq")) for r in receipts]
+    assert seq[0] < seq[1] < seq[2] and seq[3] < seq[4]
+    assert round_robin([]) == [] and round_robin(["x", "y", "x", "x", "z"]) == [0, 1, 4, 2, 3]
