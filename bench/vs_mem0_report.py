@@ -496,6 +496,14 @@ def write_report(result: dict[str, Any], doc: Path) -> None:
                     f"{graph['replay_graph_vs_vector_write']}x. Each write is one store's: the vector write holds the "
                     "memories and the entity-name points (vectors of the entity-name collection), the graph write "
                     "Neo4j's one query (entities and relations).", ""]
+        if "busy_graph_vs_vector_write" in graph:
+            out += [f"Replayed once more beside a thread of the same process running Python all along, as another "
+                    f"stage's thread does in the worker ({graph['busy_writes']} writes of each): graph write p50 "
+                    f"{graph['busy_graph_write_ms_p50']} ms, vector write p50 {graph['busy_vector_write_ms_p50']} ms. "
+                    "Each time a write lets go of the interpreter's lock (the GIL) it waits up to the switch "
+                    "interval (5 ms) to take it back: the graph write at its socket calls to Neo4j, the vector "
+                    "write at each Qdrant Edge point it builds (Edge's `Point` constructor lets go of the lock: "
+                    "0.24 ms of CPU and 6.4 ms of wall a point beside a busy thread, measured on its own).", ""]
     elif graph:
         out += [f"The graph run failed: `{graph.get('error', '')[-300:]}`", ""]
     else:
