@@ -43,10 +43,10 @@ class Producer:
     def _enqueue(self, jobs: Sequence[AddJob]) -> list[Receipt]:
         """Enqueue `jobs` one scope in turn (`producer.order.round_robin`); receipts in `jobs`' order."""
         order = round_robin([job.scope.key() for job in jobs])
-        receipts: list[Receipt | None] = [None] * len(jobs)
-        for i, (job_id, fresh) in zip(order, self._jobs.enqueue([jobs[i] for i in order])):
+        receipts: dict[int, Receipt] = {}
+        for i, (job_id, fresh) in zip(order, self._jobs.enqueue([jobs[i] for i in order]), strict=True):
             receipts[i] = Receipt(job_id=job_id, duplicate=not fresh, scope=jobs[i].scope)
-        return [r for r in receipts if r is not None]
+        return [receipts[i] for i in range(len(jobs))]
 
     def add(self, messages: object, *, user_id: str | None = None, agent_id: str | None = None,
             run_id: str | None = None, metadata: Mapping[str, Any] | None = None, infer: bool = True,
