@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 from rich.console import Console
@@ -93,7 +93,8 @@ def backfill(
     batch: Annotated[int, typer.Option(help="Requests per add_many round trip.")] = 100,
     as_json: Annotated[bool, typer.Option("--json", help="Print the jobs as JSON lines (no progress bar).")] = False,
 ) -> None:
-    """Enqueue a chat log, one add per session in chronological order; re-runs enqueue nothing twice.
+    """Enqueue a chat log, one add per session in chronological order (sessions of different
+    conversations queued in turn, `producer.order`); re-runs enqueue nothing twice.
     Prints each job's id (``--json``: one object per session: conversation, session, job_id, duplicate).
 
     Sessions whose job already succeeded (per the SQL job records, which survive a Redis restart) are
@@ -101,6 +102,7 @@ def backfill(
     """
     from producer import Producer
     from producer.backfill import read_backfill
+    from memq.models import Receipt
     from producer.order import round_robin
     from stores.history import sql_engine
     from stores.records import RecordStore
@@ -118,7 +120,7 @@ def backfill(
         # one conversation's sessions after another's would start the later ones' chains late: queue
         # one session of each scope in turn, each scope's in its order (each add_many batch does too)
         order = round_robin([job.scope.key() for _, job in todo])
-        queued: dict[int, Any] = {}
+        queued: dict[int, Receipt] = {}
         with _progress(disable=as_json) as progress:
             task = progress.add_task("enqueue", total=len(todo))
             for i in range(0, len(todo), batch):
