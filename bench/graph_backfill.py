@@ -94,7 +94,7 @@ def _spin(stop: threading.Event) -> None:
             x ^= k * k
 
 
-def _replay_alone(c: object, job_ids: list[str], folder: Path, *, rounds: int = 5, busy: bool = False) -> dict[str, float]:
+def _replay(c: object, job_ids: list[str], folder: Path, *, rounds: int = 5, busy: bool = False) -> dict[str, float]:
     """Each job's two writes again, one at a time with nothing else running: the vector write (memories
     into a fresh Edge store, entity-name points into the real collection under a fresh scope), the graph
     write into a fresh scope of the same Neo4j (so both start from what the job found), in alternating
@@ -192,8 +192,8 @@ def main() -> None:
             tokens.append(extracted.usage.prompt_tokens + plan.usage.prompt_tokens)
             graph_ms.append(graph.duration_ms)
             vector_ms.append(vectors.duration_ms)
-        replay = _replay_alone(c, [r.job_id for r in receipts], Path(data_dir) / "replay")
-        busy = {k.replace("replay_", "busy_"): v for k, v in _replay_alone(
+        replay = _replay(c, [r.job_id for r in receipts], Path(data_dir) / "replay")
+        busy = {k.replace("replay_", "busy_"): v for k, v in _replay(
             c, [r.job_id for r in receipts], Path(data_dir) / "busy", rounds=2, busy=True).items()}
         scope = items[0].request["user_id"]
         from memq.models import Scope

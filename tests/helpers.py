@@ -73,3 +73,25 @@ def locomo_sessions(user_id: str, conversation: str, count: int) -> list[dict[st
 
     return [{**i.request, "user_id": user_id, "idempotency_key": f"{conversation}:{i.session_id}"}
             for i in read_locomo(LOCOMO, conversations=[conversation])[:count]]
+
+
+PARKED = "memq.parked-by-hand"
+"""A queue no worker reads: the task messages of jobs a test moves by hand (`by_hand_clients`)."""
+
+
+def by_hand_clients(settings: Any) -> Any:
+    """`jobs.clients.build_clients(settings)` with a ledger whose every task message goes to `PARKED`, so
+    nothing but the test moves its jobs: enqueue them with ``c.ledger.jobs.enqueue``, run each stage of
+    `jobs.add` and commit its transition with ``c.ledger.commit``. Delete `PARKED` afterwards."""
+    import dataclasses
+
+    from broker.jobstore import JobStore
+    from broker.messages import TaskMessages
+    from jobs.clients import build_clients
+    from jobs.ledger import JobLedger
+    from memq.config import Queues
+
+    c = build_clients(settings)
+    parked = JobStore(c.ledger.jobs.client, ttl_s=settings.jobs.ttl_s,
+                      messages=TaskMessages(routes={task: PARKED for task in Queues.ROUTES}))
+    return dataclasses.replace(c, ledger=JobLedger(parked, c.ledger.records, c.ledger.history))

@@ -3,7 +3,6 @@ parallel with vectors, at most two model calls per add."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from typing import Any
 
@@ -15,10 +14,8 @@ from tests.rigs.neo4j_server import Neo4jServer
 from producer.backfill import read_locomo
 from stores.graph import InvalidRelationshipType, relationship_type
 from tests.conftest import LOCOMO, requires_locomo
-from tests.helpers import wait_done
+from tests.helpers import PARKED, by_hand_clients, wait_done
 
-PARKED = "memq.parked-by-hand"
-"""A queue no worker reads: the messages of jobs a test drives by hand."""
 INJECTED = "KNOWS]->(x) DETACH DELETE x //"
 
 
@@ -185,13 +182,8 @@ def test_neo4j_stopped_mid_job_gives_a_partial_job_that_completes_when_it_return
 def test_finalize_with_neo4j_down_still_ends_the_job_and_leaves_the_deleted_entities_name_points(
         producer: Any, settings: Any, graph: Any, neo4j_server: Neo4jServer, user_id: str,
         llm_server: LLMTestServer, caplog: pytest.LogCaptureFixture) -> None:
-    from broker.jobstore import JobStore
-    from broker.messages import TaskMessages
     from jobs import add
-    from jobs.clients import build_clients
-    from jobs.ledger import JobLedger
     from jobs.transitions import Finished
-    from memq.config import Queues
     from memq.models import Edit, Operation
     from pipeline.types import WriteResult
     from producer.edits import build_edit_job
@@ -202,12 +194,9 @@ def test_finalize_with_neo4j_down_still_ends_the_job_and_leaves_the_deleted_enti
     added = wait_done(producer, producer.add("My parrot is Kiwi.", user_id=user_id))
     scope = Scope(user_id=user_id)
     # and its deletion driven by hand up to finalize (its messages go to a queue no worker reads)
-    c = build_clients(settings)
-    parked = JobStore(c.ledger.jobs.client, ttl_s=settings.jobs.ttl_s,
-                      messages=TaskMessages(routes={task: PARKED for task in Queues.ROUTES}))
-    c = dataclasses.replace(c, ledger=JobLedger(parked, c.ledger.records, c.ledger.history))
+    c = by_hand_clients(settings)
     try:
-        [(job_id, _)] = parked.enqueue([build_edit_job(Operation.DELETE, scope, [Edit(memory_id=added.results[0].id)])])
+        [(job_id, _)] = c.ledger.jobs.enqueue([build_edit_job(Operation.DELETE, scope, [Edit(memory_id=added.results[0].id)])])
         for life in (add.start, add.decide, add.write_vectors, add.write_graph):
             c.ledger.commit(job_id, life(job_id, c))
         written = c.ledger.output(job_id, "write_graph", WriteResult)
@@ -228,7 +217,7 @@ def test_finalize_with_neo4j_down_still_ends_the_job_and_leaves_the_deleted_enti
         assert c.ledger.jobs.status(job_id).status is JobState.SUCCEEDED
         assert graph.entities(scope) == []
     finally:
-        parked.client.delete(PARKED)
+        c.ledger.jobs.client.delete(PARKED)
 
 
 def test_one_write_merges_relations_of_every_type_and_embeds_only_names_new_to_the_scope(graph: Any,

@@ -11,30 +11,23 @@ from typing import Any
 import numpy as np
 import pytest
 
-from broker.jobstore import JobStore
-from broker.messages import TaskMessages
 from jobs import add
-from jobs.clients import Clients, build_clients
-from jobs.ledger import JobLedger
+from jobs.clients import Clients
 from jobs.transitions import Advance, Deferred, Finished, Joined, Retry, Skip
-from memq.config import Queues, Settings
+from memq.config import Settings
 from memq.errors import RateLimited, RateLimitBudgetExceeded, StageBusy, StoreUnavailable
 from memq.models import JobState, MemoryEvent
 from pipeline import packed
 from pipeline.types import ExtractedFacts, Plan
 from producer import Producer
-
-PARKED = "memq.parked-by-hand"
-
+from tests.helpers import PARKED, by_hand_clients
 
 @pytest.fixture()
 def by_hand(settings: Settings, worker: Any) -> Iterator[Clients]:
     """The session's clients with a ledger whose messages all go to `PARKED`."""
-    c = build_clients(settings)
-    parked = JobStore(c.ledger.jobs.client, ttl_s=settings.jobs.ttl_s,
-                      messages=TaskMessages(routes={task: PARKED for task in Queues.ROUTES}))
-    yield dataclasses.replace(c, ledger=JobLedger(parked, c.ledger.records, c.ledger.history))
-    parked.client.delete(PARKED)
+    c = by_hand_clients(settings)
+    yield c
+    c.ledger.jobs.client.delete(PARKED)
 
 
 def _enqueue(c: Clients, settings: Settings, text: str, user_id: str) -> str:

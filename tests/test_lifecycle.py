@@ -188,24 +188,17 @@ def test_an_enqueue_that_timed_out_is_retried_safely_with_the_same_key(slow_redi
 
 def test_two_deliveries_of_a_stage_at_once_ask_the_model_once(producer: Producer, settings: Settings, user_id: str,
                                                               llm_server: LLMTestServer) -> None:
-    import dataclasses
-
     from jobs import add
-    from jobs.clients import build_clients
-    from jobs.ledger import JobLedger
-    from memq.config import Queues
+    from tests.helpers import PARKED as PARKED_BY_HAND, by_hand_clients
     from tests.rigs.llm_server import Reply
 
-    c = build_clients(settings)
-    parked = JobStore(c.ledger.jobs.client, ttl_s=settings.jobs.ttl_s,
-                      messages=TaskMessages(routes={task: PARKED for task in Queues.ROUTES}))
-    by_hand = dataclasses.replace(c, ledger=JobLedger(parked, c.ledger.records, c.ledger.history))
+    by_hand = by_hand_clients(settings)
     # Given a job taken by hand up to its extraction, and a slow model
     job = producer.build("I sail on the lake every summer.", user_id=user_id)
-    [(job_id, _)] = parked.enqueue([job])
+    [(job_id, _)] = by_hand.ledger.jobs.enqueue([job])
     for life in (add.start, add.caption):
         by_hand.ledger.commit(job_id, life(job_id, by_hand))
-    parked.client.delete(PARKED)
+    by_hand.ledger.jobs.client.delete(PARKED_BY_HAND)
     llm_server.script(Reply(content=json.dumps({"facts": [{"text": "Lee sails on the lake", "sources": [0]}]}),
                       delay_s=1.5))
     # When its extraction is delivered twice at once (a restored message beside its original)
