@@ -476,8 +476,9 @@ def write_report(result: dict[str, Any], doc: Path) -> None:
     if graph and "graph_vs_vector_write" in graph:
         out += [f"`bench/graph_backfill.py` in the same run ({graph['bench_wall_s']} s): LoCoMo {graph['conversation']}, "
                 f"{graph['adds']} adds through the pipeline with Neo4j 5.26 (test harness, warmed up with "
-                f"{graph.get('warm_up_writes', 200)} writes, in blocks of 100 until a block was not 5% faster than "
-                f"the one before: last block p50 {graph.get('warm_up_last_block_ms_p50', '?')} ms) "
+                f"{graph.get('warm_up_writes', 200)} writes, in blocks of 500 until the server's CPU per write "
+                f"stopped falling by 10%: last block {graph.get('warm_up_server_cpu_ms_per_write', '?')} ms of the "
+                f"JVM's CPU per write, write p50 {graph.get('warm_up_last_block_ms_p50', '?')} ms) "
                 "and the offline model in the worker.", "",
                 "| adds | succeeded | graph write p50 / max (ms) | vector write p50 (ms) | graph / vector, p50 "
                 "| model calls per add, mean / max | entities | valid relations |",

@@ -132,6 +132,28 @@ def test_a_stages_rate_limit_clock_starts_at_its_first_rate_limit_and_only_its_b
     assert job_id in {d.job_id for d in by_hand.records.dead_letters()}
 
 
+def test_with_graph_memory_off_the_graph_write_joins_as_skipped_without_reading_the_job(
+        by_hand: Clients, settings: Settings, user_id: str) -> None:
+    from pydantic import ValidationError
+
+    from broker.jobstore import _key
+    from pipeline.types import WriteResult
+
+    job_id = _enqueue(by_hand, settings, "Noor restores old bicycles.", user_id)
+    for life in (add.start, add.caption, add.extract, add.decide):
+        assert by_hand.ledger.commit(job_id, life(job_id, by_hand)) == "ok"
+    # Given a worker with graph memory off, and a stored plan no stage could read any more
+    off = dataclasses.replace(by_hand, graph=None)
+    by_hand.ledger.jobs.client.set(f"{_key(job_id)}:stage:decide", "not a plan")
+    # When its graph write runs, Then it joins as skipped: it read neither the job nor its plan
+    joined = add.write_graph(job_id, off)
+    assert isinstance(joined, Joined) and joined.write == "write_graph" and joined.expected == 2
+    assert isinstance(joined.output, WriteResult) and joined.output.skipped and joined.output.store == "neo4j"
+    # And the vector write, which needs the plan, does read it
+    with pytest.raises(ValidationError):
+        add.write_vectors(job_id, off)
+
+
 def test_a_replayed_job_whose_vectors_had_landed_joins_again_and_succeeds(
         by_hand: Clients, settings: Settings, memories: Any, user_id: str) -> None:
     from jobs.admin import replay_dead_letters
