@@ -132,7 +132,7 @@ def test_a_stages_rate_limit_clock_starts_at_its_first_rate_limit_and_only_its_b
     assert job_id in {d.job_id for d in by_hand.records.dead_letters()}
 
 
-def test_with_graph_memory_off_the_graph_write_joins_as_skipped_without_reading_the_job(
+def test_with_graph_memory_off_the_graph_write_joins_as_skipped_without_reading_the_plan(
         by_hand: Clients, settings: Settings, user_id: str) -> None:
     from pydantic import ValidationError
 
@@ -145,7 +145,7 @@ def test_with_graph_memory_off_the_graph_write_joins_as_skipped_without_reading_
     # Given a worker with graph memory off, and a stored plan no stage could read any more
     off = dataclasses.replace(by_hand, graph=None)
     by_hand.ledger.jobs.client.set(f"{_key(job_id)}:stage:decide", "not a plan")
-    # When its graph write runs, Then it joins as skipped: it read neither the job nor its plan
+    # When its graph write runs, Then it joins as skipped: it did not read the plan
     joined = add.write_graph(job_id, off)
     assert isinstance(joined, Joined) and joined.write == "write_graph" and joined.expected == 2
     assert isinstance(joined.output, WriteResult) and joined.output.skipped and joined.output.store == "neo4j"
