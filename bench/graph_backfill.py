@@ -31,16 +31,6 @@ import time
 from pathlib import Path
 
 
-def _server_cpu_s(pid: int | None) -> float | None:
-    """CPU seconds (user + system, all threads) process `pid` has used, from ``/proc/<pid>/stat``; None
-    without a pid or a ``/proc`` (not Linux)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, TypeError):
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _warm_up(c: object, server_pid: int | None, *, block: int = 500, least: int = 2000,
              most: int = 8000) -> dict[str, float | None]:
     """Run graph writes in throwaway scopes until the Neo4j server's CPU per write stops falling, then
@@ -74,6 +64,7 @@ def _warm_up(c: object, server_pid: int | None, *, block: int = 500, least: int 
 
     from memq.models import Relation, Scope
     from stores.graph import EntityWrite, GraphWrite, entity_key
+    from vs_mem0_memq import proc_cpu_s  # bench/: the /proc reading the throughput runs use
 
     graph, embedder = c.graph, c.embedder  # type: ignore[attr-defined]
     known = ["Ana", "Ben", "Lisbon", "Porto"]
@@ -84,7 +75,8 @@ def _warm_up(c: object, server_pid: int | None, *, block: int = 500, least: int 
     scoped = 20  # writes per throwaway scope: forgetting looks through every relation of the scope
     times: list[float] = []
     costs: list[float] = []  # per block: the server's CPU per write (ms), else the block's median wall (ms)
-    cpu_before = _server_cpu_s(server_pid)
+    measured = server_pid is not None and Path(f"/proc/{server_pid}/stat").exists()
+    cpu_before = proc_cpu_s(server_pid) if server_pid is not None and measured else 0.0
     for i in range(most):
         names = known + [f"{n} {i}" for n in fresh]
         # every name carries its embedding: forgetting deletes entities left bare, and a known name the
@@ -106,18 +98,17 @@ def _warm_up(c: object, server_pid: int | None, *, block: int = 500, least: int 
             graph.delete_scope(scope)
             scope, previous = Scope(user_id=f"bench-warm-up-{uuid.uuid4().hex[:8]}"), []
         if len(times) % block == 0:
-            cpu_now = _server_cpu_s(server_pid)
-            if cpu_now is not None and cpu_before is not None:
+            if measured:
+                cpu_now = proc_cpu_s(server_pid or 0)
                 costs.append((cpu_now - cpu_before) * 1000 / block)
+                cpu_before = cpu_now
             else:
                 costs.append(statistics.median(times[-block:]))
-            cpu_before = cpu_now
             if len(times) >= least and len(costs) >= 3 and min(costs[-2:]) > 0.9 * min(costs[:-2]):
                 break
     graph.delete_scope(scope)
     return {"warm_up_writes": len(times), "warm_up_last_block_ms_p50": round(statistics.median(times[-block:]), 2),
-            "warm_up_server_cpu_ms_per_write": round(costs[-1], 2) if costs and server_pid and cpu_before is not None
-            else None}
+            "warm_up_server_cpu_ms_per_write": round(costs[-1], 2) if costs and measured else None}
 
 
 def _spin(stop: threading.Event) -> None:
